@@ -1,0 +1,84 @@
+"""Pydantic input arguments that axolotl merges into its config schema.
+
+Everything that can be checked without loading a model is checked here, so a bad
+``moce:`` block fails at config load with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, model_validator
+
+from .config import MoCEConfig
+
+SUPPORTED_ADAPTERS = (None, "lora", "qlora")
+
+
+class MoCEArgs(BaseModel):
+    """``moce:`` block of the axolotl YAML (see :class:`moce_plugin.config.MoCEConfig`)."""
+
+    moce: MoCEConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_axolotl_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("moce"):
+            return data
+        moce = data["moce"]
+        if isinstance(moce, dict):
+            moce = dict(moce)
+            _resolve_num_clusters(moce)
+            data["moce"] = moce
+        adapter = data.get("adapter")
+        if adapter not in SUPPORTED_ADAPTERS:
+            raise ValueError(
+                f"moce: adapter '{adapter}' is not supported with MoCE; use no adapter (only "
+                "MoCE trains), 'lora' or 'qlora'."
+            )
+        if data.get("gradient_checkpointing"):
+            gc_kwargs = dict(data.get("gradient_checkpointing_kwargs") or {})
+            if gc_kwargs.get("use_reentrant") is True:
+                raise ValueError(
+                    "moce: gradient_checkpointing_kwargs.use_reentrant: true runs the forward "
+                    "under no_grad, so the load-balancing loss would get no gradient. Remove it "
+                    "or set use_reentrant: false."
+                )
+            gc_kwargs["use_reentrant"] = False
+            data["gradient_checkpointing_kwargs"] = gc_kwargs
+        if data.get("activation_offloading") not in (None, False):
+            raise ValueError(
+                "moce: activation_offloading replaces the checkpointing path that carries the "
+                "per-token cluster ids; use gradient_checkpointing: true instead."
+            )
+        return data
+
+
+def _resolve_num_clusters(moce: dict) -> None:
+    """Fill/check num_clusters from the cluster artifact (it is the source of truth)."""
+    artifact = moce.get("cluster_artifact")
+    if not artifact:
+        return
+    if not Path(artifact).exists():
+        raise ValueError(
+            f"moce.cluster_artifact '{artifact}' does not exist. Run "
+            "`python preprocess/cluster.py <this yaml>` first (relative paths are relative to "
+            "the working directory)."
+        )
+    from .clustering import ClusterModel
+
+    k = ClusterModel.load(artifact).check_num_clusters(moce.get("num_clusters"))
+    moce["num_clusters"] = k
+
+
+def moce_config_from_cfg(cfg: Any) -> MoCEConfig:
+    """The validated MoCEConfig of an axolotl cfg (DictDefault or dict)."""
+    raw = cfg.get("moce") if hasattr(cfg, "get") else getattr(cfg, "moce", None)
+    if raw is None:
+        raise ValueError("the axolotl config has no `moce:` block")
+    if isinstance(raw, MoCEConfig):
+        return raw
+    raw = dict(raw)
+    _resolve_num_clusters(raw)
+    return MoCEConfig(**raw)

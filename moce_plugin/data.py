@@ -1,0 +1,286 @@
+"""Cluster ids from the raw data to the batch.
+
+1. Before tokenization, every raw dataset gets an integer column (``moce.cluster_column``,
+   default ``cluster_id``): from the cluster artifact (looked up by content, so
+   shuffling/sharding do not matter) or as given in the data.
+2. Each prompt strategy's ``tokenize_prompt`` is wrapped so its output carries
+   ``moce_cluster_ids``: one id per token. Per-token ids survive axolotl's packing
+   (examples of different clusters packed in one row keep their own ids), its caching
+   (``dataset_prepared_path``; the moce settings are part of the cache hash) and the
+   eval split, with no change to axolotl's code paths.
+3. :class:`MoCEDataCollator` wraps whatever collator axolotl chose, takes the ids out
+   before it runs, and pads them to the batch's shape with -1 (ignored positions).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .routing import CLUSTER_IDS_KWARG, IGNORE_CLUSTER_ID
+
+_local = threading.local()
+
+
+class ClusterIdError(ValueError):
+    """Bad or missing cluster ids in a dataset (message names the dataset and the fix)."""
+
+
+# ---- 1. raw rows -> cluster column -------------------------------------------------------
+def _dataset_name(dataset_config: Any) -> str:
+    try:
+        return str(dataset_config.get("path") or dataset_config.get("name") or "<dataset>")
+    except AttributeError:
+        return str(dataset_config)
+
+
+def _check_ids(values: Sequence[Any], num_clusters: int, column: str, name: str) -> None:
+    bad_type = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+    if bad_type:
+        raise ClusterIdError(
+            f"Dataset '{name}': column '{column}' must hold integer cluster ids, found "
+            f"{bad_type[:3]!r}. Write integers in [0, {num_clusters}) or let "
+            "preprocess/cluster.py assign them (moce.cluster_artifact)."
+        )
+    arr = np.asarray(values, dtype=np.int64)
+    out = arr[(arr < 0) | (arr >= num_clusters)]
+    if out.size:
+        raise ClusterIdError(
+            f"Dataset '{name}': {out.size} rows have '{column}' outside [0, {num_clusters}) "
+            f"(e.g. {sorted(set(out.tolist()))[:5]}); moce.num_clusters={num_clusters}. Fix "
+            "the column or set moce.num_clusters to the number of clusters in the data."
+        )
+
+
+def attach_cluster_column(dataset: Any, dataset_config: Any, cfg: Any) -> Any:
+    """Return ``dataset`` with a valid integer cluster column (raises ClusterIdError)."""
+    from .args import moce_config_from_cfg
+
+    moce = moce_config_from_cfg(cfg)
+    column = moce.cluster_column
+    name = _dataset_name(dataset_config)
+    columns = list(getattr(dataset, "column_names", None) or [])
+    if moce.cluster_artifact:
+        from .clustering import ClusterModel
+
+        model = ClusterModel.load(moce.cluster_artifact)
+        ids = model.lookup(dataset, dataset_name=name)
+        if column in columns:
+            dataset = dataset.remove_columns(column)
+        return dataset.add_column(column, [int(i) for i in ids])
+    if column not in columns:
+        raise ClusterIdError(
+            f"Dataset '{name}' has no '{column}' column, and moce.cluster_artifact is not "
+            f"set. Run `python preprocess/cluster.py <your.yml>` and set moce.cluster_artifact, "
+            f"or add an integer '{column}' column (0..{moce.groups - 1}) to the data "
+            f"(columns found: {columns})."
+        )
+    _check_ids(dataset[column], moce.groups, column, name)
+    return dataset
+
+
+# ---- 2. tokenized rows carry per-token ids ------------------------------------------------
+class ClusterIdTokenizer:
+    """Wraps ``tokenize_prompt`` (row-wise or batched) to add per-token ``moce_cluster_ids``.
+
+    A picklable object (not a closure) so ``dataset_num_proc > 1`` works.
+    """
+
+    def __init__(self, tokenize: Callable, column: str, batched: bool) -> None:
+        self.tokenize = tokenize
+        self.column = column
+        self.batched = batched
+
+    def __call__(self, example: dict) -> dict:
+        if not self.batched:
+            cid = int(example[self.column])
+            out = self.tokenize(example)
+            out[CLUSTER_IDS_KWARG] = [cid] * len(out["input_ids"])
+            return out
+        ids = example[self.column]
+        out = self.tokenize(example)
+        if len(out["input_ids"]) != len(ids):
+            # A batched strategy that splits/merges rows (rare) can't be aligned to
+            # per-example ids; refuse rather than guess.
+            raise ClusterIdError(
+                f"The prompt strategy returned {len(out['input_ids'])} rows for {len(ids)} "
+                "inputs, so cluster ids can't be aligned. Use a row-wise dataset type for MoCE."
+            )
+        out[CLUSTER_IDS_KWARG] = [[int(c)] * len(t) for c, t in zip(ids, out["input_ids"])]
+        return out
+
+    def __getattr__(self, item: str) -> Any:  # keep strategy attributes reachable
+        if item == "tokenize":  # not set yet (unpickling): avoid recursion
+            raise AttributeError(item)
+        return getattr(self.tokenize, item)
+
+
+def _wrap_strategy(prompt_tokenizer: Any, column: str) -> None:
+    original = prompt_tokenizer.tokenize_prompt
+    if isinstance(original, ClusterIdTokenizer):
+        return
+    batched = bool(getattr(prompt_tokenizer, "supports_batched", False))
+    prompt_tokenizer.tokenize_prompt = ClusterIdTokenizer(original, column, batched)
+
+
+def _tokenized_with_ids(dataset: Any, column: str) -> Any:
+    """An already-tokenized dataset (input_ids/labels columns) with a cluster column."""
+
+    def add(row: dict) -> dict:
+        return {CLUSTER_IDS_KWARG: [int(row[column])] * len(row["input_ids"])}
+
+    return dataset.map(add, remove_columns=[column], desc="MoCE cluster ids")
+
+
+_installed = False
+
+
+def install_dataset_patches() -> None:
+    """Hook cluster ids into axolotl's SFT dataset preparation (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    import axolotl.datasets as ax_datasets
+    import axolotl.utils.data.sft as ax_sft
+    import axolotl.utils.data.wrappers as ax_wrappers
+
+    original_wrapper = ax_sft.get_dataset_wrapper
+    original_hash = ax_sft.generate_dataset_hash_from_config
+    original_process = ax_datasets.TokenizedPromptDataset.process
+
+    wrapper_signature = inspect.signature(original_wrapper)
+
+    @functools.wraps(original_wrapper)
+    def get_dataset_wrapper(*args: Any, **kwargs: Any):
+        bound = wrapper_signature.bind(*args, **kwargs)
+        cfg = bound.arguments["cfg"]
+        if not getattr(cfg, "moce", None):
+            return original_wrapper(*args, **kwargs)
+        from .args import moce_config_from_cfg
+
+        dataset_config = bound.arguments["dataset_config"]
+        column = moce_config_from_cfg(cfg).cluster_column
+        dataset = attach_cluster_column(bound.arguments["dataset"], dataset_config, cfg)
+        bound.arguments["dataset"] = dataset
+        if "input_ids" in dataset.column_names and "labels" in dataset.column_names:
+            return _tokenized_with_ids(dataset, column), None
+        _local.column = column
+        try:
+            wrapped, prompter = original_wrapper(*bound.args, **bound.kwargs)
+        finally:
+            _local.column = None
+        names = getattr(wrapped, "column_names", None)
+        if names is not None and CLUSTER_IDS_KWARG not in names:
+            raise ClusterIdError(
+                f"Dataset '{_dataset_name(dataset_config)}' (type "
+                f"{dataset_config.get('type')}) went through a strategy that drops extra "
+                "columns, so its cluster ids were lost. Supported with MoCE: prompt-tokenizing "
+                "types (alpaca, chat_template, completion, user-defined ...)."
+            )
+        return wrapped, prompter
+
+    def process(self: Any, dataset: Any) -> Any:
+        column = getattr(_local, "column", None)
+        if column:
+            _wrap_strategy(self.prompt_tokenizer, column)
+        return original_process(self, dataset)
+
+    @functools.wraps(original_hash)
+    def generate_dataset_hash_from_config(cfg: Any, cfg_datasets: list, tokenizer_name: str):
+        base = original_hash(cfg, cfg_datasets, tokenizer_name)
+        if not getattr(cfg, "moce", None):
+            return base
+        return hashlib.md5(f"{base}|{moce_data_fingerprint(cfg)}".encode()).hexdigest()
+
+    ax_sft.get_dataset_wrapper = get_dataset_wrapper
+    ax_wrappers.get_dataset_wrapper = get_dataset_wrapper
+    ax_sft.generate_dataset_hash_from_config = generate_dataset_hash_from_config
+    ax_datasets.TokenizedPromptDataset.process = process
+    _installed = True
+
+
+def moce_data_fingerprint(cfg: Any) -> str:
+    """What of the moce config changes the prepared data (so the cache hash must too)."""
+    from .args import moce_config_from_cfg
+
+    moce = moce_config_from_cfg(cfg)
+    parts = ["moce-data-v1", moce.cluster_column, str(moce.num_clusters)]
+    if moce.cluster_artifact:
+        from .clustering import ClusterModel
+
+        parts.append(ClusterModel.load(moce.cluster_artifact).fingerprint)
+    return "|".join(parts)
+
+
+def check_prepared_dataset(dataset: Any, split: str, num_clusters: int) -> None:
+    """After loading: every row carries ids (a cache made without the plugin does not)."""
+    if dataset is None:
+        return
+    names = getattr(dataset, "column_names", None)
+    if names is not None and CLUSTER_IDS_KWARG not in names:
+        raise ClusterIdError(
+            f"The {split} dataset has no '{CLUSTER_IDS_KWARG}' column: it was prepared without "
+            "the MoCE plugin. Delete the prepared dataset (dataset_prepared_path) or point "
+            "dataset_prepared_path elsewhere, and run again with plugins: "
+            "[moce_plugin.MoCEPlugin]."
+        )
+
+
+# ---- 3. collation ------------------------------------------------------------------------
+class MoCEDataCollator:
+    """Wraps axolotl's collator; adds ``moce_cluster_ids`` ``[B, S]`` (-1 = ignore)."""
+
+    def __init__(self, inner: Callable, padding_side: str = "right") -> None:
+        self.inner = inner
+        self.padding_side = padding_side
+
+    def __call__(self, features: list, return_tensors: str | None = None) -> dict:
+        packed = bool(features) and isinstance(features[0], list)
+        rows = features if packed else [[f] for f in features]
+        ids_per_row: list[np.ndarray] = []
+        stripped_rows = []
+        for pack in rows:
+            parts, stripped = [], []
+            for feature in pack:
+                if CLUSTER_IDS_KWARG not in feature:
+                    raise ClusterIdError(
+                        f"A training example has no '{CLUSTER_IDS_KWARG}'. The dataset was "
+                        "prepared without the MoCE plugin or by a strategy that drops columns; "
+                        "re-prepare it with plugins: [moce_plugin.MoCEPlugin]."
+                    )
+                feature = dict(feature)
+                parts.append(np.asarray(feature.pop(CLUSTER_IDS_KWARG), dtype=np.int64))
+                stripped.append(feature)
+            ids_per_row.append(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+            stripped_rows.append(stripped)
+        inner_features = stripped_rows if packed else [r[0] for r in stripped_rows]
+        if return_tensors is None:
+            batch = self.inner(inner_features)
+        else:
+            batch = self.inner(inner_features, return_tensors=return_tensors)
+        batch[CLUSTER_IDS_KWARG] = self._pad(ids_per_row, batch["input_ids"])
+        return batch
+
+    def _pad(self, ids_per_row: list[np.ndarray], input_ids: torch.Tensor) -> torch.Tensor:
+        bsz, seq = input_ids.shape[0], input_ids.shape[-1]
+        out = torch.full((bsz, seq), IGNORE_CLUSTER_ID, dtype=torch.long)
+        for i, ids in enumerate(ids_per_row):
+            n = min(len(ids), seq)
+            values = torch.from_numpy(ids[:n])
+            if self.padding_side == "left":
+                out[i, seq - n:] = values
+            else:
+                out[i, :n] = values
+        return out
+
+    def __getattr__(self, item: str) -> Any:
+        if item == "inner":  # not set yet (unpickling): avoid recursion
+            raise AttributeError(item)
+        return getattr(self.inner, item)

@@ -1,0 +1,222 @@
+"""Upcycled MoCE MLP: the frozen pretrained FFN plus clustered adapter experts.
+
+For a token x of cluster c, with h = FFN(x) computed once::
+
+    y = h + s * sum_{i in TopK(R_c(x))} w_i * up_i(act(down_i(h)))      (groups)
+          + s * sum_{j in TopK(R_gen(x))} v_j * up_j(act(down_j(h)))    ((V) variant)
+
+which is the paper's eq. 5 with PESC adapters A_i(x) = act(W_down_i h) W_up_i + h:
+because the top-k weights are renormalised to sum to 1 (and soft-merge weights are a
+softmax), sum_i w_i A_i(x) = h + sum_i w_i * adapter_i(h). The general experts of the
+(V) variant add their adapter outputs to that; the shared h is counted once.
+
+The router input is the MLP input x; each group has its own linear router, softmax
+over that group's experts only. Experts are stored as stacked tensors
+``down [N, d, r]`` and ``up [N, r, d]`` (N = C*E group experts, then the general
+experts) and run in one grouped matmul over the (token, expert) assignments sorted by
+expert: no Python loop over experts and no host synchronisation on the fast path.
+``up`` starts at zero, so an upcycled model reproduces the base model exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .config import MoCEConfig
+from .losses import grouped_load_balancing_loss, router_entropy
+from .routing import IGNORE_CLUSTER_ID, RoutingRecord, record_routing, token_cluster_ids
+
+
+def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    # Kernels want 16-byte aligned rows on both operands.
+    if (a.shape[-1] * a.element_size()) % 16 or (b.shape[-1] * b.element_size()) % 16:
+        return False
+    if a.dtype != b.dtype:
+        return False
+    if a.device.type == "cuda":
+        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    return a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
+
+
+def grouped_matmul(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Rows of ``x`` (sorted by group) times their group's ``weight[g]``.
+
+    x: [A, K] sorted so group g owns rows offsets[g-1]:offsets[g]; weight: [G, K, N].
+    Uses ``torch._grouped_mm`` where the device/dtype support it, else a split loop
+    (correct everywhere, one host sync for the split sizes).
+    """
+    if _grouped_mm_supported(x, weight):
+        return torch._grouped_mm(x, weight, offs=offsets)
+    chunks = torch.split(x, counts.tolist())
+    return torch.cat([c @ weight[g] for g, c in enumerate(chunks)], dim=0)
+
+
+def _route(
+    logits: torch.Tensor, top_k: int | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(probs [T, E] float32, chosen experts [T, k], weights [T, k]; chosen is None for soft)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    num_experts = probs.shape[-1]
+    if top_k == "soft":
+        chosen = torch.arange(num_experts, device=probs.device).expand(probs.shape[0], -1)
+        return probs, chosen, probs
+    weights, chosen = probs.topk(int(top_k), dim=-1)
+    if top_k > 1:
+        # Renormalised over the chosen k (Mixtral/PESC style), so the k weights sum to 1
+        # like the paper's weighted sum of adapters.
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    # top-1 keeps the raw probability (Switch Transformer): renormalising would make the
+    # weight a constant 1 and cut the router off from the language-modelling gradient.
+    return probs, chosen, weights
+
+
+class MoCEExperts(nn.Module):
+    """Routers and stacked adapter experts of one MoCE layer (all trainable)."""
+
+    def __init__(self, hidden_size: int, config: MoCEConfig, layer_index: int = 0) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.num_groups = config.groups
+        self.experts_per_group = config.experts_per_group
+        self.num_general = config.num_general_experts
+        self.top_k = config.top_k
+        self.general_top_k = config.resolved_general_top_k
+        self.adapter_dim = config.adapter_dim
+        self.scaling = config.adapter_scaling
+        self.layer_index = layer_index
+        self.activation_name = config.adapter_activation
+        self.act = nn.Identity() if config.adapter_activation == "identity" else ACT2FN[
+            config.adapter_activation
+        ]
+        num_group_experts = self.num_groups * self.experts_per_group
+        total = num_group_experts + self.num_general
+        self.router = nn.Parameter(torch.empty(num_group_experts, hidden_size))
+        self.general_router = (
+            nn.Parameter(torch.empty(self.num_general, hidden_size)) if self.num_general else None
+        )
+        self.down = nn.Parameter(torch.empty(total, hidden_size, self.adapter_dim))
+        self.up = nn.Parameter(torch.empty(total, self.adapter_dim, hidden_size))
+        self.reset_parameters(seed=config.init_seed + 1000 * layer_index)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        def uniform_(t: torch.Tensor, bound: float) -> None:
+            t.copy_((torch.rand(t.shape, generator=gen) * 2 - 1) * bound)
+
+        # nn.Linear's default bound (kaiming-uniform, a=sqrt(5)) for routers and down.
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        uniform_(self.router, bound)
+        if self.general_router is not None:
+            uniform_(self.general_router, bound)
+        uniform_(self.down, bound)
+        self.up.zero_()  # exact base-model behaviour at step 0
+
+    @property
+    def num_experts_total(self) -> int:
+        return self.down.shape[0]
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, RoutingRecord]:
+        """x: router input [T, d]; h: FFN output [T, d]; groups/valid: [T]."""
+        num_tokens = x.shape[0]
+        E = self.experts_per_group
+        safe_groups = torch.where(valid, groups, torch.zeros_like(groups))
+        # Logits of every group's router in one matmul ([T, C*E], C*E is small), then
+        # each token keeps its own group's E logits.
+        all_logits = F.linear(x.to(self.router.dtype), self.router)
+        logits = all_logits.view(num_tokens, self.num_groups, E)
+        logits = logits.gather(1, safe_groups.view(-1, 1, 1).expand(-1, 1, E)).squeeze(1)
+        probs, chosen, weights = _route(logits, self.top_k)
+        expert_ids = safe_groups[:, None] * E + chosen
+        aux, load, tokens = grouped_load_balancing_loss(
+            probs, None if self.top_k == "soft" else chosen, safe_groups, valid, self.num_groups
+        )
+        entropy = router_entropy(probs, valid)
+        general_load = None
+        if self.general_router is not None:
+            g_logits = F.linear(x.to(self.general_router.dtype), self.general_router)
+            g_probs, g_chosen, g_weights = _route(g_logits, self.general_top_k)
+            g_aux, g_load, _ = grouped_load_balancing_loss(
+                g_probs,
+                None if self.general_top_k == "soft" else g_chosen,
+                torch.zeros_like(safe_groups),
+                valid,
+                1,
+            )
+            aux = aux + g_aux
+            general_load = g_load[0]
+            expert_ids = torch.cat([expert_ids, self.num_groups * E + g_chosen], dim=1)
+            weights = torch.cat([weights, g_weights], dim=1)
+        # Padding / packing gaps contribute nothing (and get no gradient).
+        weights = weights * valid[:, None].to(weights.dtype)
+
+        delta = self._expert_outputs(h, expert_ids, weights)
+        out = h + (self.scaling * delta).to(h.dtype)
+        record = RoutingRecord(
+            layer_index=self.layer_index,
+            aux_loss=aux,
+            expert_load=load,
+            group_tokens=tokens,
+            entropy=entropy,
+            general_load=general_load,
+        )
+        return out, record
+
+    def _expert_outputs(
+        self, h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """sum_j weights[t, j] * adapter_{expert_ids[t, j]}(h[t]) for every token t."""
+        num_tokens, k = expert_ids.shape
+        flat_ids = expert_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        token_of_slot = order // k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts_total)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        h_sorted = h.to(self.down.dtype).index_select(0, token_of_slot)
+        z = self.act(grouped_matmul(h_sorted, self.down, offsets, counts))
+        y = grouped_matmul(z, self.up, offsets, counts)
+        y = y * weights.reshape(-1).index_select(0, order).to(y.dtype)[:, None]
+        out = torch.zeros(num_tokens, h.shape[-1], dtype=y.dtype, device=y.device)
+        return out.index_add_(0, token_of_slot, y)
+
+
+class MoCEMLP(nn.Module):
+    """Drop-in replacement of a decoder MLP: frozen ``base_mlp`` + ``moce_experts``."""
+
+    def __init__(
+        self, base_mlp: nn.Module, hidden_size: int, config: MoCEConfig, layer_index: int
+    ) -> None:
+        super().__init__()
+        self.base_mlp = base_mlp
+        self.moce_experts = MoCEExperts(hidden_size, config, layer_index)
+        self.layer_index = layer_index
+        self.num_groups = config.groups
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        h = self.base_mlp(hidden_states, *args, **kwargs)
+        lead_shape = hidden_states.shape[:-1]
+        ids = token_cluster_ids(lead_shape, hidden_states.device).reshape(-1)
+        valid = ids != IGNORE_CLUSTER_ID
+        out, record = self.moce_experts(
+            hidden_states.reshape(-1, hidden_states.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            ids,
+            valid,
+        )
+        record_routing(record)
+        return out.view(*lead_shape, -1)
+
+
+__all__ = ["MoCEExperts", "MoCEMLP", "RoutingRecord", "grouped_matmul"]

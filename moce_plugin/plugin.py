@@ -1,0 +1,127 @@
+"""The axolotl plugin: ``plugins: [moce_plugin.MoCEPlugin]`` plus a ``moce:`` block."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from axolotl.integrations.base import BasePlugin
+from axolotl.utils.logging import get_logger
+
+from .architectures import get_architecture
+from .args import moce_config_from_cfg
+from .config import MoCEConfig
+from .data import check_prepared_dataset, install_dataset_patches
+from .model import is_moce_model, moce_experts_modules, upcycle_model
+from .trainer import MoCECheckpointCallback, attach_moce_to_trainer, save_moce_files
+
+# Under the "axolotl." namespace so axolotl's logging config shows our INFO lines.
+LOG = get_logger("axolotl.integrations.moce")
+
+# PEFT keeps modules listed in modules_to_save trainable and saves them with the adapter,
+# so LoRA/QLoRA checkpoints (and axolotl's resume / merge-lora) include MoCE.
+MOCE_MODULE_NAME = "moce_experts"
+
+
+def _compute_dtype(cfg: Any) -> torch.dtype:
+    if cfg.get("bf16") in (True, "auto") and cfg.get("bf16") is not False:
+        if cfg.get("bf16") is True or torch.cuda.is_available():
+            return torch.bfloat16
+    if cfg.get("fp16"):
+        return torch.float16
+    dtype = cfg.get("torch_dtype")
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return torch.float32
+
+
+class MoCEPlugin(BasePlugin):
+    """Upcycles supported decoders into Mixture-of-Clustered-Experts adapter models."""
+
+    def get_input_args(self) -> str:
+        return "moce_plugin.args.MoCEArgs"
+
+    def register(self, cfg: dict) -> None:
+        # Datasets are prepared before the model loads: hook cluster ids in now.
+        install_dataset_patches()
+
+    def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
+        # Runs after axolotl normalised the config and before the model loader reads it;
+        # returns None so axolotl loads the datasets itself (with our cluster-id hooks).
+        if cfg.get("moce"):
+            get_architecture(cfg.get("model_config_type"))
+            device_map = cfg.get("device_map")
+            if isinstance(device_map, dict) and not torch.cuda.is_available():
+                # axolotl pins each DDP rank to {"": LOCAL_RANK}, a CUDA index; on a
+                # CPU-only machine (gloo DDP) the ranks must load on the CPU instead.
+                cfg["device_map"] = "cpu"
+        return None
+
+    # ---- model ---------------------------------------------------------------------------
+    def pre_model_load(self, cfg: Any) -> None:
+        if not cfg.get("moce"):
+            return
+        get_architecture(cfg.get("model_config_type"))  # clear error before loading weights
+        if cfg.get("adapter") in ("lora", "qlora"):
+            modules = list(cfg.get("lora_modules_to_save") or [])
+            if MOCE_MODULE_NAME not in modules:
+                modules.append(MOCE_MODULE_NAME)
+            cfg["lora_modules_to_save"] = modules
+
+    def post_model_build(self, cfg: Any, model: Any) -> None:
+        if not cfg.get("moce"):
+            return
+        moce = moce_config_from_cfg(cfg)
+        freeze = not (cfg.get("adapter") is None and moce.train_base_model)
+        upcycle_model(model, moce, dtype=_compute_dtype(cfg), freeze_base=freeze)
+        LOG.info(
+            "MoCE: %s groups x %s experts (+%s general), top-k=%s, adapter dim %s, layers %s",
+            moce.groups, moce.experts_per_group, moce.num_general_experts, moce.top_k,
+            moce.adapter_dim, model._moce_layers,
+        )
+
+    def post_model_load(self, cfg: Any, model: Any) -> None:
+        if not cfg.get("moce"):
+            return
+        if not is_moce_model(model):
+            raise RuntimeError(
+                "MoCE layers are missing after model load: the model was built by a path that "
+                "skipped axolotl's post_model_build hook. Please report this configuration."
+            )
+        modules = list(moce_experts_modules(model))
+        for _, module in modules:
+            module.requires_grad_(True)
+        moce_params = sum(p.numel() for _, m in modules for p in m.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        LOG.info(
+            "MoCE parameters: %s (trainable in total: %s of %s, %.3f%%)",
+            f"{moce_params:,}", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+        )
+
+    # ---- trainer ---------------------------------------------------------------------------
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        if not cfg.get("moce"):
+            return
+        moce = moce_config_from_cfg(cfg)
+        check_prepared_dataset(getattr(trainer, "train_dataset", None), "train", moce.groups)
+        check_prepared_dataset(getattr(trainer, "eval_dataset", None), "eval", moce.groups)
+        attach_moce_to_trainer(trainer, moce)
+
+    def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
+        if not cfg.get("moce"):
+            return []
+        return [MoCECheckpointCallback(moce_config_from_cfg(cfg))]
+
+    def post_train(self, cfg: Any, model: Any) -> None:
+        if not cfg.get("moce"):
+            return
+        from .plots import plot_routing_log
+
+        moce: MoCEConfig = moce_config_from_cfg(cfg)
+        # Called once right after trainer.train() and again after axolotl tore down the
+        # process group, so use the launcher's RANK rather than torch.distributed.
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_moce_files(model, moce, cfg.output_dir)
+            plot_routing_log(cfg.output_dir)

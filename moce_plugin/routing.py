@@ -1,0 +1,135 @@
+"""Per-forward routing context: which cluster (expert group) each token belongs to.
+
+The cluster ids enter the model as the ``moce_cluster_ids`` keyword of the top-level
+forward and travel, like every other HF ``**kwargs`` entry, into each decoder layer's
+call. A forward pre-hook on the decoder layer moves them into this thread-local
+context for the duration of that layer's call only, where the MoCE MLP reads them.
+
+Why not a global set once per model forward: gradient checkpointing recomputes a
+decoder layer during backward, after the model forward has returned and possibly on
+another thread (autograd's device threads). Because the ids are part of the decoder
+layer's call kwargs, the checkpointed recompute gets them again, and because the
+context lives only between the layer's pre- and post-hook on the current thread, it
+cannot leak into another forward pass, thread or rank.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+CLUSTER_IDS_KWARG = "moce_cluster_ids"
+# Token-level id of positions that are not real tokens (padding, packing gaps).
+IGNORE_CLUSTER_ID = -1
+
+_state = threading.local()
+
+
+class MissingClusterIdsError(RuntimeError):
+    pass
+
+
+def _stack() -> list[torch.Tensor]:
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    return stack
+
+
+def push_cluster_ids(cluster_ids: torch.Tensor) -> None:
+    _stack().append(cluster_ids)
+
+
+def pop_cluster_ids() -> None:
+    stack = _stack()
+    if stack:
+        stack.pop()
+
+
+@contextmanager
+def cluster_ids_context(cluster_ids: torch.Tensor) -> Iterator[None]:
+    """Make ``cluster_ids`` visible to MoCE layers called directly (tests, custom loops)."""
+    push_cluster_ids(cluster_ids)
+    try:
+        yield
+    finally:
+        pop_cluster_ids()
+
+
+def current_cluster_ids() -> torch.Tensor | None:
+    stack = _stack()
+    return stack[-1] if stack else None
+
+
+def token_cluster_ids(batch_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Per-token cluster ids of shape ``batch_shape`` (= hidden_states.shape[:-1]).
+
+    Accepts ids per token ``[B, S]`` or per sequence ``[B]`` (broadcast over the
+    sequence; this is what generation uses, where S changes at every step).
+    """
+    ids = current_cluster_ids()
+    if ids is None:
+        raise MissingClusterIdsError(
+            "A MoCE layer ran without cluster ids. Pass `moce_cluster_ids` (per sequence [B] "
+            "or per token [B, S]) to the model's forward/generate, or wrap direct layer calls "
+            "in moce_plugin.routing.cluster_ids_context(...). In training, the MoCE collator "
+            "adds them: check that `plugins: [moce_plugin.MoCEPlugin]` is set."
+        )
+    ids = ids.to(device=device, dtype=torch.long)
+    if len(batch_shape) == 1:  # already flattened tokens
+        if ids.shape != batch_shape:
+            raise MissingClusterIdsError(
+                f"moce_cluster_ids has shape {tuple(ids.shape)}, expected {tuple(batch_shape)}"
+            )
+        return ids
+    bsz, seq = batch_shape[0], batch_shape[1]
+    if ids.dim() == 1:
+        if ids.shape[0] != bsz:
+            raise MissingClusterIdsError(
+                f"moce_cluster_ids has {ids.shape[0]} per-sequence ids for a batch of {bsz}"
+            )
+        return ids[:, None].expand(bsz, seq)
+    if ids.shape[0] != bsz:
+        raise MissingClusterIdsError(
+            f"moce_cluster_ids has batch size {ids.shape[0]}, the hidden states {bsz}"
+        )
+    if ids.shape[1] != seq:
+        if ids.shape[1] > seq:
+            # Generation with a KV cache passes the prompt's ids; later steps see only the
+            # newest positions, which inherit the sequence's id (the last real one).
+            return ids[:, -seq:]
+        raise MissingClusterIdsError(
+            f"moce_cluster_ids covers {ids.shape[1]} positions but the sequence has {seq}"
+        )
+    return ids
+
+
+@dataclass
+class RoutingRecord:
+    """What one MoCE layer saw in one forward: its aux loss (with grad) and stats."""
+
+    layer_index: int
+    aux_loss: torch.Tensor
+    expert_load: torch.Tensor  # [C, E] fraction of each group's routing slots
+    group_tokens: torch.Tensor  # [C]
+    entropy: torch.Tensor  # scalar
+    general_load: torch.Tensor | None = None  # [G]
+
+
+def collector_stack() -> list[list[RoutingRecord]]:
+    stack = getattr(_state, "collectors", None)
+    if stack is None:
+        stack = _state.collectors = []
+    return stack
+
+
+def record_routing(record: RoutingRecord) -> None:
+    """Called by each MoCE layer; kept only inside a backbone forward (not during the
+    gradient-checkpointing recompute, which runs after that forward returned)."""
+    stack = collector_stack()
+    if stack:
+        stack[-1].append(record)

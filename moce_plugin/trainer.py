@@ -1,0 +1,192 @@
+"""Hooks MoCE into whatever trainer axolotl built (no trainer subclass needed).
+
+* the load-balancing loss is added to the training loss after the trainer's own
+  ``compute_loss`` (so it composes with axolotl's trainers), scaled for gradient
+  accumulation exactly like the language-modelling loss;
+* routing metrics (aux loss, router entropy, expert-load imbalance per layer) are added
+  to the trainer's normal logs; full expert-load matrices go to
+  ``<output_dir>/moce_routing.jsonl``;
+* the data collators are wrapped to carry ``moce_cluster_ids``;
+* every checkpoint gets ``moce_config.json`` and ``moce_weights.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .config import MOCE_WEIGHTS_NAME, MoCEConfig
+from .data import MoCEDataCollator
+from .model import aux_loss_of, metrics_of, moce_state_dict, pop_last_routing
+from .plots import ROUTING_LOG_NAME
+from .routing import CLUSTER_IDS_KWARG
+
+
+def attach_moce_to_trainer(trainer: Any, config: MoCEConfig) -> None:
+    if getattr(trainer, "_moce_attached", False):
+        return
+    trainer._moce_attached = True
+    trainer._moce_config = config
+    _add_aux_loss(trainer, config.router_aux_loss_coef)
+    _add_routing_logs(trainer)
+    _wrap_collators(trainer)
+    _keep_cluster_id_column(trainer)
+
+
+def _add_aux_loss(trainer: Any, coef: float) -> None:
+    original = trainer.compute_loss
+
+    def compute_loss(self: Any, model: Any, inputs: dict, return_outputs: bool = False,
+                     num_items_in_batch: Any = None, **kwargs: Any):
+        result = original(model, inputs, return_outputs=return_outputs,
+                          num_items_in_batch=num_items_in_batch, **kwargs)
+        records = pop_last_routing(model)
+        if not (model.training and coef > 0 and records):
+            return result
+        aux = aux_loss_of(records) * coef
+        # The trainer divides the loss by the accumulation steps itself unless the model
+        # normalises by num_items_in_batch; then we must (transformers' training_step rule).
+        if (
+            getattr(self, "model_accepts_loss_kwargs", False)
+            and num_items_in_batch is not None
+            and getattr(self, "compute_loss_func", None) is None
+        ):
+            aux = aux / max(1, getattr(self, "current_gradient_accumulation_steps", 1))
+        if return_outputs:
+            loss, outputs = result
+            return loss + aux.to(loss.dtype), outputs
+        return result + aux.to(result.dtype)
+
+    trainer.compute_loss = types.MethodType(compute_loss, trainer)
+
+
+def _reduce_across_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            world = torch.distributed.get_world_size()
+            out = []
+            for t in tensors:
+                t = t.clone()
+                torch.distributed.all_reduce(t)
+                out.append(t / world)
+            return out
+    return tensors
+
+
+def routing_summary(metrics: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """(scalar logs, per-layer detail) from a RoutingMetrics accumulator; resets it."""
+    if metrics is None or not metrics.steps:
+        return {}, {}
+    layers = sorted(metrics.load_sum)
+    tensors = [metrics.aux_sum.float()]
+    for i in layers:
+        tensors += [metrics.load_sum[i].float(), metrics.tokens_sum[i].float(),
+                    metrics.entropy_sum[i].float()]
+        if i in metrics.general_load_sum:
+            tensors.append(metrics.general_load_sum[i].float())
+    tensors = [t.detach().cpu() for t in _reduce_across_ranks(tensors)]
+    steps = metrics.steps
+    logs: dict[str, float] = {"moce/aux_loss": float(tensors[0]) / steps}
+    detail: dict[str, Any] = {"layers": {}}
+    pos = 1
+    entropies, imbalances = [], []
+    for i in layers:
+        load_sum, tokens, ent = tensors[pos], tensors[pos + 1], tensors[pos + 2]
+        pos += 3
+        general = None
+        if i in metrics.general_load_sum:
+            general = (tensors[pos] / steps).tolist()
+            pos += 1
+        load = load_sum / tokens.clamp(min=1)[:, None]  # [C, E] fraction of group slots
+        num_experts = load.shape[-1]
+        seen = tokens > 0
+        # 1.0 = perfectly balanced; E = every slot on one expert.
+        imbalance = float((load.max(-1).values[seen] * num_experts).mean()) if seen.any() else 0.0
+        entropy = float(ent) / steps
+        entropies.append(entropy)
+        imbalances.append(imbalance)
+        logs[f"moce/layer_{i}/router_entropy"] = round(entropy, 5)
+        logs[f"moce/layer_{i}/load_imbalance"] = round(imbalance, 5)
+        detail["layers"][str(i)] = {
+            "expert_load": load.tolist(),
+            "group_tokens": tokens.tolist(),
+            "router_entropy": entropy,
+            "general_load": general,
+        }
+    logs["moce/router_entropy"] = sum(entropies) / len(entropies)
+    logs["moce/load_imbalance"] = sum(imbalances) / len(imbalances)
+    metrics.reset()
+    return logs, detail
+
+
+def _add_routing_logs(trainer: Any) -> None:
+    original = trainer.log
+
+    def log(self: Any, logs: dict, *args: Any, **kwargs: Any):
+        if "loss" in logs:
+            extra, detail = routing_summary(metrics_of(self.model))
+            logs.update(extra)
+            if detail and self.is_world_process_zero():
+                _append_routing_detail(self.args.output_dir, self.state.global_step, extra, detail)
+        return original(logs, *args, **kwargs)
+
+    trainer.log = types.MethodType(log, trainer)
+
+
+def _append_routing_detail(output_dir: str, step: int, logs: dict, detail: dict) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(Path(output_dir) / ROUTING_LOG_NAME, "a") as f:
+        f.write(json.dumps({"step": step, "aux_loss": logs.get("moce/aux_loss"), **detail}) + "\n")
+
+
+def _wrap_collators(trainer: Any) -> None:
+    tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+    side = getattr(tokenizer, "padding_side", "right") or "right"
+    for attr in ("data_collator", "eval_data_collator"):
+        inner = getattr(trainer, attr, None)
+        if inner is not None and not isinstance(inner, MoCEDataCollator):
+            setattr(trainer, attr, MoCEDataCollator(inner, padding_side=side))
+
+
+def _keep_cluster_id_column(trainer: Any) -> None:
+    """HF's remove_unused_columns drops columns not in forward's signature."""
+    setter = getattr(trainer, "_set_signature_columns_if_needed", None)
+    if callable(setter):
+        setter()
+        cols = trainer._signature_columns
+        if cols is not None and CLUSTER_IDS_KWARG not in cols:
+            cols.append(CLUSTER_IDS_KWARG)
+
+
+def save_moce_files(model: Any, config: MoCEConfig, directory: str | os.PathLike) -> None:
+    """Write moce_config.json and moce_weights.safetensors (MoCE params only) to directory."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save(directory)
+    state = moce_state_dict(model)
+    tmp = directory / (MOCE_WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "moce_layers": str(len(state))})
+    os.replace(tmp, directory / MOCE_WEIGHTS_NAME)
+
+
+class MoCECheckpointCallback(TrainerCallback):
+    """Adds the MoCE files to every checkpoint the trainer writes."""
+
+    def __init__(self, config: MoCEConfig) -> None:
+        self.config = config
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
+        if model is None or not state.is_world_process_zero:
+            return control
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            save_moce_files(model, self.config, checkpoint)
+        return control

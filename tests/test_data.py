@@ -1,0 +1,169 @@
+"""Cluster ids through axolotl's real dataset preparation and collators (in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from axolotl_helpers import base_config, sample_rows, write_cluster_jsonl
+from tiny_models import save_tiny_model_dir
+
+from moce_plugin.data import ClusterIdError, MoCEDataCollator
+from moce_plugin.routing import CLUSTER_IDS_KWARG
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    texts = [t for r in sample_rows() for t in (r["instruction"], r["input"], r["output"])]
+    return save_tiny_model_dir(path, texts)
+
+
+def load_prepared(tmp_path, model_dir, fmt="alpaca", **overrides):
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+
+    data = write_cluster_jsonl(tmp_path / f"{fmt}.jsonl", limit=90, fmt=fmt)
+    dataset = dict(path=str(data), ds_type="json")
+    if fmt == "alpaca":
+        dataset["type"] = "alpaca"
+    elif fmt == "chat":
+        dataset.update(type="chat_template", field_messages="messages")
+    else:
+        dataset["type"] = "completion"
+    overrides.setdefault("sequence_len", 1024)
+    cfg = base_config(model_dir, data, tmp_path, datasets=[dataset], **overrides)
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_datasets(cfg=load_cfg(str(path)))
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "chat", "completion"])
+def test_prompt_strategies_keep_per_token_cluster_ids(tmp_path, model_dir, fmt):
+    meta = load_prepared(tmp_path, model_dir, fmt=fmt)
+    for split in (meta.train_dataset, meta.eval_dataset):
+        assert CLUSTER_IDS_KWARG in split.column_names
+        seen = set()
+        for row in split:
+            ids = row[CLUSTER_IDS_KWARG]
+            assert len(ids) == len(row["input_ids"])
+            assert len(set(ids)) == 1  # one example = one cluster
+            seen.add(ids[0])
+        assert seen <= {0, 1, 2}
+    assert len(meta.train_dataset) + len(meta.eval_dataset) == 90
+
+
+def test_ids_follow_their_examples_and_cache_is_reused(tmp_path, model_dir):
+    meta = load_prepared(tmp_path, model_dir)
+    prepared = list((tmp_path / "prepared").iterdir())
+    assert prepared, "dataset_prepared_path was written"
+    # Each example's id must match the domain of its text (code/maths/general differ in
+    # vocabulary); check exactly by re-tokenizing the raw rows.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    by_output = {}
+    for r in sample_rows(90):
+        key = tuple(tok(r["output"], add_special_tokens=False)["input_ids"][-8:])
+        by_output[key] = {"alpaca": 0, "code_alpaca": 1, "gsm8k": 2}[r["source"]]
+    matched = 0
+    for row in meta.train_dataset:
+        real = [t for t in row["input_ids"] if t not in (tok.eos_token_id, tok.pad_token_id)]
+        key = tuple(real[-8:])
+        if key in by_output:
+            matched += 1
+            assert row[CLUSTER_IDS_KWARG][0] == by_output[key]
+    assert matched > 40
+    again = load_prepared(tmp_path, model_dir)  # from the cache this time
+    assert again.train_dataset[CLUSTER_IDS_KWARG] == meta.train_dataset[CLUSTER_IDS_KWARG]
+
+
+def test_packing_keeps_each_examples_ids(tmp_path, model_dir):
+    meta = load_prepared(tmp_path, model_dir, sample_packing=True)
+    assert CLUSTER_IDS_KWARG in meta.train_dataset.column_names
+
+
+def test_missing_column_error_names_dataset_and_fix(tmp_path, model_dir):
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+
+    data = tmp_path / "nocluster.jsonl"
+    data.write_text("\n".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")})
+                              for r in sample_rows(20)))
+    cfg = base_config(model_dir, data, tmp_path)
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    expected = "nocluster.jsonl.*no 'cluster_id' column.*preprocess/cluster.py"
+    with pytest.raises(ClusterIdError, match=expected):
+        load_datasets(cfg=load_cfg(str(tmp_path / "c.yml")))
+
+
+@pytest.mark.parametrize("bad,match", [(7, r"outside \[0, 3\)"), ("x", "integer cluster ids")])
+def test_bad_cluster_values_are_clear(tmp_path, model_dir, bad, match):
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+
+    data = tmp_path / "bad.jsonl"
+    rows = [{**{k: r[k] for k in ("instruction", "input", "output")}, "cluster_id": 0}
+            for r in sample_rows(20)]
+    rows[3]["cluster_id"] = bad
+    if isinstance(bad, str):
+        for r in rows:
+            r["cluster_id"] = bad
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = base_config(model_dir, data, tmp_path)
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ClusterIdError, match=match):
+        load_datasets(cfg=load_cfg(str(tmp_path / "c.yml")))
+
+
+def _features(lengths_and_ids):
+    return [{"input_ids": list(range(5, 5 + n)), "attention_mask": [1] * n,
+             "labels": list(range(5, 5 + n)), CLUSTER_IDS_KWARG: [c] * n}
+            for n, c in lengths_and_ids]
+
+
+def test_collator_pads_ids_with_ignore(model_dir):
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    for side in ("right", "left"):
+        tok.padding_side = side
+        collator = MoCEDataCollator(DataCollatorForSeq2Seq(tok, padding=True,
+                                                           pad_to_multiple_of=8), side)
+        batch = collator(_features([(3, 2), (5, 0)]))
+        ids = batch[CLUSTER_IDS_KWARG]
+        assert ids.shape == batch["input_ids"].shape == (2, 8)
+        real = batch["attention_mask"].bool()
+        assert torch.equal(ids[real], torch.tensor([2, 2, 2, 0, 0, 0, 0, 0]))
+        assert (ids[~real] == -1).all()
+
+
+def test_collator_packed_rows_keep_each_examples_cluster(model_dir):
+    from axolotl.utils.collators import V2BatchSamplerDataCollatorForSeq2Seq
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    inner = V2BatchSamplerDataCollatorForSeq2Seq(tok, padding=True, pad_to_multiple_of=16,
+                                                 return_tensors="pt")
+    collator = MoCEDataCollator(inner)
+    packs = [_features([(3, 0), (4, 2)]), _features([(6, 1)])]
+    batch = collator(packs)
+    ids = batch[CLUSTER_IDS_KWARG]
+    assert ids.shape == batch["input_ids"].shape
+    assert ids[0, :7].tolist() == [0, 0, 0, 2, 2, 2, 2] and (ids[0, 7:] == -1).all()
+    assert ids[1, :6].tolist() == [1] * 6 and (ids[1, 6:] == -1).all()
+    # packing gaps are exactly the positions the attention mask drops
+    assert torch.equal(ids != -1, batch["attention_mask"] != 0)
+
+
+def test_collator_rejects_rows_without_ids(model_dir):
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    collator = MoCEDataCollator(DataCollatorForSeq2Seq(tok, padding=True))
+    feats = _features([(3, 0)])
+    del feats[0][CLUSTER_IDS_KWARG]
+    with pytest.raises(ClusterIdError, match="prepared without the MoCE plugin"):
+        collator(feats)

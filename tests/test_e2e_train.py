@@ -1,0 +1,102 @@
+"""End to end: the real `axolotl train` CLI on a tiny llama built in the test (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from axolotl_helpers import base_config, run_train, sample_rows, train_losses, write_cluster_jsonl
+from safetensors.torch import load_file
+from tiny_models import save_tiny_model_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    texts = [t for r in sample_rows() for t in (r["instruction"], r["input"], r["output"])]
+    return save_tiny_model_dir(path, texts)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_cluster_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", limit=240)
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_train_loss_goes_down_and_checkpoints_hold_moce(tmp_path, model_dir, data, packing):
+    cfg = base_config(model_dir, data, tmp_path, sample_packing=packing, max_steps=12,
+                      save_steps=6, sequence_len=512, learning_rate=0.1)
+    run_train(cfg, tmp_path)
+    out = tmp_path / "model"
+    losses = train_losses(out / "checkpoint-12")
+    steps = sorted(losses)
+    first, last = _mean([losses[s] for s in steps[:3]]), _mean([losses[s] for s in steps[-3:]])
+    print(f"packing={packing}: loss first3={first:.4f} last3={last:.4f}")
+    assert last < first - 0.05
+    for ckpt in ("checkpoint-6", "checkpoint-12", "."):
+        d = out / ckpt
+        assert (d / "moce_config.json").is_file()
+        weights = load_file(str(d / "moce_weights.safetensors"))
+        assert {k.split(".")[1] for k in weights} == {"0", "1"}
+    full = load_file(str(out / "model.safetensors"))
+    assert any(".moce_experts.up" in k for k in full)
+    assert (out / "moce_routing.jsonl").is_file() and (out / "moce_expert_usage.png").is_file()
+    logged = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
+    assert any("moce/aux_loss" in h for h in logged)
+    # The base stayed frozen: only MoCE moved.
+    base = load_file(str(model_dir / "model.safetensors"))
+    for k, v in base.items():
+        key = k.replace("mlp.", "mlp.base_mlp.") if ".mlp." in k else k
+        assert torch.equal(full[key], v), k
+    assert weights["layers.0.up"].abs().sum() > 0
+
+
+def test_lora_trains_and_saves_moce_with_adapter(tmp_path, model_dir, data):
+    cfg = base_config(model_dir, data, tmp_path, adapter="lora", lora_r=4, lora_alpha=8,
+                      lora_dropout=0.0, lora_target_linear=True, max_steps=4, save_steps=4)
+    proc = run_train(cfg, tmp_path)
+    out = tmp_path / "model"
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert any("moce_experts" in k for k in adapter), sorted(adapter)[:10]
+    assert any("lora_A" in k for k in adapter)
+    assert "MoCE parameters:" in proc.stdout + proc.stderr
+    moce = load_file(str(out / "checkpoint-4" / "moce_weights.safetensors"))
+    assert moce["layers.1.up"].abs().sum() > 0
+
+
+def test_resume_continues_exactly(tmp_path, model_dir, data):
+    cfg = base_config(model_dir, data, tmp_path, max_steps=8, save_steps=4)
+    run_train(cfg, tmp_path)
+    out = tmp_path / "model"
+    straight = train_losses(out / "checkpoint-8")
+    # Interrupt after step 4: drop everything later, then resume from checkpoint-4.
+    shutil.rmtree(out / "checkpoint-8")
+    run_train({**cfg, "resume_from_checkpoint": str(out / "checkpoint-4")}, tmp_path)
+    resumed = train_losses(out / "checkpoint-8")
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-4), step
+
+
+def test_ddp_two_processes_gloo(tmp_path, model_dir, data):
+    cfg = base_config(model_dir, data, tmp_path, max_steps=4, save_steps=4,
+                      gradient_checkpointing=True,
+                      plugins=["moce_plugin.MoCEPlugin", "rank_dump_plugin.RankDumpPlugin"],
+                      ddp_backend="gloo")
+    run_train(cfg, tmp_path, nproc=2)
+    out = tmp_path / "model"
+    r0 = load_file(str(out / "rank0_moce.safetensors"))
+    r1 = load_file(str(out / "rank1_moce.safetensors"))
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    assert r0["layers.0.up"].abs().sum() > 0
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4

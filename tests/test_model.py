@@ -1,0 +1,116 @@
+"""Upcycling real (tiny) decoder models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_causal_lm
+
+from moce_plugin.architectures import UnsupportedArchitectureError
+from moce_plugin.config import MoCEConfig
+from moce_plugin.layer import MoCEMLP
+from moce_plugin.model import (
+    aux_loss_of,
+    load_moce_state_dict,
+    moce_state_dict,
+    pop_last_routing,
+    upcycle_model,
+)
+from moce_plugin.routing import MissingClusterIdsError
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]
+
+
+def moce_cfg(**kw):
+    return MoCEConfig(**{"num_clusters": 3, "experts_per_group": 4, "adapter_dim": 8, **kw})
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_zero_init_reproduces_base_logits(model_type):
+    base = tiny_causal_lm(model_type)
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    model = upcycle_model(base, moce_cfg(num_general_experts=2))
+    assert sum(isinstance(m, MoCEMLP) for m in model.modules()) == 2
+    with torch.no_grad():
+        got = model(input_ids=ids, moce_cluster_ids=torch.tensor([0, 2])).logits
+    assert torch.equal(got, expected)
+
+
+def test_routing_changes_output_once_trained_and_per_cluster():
+    model = upcycle_model(tiny_causal_lm("llama"), moce_cfg())
+    for name, p in model.named_parameters():
+        if name.endswith("moce_experts.up"):
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        a = model(input_ids=ids, moce_cluster_ids=torch.tensor([0])).logits
+        b = model(input_ids=ids, moce_cluster_ids=torch.tensor([1])).logits
+    assert not torch.allclose(a, b)
+
+
+def test_only_moce_trainable_and_aux_loss_reaches_routers():
+    model = upcycle_model(tiny_causal_lm("qwen2"), moce_cfg())
+    model.train()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".moce_experts." in n for n in trainable)
+    ids = torch.randint(0, 128, (2, 7))
+    out = model(input_ids=ids, labels=ids, moce_cluster_ids=torch.tensor([[0] * 7, [1] * 7]))
+    records = pop_last_routing(model)
+    assert len(records) == 2
+    aux = aux_loss_of(records)
+    (out.loss + aux).backward()
+    routers = [p for n, p in model.named_parameters() if n.endswith("moce_experts.router")]
+    assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in routers)
+
+
+def test_missing_and_out_of_range_cluster_ids_are_clear():
+    model = upcycle_model(tiny_causal_lm("llama"), moce_cfg())
+    ids = torch.randint(0, 128, (2, 5))
+    with pytest.raises(MissingClusterIdsError, match="moce_cluster_ids"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        model(input_ids=ids, moce_cluster_ids=torch.tensor([0, 3]))
+    with pytest.raises(MissingClusterIdsError, match="integers"):
+        model(input_ids=ids, moce_cluster_ids=torch.tensor([0.0, 1.0]))
+
+
+def test_unsupported_architecture_lists_supported():
+    model = tiny_causal_lm("llama")
+    model.config.model_type = "falcon"
+    expected = "Supported: .*llama.*register_architecture"
+    with pytest.raises(UnsupportedArchitectureError, match=expected):
+        upcycle_model(model, moce_cfg())
+
+
+def test_layer_selection_and_state_dict_round_trip():
+    model = upcycle_model(tiny_causal_lm("llama", num_hidden_layers=3), moce_cfg(layers=[0, -1]))
+    assert [isinstance(layer.mlp, MoCEMLP) for layer in model.model.layers] == [True, False, True]
+    state = moce_state_dict(model)
+    assert set(k.split(".")[1] for k in state) == {"0", "2"}
+    other = upcycle_model(tiny_causal_lm("llama", num_hidden_layers=3, seed=1),
+                          moce_cfg(layers=[0, -1], init_seed=5))
+    load_moce_state_dict(other, {k: v + 1 for k, v in state.items()})
+    assert torch.equal(moce_state_dict(other)["layers.0.up"], state["layers.0.up"] + 1)
+    with pytest.raises(ValueError, match="another moce config"):
+        load_moce_state_dict(other, {"layers.1.up": state["layers.0.up"]})
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    def grads(gc: bool):
+        model = upcycle_model(tiny_causal_lm("llama"), moce_cfg())
+        for name, p in model.named_parameters():
+            if name.endswith("moce_experts.up"):
+                torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(1))
+        model.train()
+        if gc:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+        out = model(input_ids=ids, labels=ids, moce_cluster_ids=torch.tensor([1, 2]))
+        (out.loss + aux_loss_of(pop_last_routing(model))).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(plain[name], ckpt[name], msg=name)
