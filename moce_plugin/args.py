@@ -6,11 +6,13 @@ Everything that can be checked without loading a model is checked here, so a bad
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, model_validator
 
+from .architectures import get_architecture
 from .config import MoCEConfig
 
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
@@ -31,6 +33,7 @@ class MoCEArgs(BaseModel):
             moce = dict(moce)
             _resolve_num_clusters(moce)
             data["moce"] = moce
+        _check_local_architecture(data)
         adapter = data.get("adapter")
         if adapter not in SUPPORTED_ADAPTERS:
             raise ValueError(
@@ -53,6 +56,17 @@ class MoCEArgs(BaseModel):
                 "per-token cluster ids; use gradient_checkpointing: true instead."
             )
         return data
+
+
+def _check_local_architecture(data: dict) -> None:
+    """Unsupported model types fail here when the base model is a local folder (hub models are
+    checked by the plugin right after axolotl resolves their config, still before loading)."""
+    source = data.get("base_model_config") or data.get("base_model")
+    config_file = Path(str(source)) / "config.json" if source else None
+    if config_file is None or not config_file.is_file():
+        return
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    get_architecture(model_type)
 
 
 def _resolve_num_clusters(moce: dict) -> None:

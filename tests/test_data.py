@@ -167,3 +167,26 @@ def test_collator_rejects_rows_without_ids(model_dir):
     del feats[0][CLUSTER_IDS_KWARG]
     with pytest.raises(ClusterIdError, match="prepared without the MoCE plugin"):
         collator(feats)
+
+
+def test_unsupported_architecture_fails_at_config_load(tmp_path):
+    from axolotl.cli.config import load_cfg
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64).save_pretrained(tmp_path / "gpt2")
+    data = write_cluster_jsonl(tmp_path / "d.jsonl", limit=10)
+    cfg = base_config(tmp_path / "gpt2", data, tmp_path)
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(Exception, match="does not support model_type 'gpt2'.*Supported: .*llama"):
+        load_cfg(str(tmp_path / "c.yml"))
+
+
+def test_bad_moce_block_fails_at_config_load(tmp_path, model_dir):
+    from axolotl.cli.config import load_cfg
+
+    data = write_cluster_jsonl(tmp_path / "d.jsonl", limit=10)
+    cfg = base_config(model_dir, data, tmp_path)
+    cfg["moce"]["top_k"] = 5
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(Exception, match="larger than moce.experts_per_group"):
+        load_cfg(str(tmp_path / "c.yml"))

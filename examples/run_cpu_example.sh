@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole MoCE pipeline on the CPU example, from a fresh clone:
+# install -> convert SmolLM2 -> cluster the data (stage 1) -> train MoCE with axolotl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+CONFIG=examples/cpu-smollm2-moce.yml
+python examples/prepare_smollm2.py
+python preprocess/cluster.py "$CONFIG"
+axolotl train "$CONFIG"
+echo "done: clusters in outputs/cpu-smollm2-moce/clusters, model in outputs/cpu-smollm2-moce/model"

@@ -1,0 +1,63 @@
+"""The moce: block is validated at config load with errors that name the fix."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from moce_plugin.args import MoCEArgs
+from moce_plugin.config import MoCEConfig
+
+
+def test_paper_defaults():
+    cfg = MoCEConfig(num_clusters=4)
+    assert (cfg.experts_per_group, cfg.top_k, cfg.adapter_dim, cfg.adapter_scaling) == (4, 2, 64, 1)
+    assert cfg.num_general_experts == 0 and cfg.adapter_activation == "sigmoid"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_clusters=0), "num_clusters must be >= 1"),
+    (dict(num_clusters=2, top_k=5), "larger than moce.experts_per_group"),
+    (dict(num_clusters=2, top_k=0), "top-k must be >= 1"),
+    (dict(num_clusters=2, general_top_k=1), "num_general_experts is 0"),
+    (dict(num_clusters=2, num_general_experts=1), "general top-k 2 exceeds"),
+    (dict(), "num_clusters is required"),
+    (dict(num_clusters=2, adapter_activation="swish2"), "adapter_activation"),
+    (dict(num_clusters=2, router="acmoe"), "router"),
+    (dict(num_clusters=2, experts_per_grop=3), "experts_per_grop"),
+    (dict(num_clusters=2, layers=[]), "empty list"),
+])
+def test_bad_values_fail_clearly(kwargs, match):
+    with pytest.raises(ValidationError, match=match):
+        MoCEConfig(**kwargs)
+
+
+def test_layer_indices_checked_against_model():
+    cfg = MoCEConfig(num_clusters=2, layers=[0, -1, 9])
+    with pytest.raises(ValueError, match="has 4 decoder layers"):
+        cfg.resolve_layers(4)
+    assert MoCEConfig(num_clusters=2, layers=[0, -1]).resolve_layers(4) == [0, 3]
+
+
+def test_axolotl_level_checks():
+    with pytest.raises(ValidationError, match="adapter 'ia3' is not supported"):
+        MoCEArgs.model_validate({"moce": {"num_clusters": 2}, "adapter": "ia3"})
+    with pytest.raises(ValidationError, match="use_reentrant"):
+        MoCEArgs.model_validate({"moce": {"num_clusters": 2}, "gradient_checkpointing": True,
+                                 "gradient_checkpointing_kwargs": {"use_reentrant": True}})
+    with pytest.raises(ValidationError, match="does not exist.*preprocess/cluster.py"):
+        MoCEArgs.model_validate({"moce": {"cluster_artifact": "/nonexistent/artifact"}})
+
+
+def test_gradient_checkpointing_defaults_to_non_reentrant():
+    data = {"moce": {"num_clusters": 2}, "gradient_checkpointing": True}
+    MoCEArgs.model_validate(data)
+    assert data["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+
+
+def test_config_round_trip(tmp_path):
+    cfg = MoCEConfig(num_clusters=3, top_k="soft", num_general_experts=2, general_top_k=1)
+    cfg.save(tmp_path, extra={"base_model": "x"})
+    assert MoCEConfig.load(tmp_path) == cfg
+    with pytest.raises(FileNotFoundError, match="not a MoCE output"):
+        MoCEConfig.load(tmp_path / "nope")
