@@ -245,6 +245,7 @@ def upcycle_model(
     # Plain attribute, not a registered submodule (that would duplicate every weight in
     # state_dict under a second name).
     object.__setattr__(causal_lm, "_moce_backbone", backbone)
+    _accept_cluster_ids_in_generate(causal_lm)
     causal_lm._moce_config = config
     causal_lm._moce_layers = selected
     if freeze_base:
@@ -254,6 +255,24 @@ def upcycle_model(
         for module in moce_layers(causal_lm):
             module.moce_experts.requires_grad_(True)
     return model
+
+
+def _accept_cluster_ids_in_generate(causal_lm: nn.Module) -> None:
+    """`generate` rejects kwargs that are not named in forward's signature; ours travels in
+    **kwargs, so let it through (it is then passed to every forward step)."""
+    original = getattr(causal_lm, "_validate_model_kwargs", None)
+    if original is None:
+        return
+
+    def _validate_model_kwargs(model_kwargs: dict) -> None:
+        ids = model_kwargs.pop(CLUSTER_IDS_KWARG, None)
+        try:
+            original(model_kwargs)
+        finally:
+            if ids is not None:
+                model_kwargs[CLUSTER_IDS_KWARG] = ids
+
+    causal_lm._validate_model_kwargs = _validate_model_kwargs
 
 
 def _module_device(module: nn.Module) -> torch.device:

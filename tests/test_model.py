@@ -114,3 +114,58 @@ def test_gradient_checkpointing_matches_plain_backward():
     plain, ckpt = grads(False), grads(True)
     for name in plain:
         torch.testing.assert_close(plain[name], ckpt[name], msg=name)
+
+
+def _trained_tiny(model_type="llama"):
+    model = upcycle_model(tiny_causal_lm(model_type), moce_cfg())
+    for name, p in model.named_parameters():
+        if name.endswith("moce_experts.up"):
+            torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def test_routing_context_does_not_leak_between_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _trained_tiny()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    clusters = [torch.tensor([c, (c + 1) % 3]) for c in range(3)]
+    with torch.no_grad():
+        expected = [model(input_ids=ids, moce_cluster_ids=c).logits for c in clusters]
+
+    def run(i):
+        with torch.no_grad():
+            return model(input_ids=ids, moce_cluster_ids=clusters[i % 3]).logits
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, range(24)))
+    for i, logits in enumerate(results):
+        assert torch.equal(logits, expected[i % 3])
+    # and nothing is left behind on this thread
+    from moce_plugin.routing import collector_stack, current_cluster_ids
+
+    assert current_cluster_ids() is None and collector_stack() == []
+
+
+def test_failed_forward_leaves_no_context_behind():
+    from moce_plugin.routing import collector_stack, current_cluster_ids
+
+    model = _trained_tiny()
+    with pytest.raises(Exception):
+        model(input_ids=torch.randint(0, 128, (2, 5)), moce_cluster_ids=torch.tensor([[0, 1]] * 2))
+    assert current_cluster_ids() is None and collector_stack() == []
+
+
+def test_generate_with_per_sequence_cluster_ids_and_kv_cache():
+    model = _trained_tiny()
+    prompt = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    clusters = torch.tensor([0, 2])
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, moce_cluster_ids=clusters, max_new_tokens=5,
+                             do_sample=False, use_cache=True, pad_token_id=0)
+        # Greedy decoding with the cache equals recomputing the full sequence each step.
+        seq = prompt
+        for _ in range(5):
+            logits = model(input_ids=seq, moce_cluster_ids=clusters, use_cache=False).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
