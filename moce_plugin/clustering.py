@@ -62,8 +62,8 @@ class ClusterArtifactError(ValueError):
 
 
 # ---- options ------------------------------------------------------------------------------------
-def _opt(default: Any, help_text: str, *, cli: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help_text, "cli": cli})
+def _opt(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ class ClusteringOptions:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> ClusteringOptions:
-        """Validate a ``moce.clustering`` dict (unknown keys are an error: typos would be silent)."""
+        """Validate a ``moce.clustering`` dict; unknown keys are an error (a typo would be
+        silently ignored otherwise)."""
         values = dict(values or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -293,10 +294,10 @@ class SentenceTransformerEncoder:
 
     @property
     def dim(self) -> int:
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or getattr(
-            self.model, "get_sentence_embedding_dimension"
-        )
-        return int(get_dim())
+        model = self.model
+        # sentence-transformers >= 5 renamed get_sentence_embedding_dimension.
+        get_dim = getattr(model, "get_embedding_dimension", None)
+        return int(get_dim() if get_dim else model.get_sentence_embedding_dimension())
 
     def encode(self, texts: list[str]) -> np.ndarray:
         model = self.model
@@ -472,9 +473,7 @@ def _fit_minibatch(
     centroids) is in memory at a time even when ``x`` is a memmap bigger than RAM."""
     from sklearn.cluster import MiniBatchKMeans
 
-    model = MiniBatchKMeans(
-        n_clusters=k, random_state=seed, n_init=n_init, batch_size=batch_rows
-    )
+    model = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=n_init, batch_size=batch_rows)
     rng = np.random.default_rng(seed)
     starts = np.arange(0, len(x), batch_rows)
     for _ in range(epochs):
@@ -574,11 +573,13 @@ class Row:
     source: str
 
 
-def data_fingerprint(keys: Iterable[str]) -> str:
-    """Order-independent fingerprint of the clustered rows (a multiset of content keys)."""
+def data_fingerprint(keys: Iterable[str], labels: Iterable[int] | None = None) -> str:
+    """Order-independent fingerprint of the clustered rows (a multiset of content keys), or,
+    with ``labels``, of what training consumes: the multiset of (key, cluster) pairs."""
+    items = sorted(zip(keys, labels)) if labels is not None else sorted((k, -1) for k in keys)
     h = hashlib.sha256()
-    for k in sorted(keys):
-        h.update(k.encode())
+    for key, label in items:
+        h.update(f"{key}:{label};".encode())
     return h.hexdigest()
 
 
@@ -635,7 +636,9 @@ class ClusterModel:
             metadata = json.loads((path / METADATA_FILE).read_text())
             centroids = np.load(path / CENTROIDS_FILE)
         except (OSError, ValueError) as exc:
-            raise ClusterArtifactError(f"cluster artifact {path} is unreadable ({exc}). {rerun}")
+            raise ClusterArtifactError(
+                f"cluster artifact {path} is unreadable ({exc}). {rerun}"
+            ) from exc
         version = metadata.get("format_version")
         if version != FORMAT_VERSION:
             raise ClusterArtifactError(
@@ -984,14 +987,13 @@ def build_metadata(
         "normalize": options.normalize,
         "signature": encoder_signature(options.embedding_model, options.prefix, options.prompt),
     }
-    settings = {
-        "text_template": options.text_template,
-        "embedding": embedding,
-        "k": fit.k,
-        "seed": options.seed,
-        "centroids": content_key(fit.centroids.tobytes().hex()),
-    }
-    fingerprint = content_key(json.dumps([FORMAT_VERSION, data_fp, settings], sort_keys=True))
+    # What training reads from the artifact: which text maps to which id. Float-level centroid
+    # differences (e.g. rows fed in another order) that do not change any id keep it stable.
+    fingerprint = content_key(
+        json.dumps(
+            [FORMAT_VERSION, options.text_template, fit.k, data_fingerprint(keys, fit.labels)]
+        )
+    )
     return {
         "format_version": FORMAT_VERSION,
         "num_clusters": fit.k,
@@ -1042,7 +1044,10 @@ def run_clustering(
     check_rows(rows, num_clusters, options.text_template)
     if encoder is None:
         encoder = SentenceTransformerEncoder(
-            options.embedding_model, options.prefix, options.prompt, options.batch_size,
+            options.embedding_model,
+            options.prefix,
+            options.prompt,
+            options.batch_size,
             options.device,
         )
     cache_root = Path(options.cache_dir) if options.cache_dir else output.parent / ".moce_cache"
@@ -1062,7 +1067,8 @@ def run_clustering(
                 f"only {distinct} distinct examples: too few for the elbow method. Set "
                 "moce.num_clusters to an integer."
             )
-        elbow = elbow_sweep(x, min(options.k_max, distinct), algorithm, options.seed, options.n_init)
+        k_max = min(options.k_max, distinct)
+        elbow = elbow_sweep(x, k_max, algorithm, options.seed, options.n_init)
         fit = elbow.fits[elbow.k]
         log(f"elbow: k={elbow.k} ({elbow.method}); SSE {[round(s, 1) for s in elbow.sse]}")
     else:
@@ -1080,8 +1086,10 @@ def run_clustering(
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
     _atomic_dir(output, fill)
-    log(f"k={fit.k}, sizes {metadata['cluster_sizes']}, purity vs source "
-        f"{metadata['purity_vs_source']:.3f}; wrote {output}")
+    log(
+        f"k={fit.k}, sizes {metadata['cluster_sizes']}, purity vs source "
+        f"{metadata['purity_vs_source']:.3f}; wrote {output}"
+    )
     return ClusterModel.load(output)
 
 

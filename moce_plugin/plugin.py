@@ -45,6 +45,7 @@ class MoCEPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         # Datasets are prepared before the model loads: hook cluster ids in now.
         install_dataset_patches()
+        install_merge_lora_patch()
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
         # Runs after axolotl normalised the config and before the model loader reads it;
@@ -112,7 +113,8 @@ class MoCEPlugin(BasePlugin):
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
         if not cfg.get("moce"):
             return []
-        return [MoCECheckpointCallback(moce_config_from_cfg(cfg))]
+        self._meta = output_meta(cfg, model)
+        return [MoCECheckpointCallback(moce_config_from_cfg(cfg), self._meta)]
 
     def post_train(self, cfg: Any, model: Any) -> None:
         if not cfg.get("moce"):
@@ -123,5 +125,66 @@ class MoCEPlugin(BasePlugin):
         # Called once right after trainer.train() and again after axolotl tore down the
         # process group, so use the launcher's RANK rather than torch.distributed.
         if int(os.environ.get("RANK", "0")) == 0:
-            save_moce_files(model, moce, cfg.output_dir)
+            meta = getattr(self, "_meta", None) or output_meta(cfg, model)
+            save_moce_files(model, moce, cfg.output_dir, meta)
+            copy_cluster_artifact(moce, cfg.output_dir)
             plot_routing_log(cfg.output_dir)
+
+
+def output_meta(cfg: Any, model: Any) -> dict:
+    """Recorded next to the MoCE weights so inference can rebuild and check the model."""
+    from .inference import base_config_summary
+
+    datasets = cfg.get("datasets") or []
+    first_type = str((datasets[0] or {}).get("type", "")) if datasets else ""
+    prompt_format = {"alpaca": "alpaca", "chat_template": "chat"}.get(first_type, "raw")
+    return {
+        "base_model": cfg.get("base_model"),
+        "base_config": base_config_summary(model.config),
+        "adapter": cfg.get("adapter"),
+        "prompt_format": prompt_format,
+    }
+
+
+def copy_cluster_artifact(moce: MoCEConfig, output_dir: str) -> None:
+    """Make the output self-contained: inference assigns clusters with this copy."""
+    import shutil
+    from pathlib import Path
+
+    from .inference import ARTIFACT_DIR_NAME
+
+    if not moce.cluster_artifact or not Path(moce.cluster_artifact).is_dir():
+        return
+    dest = Path(output_dir) / ARTIFACT_DIR_NAME
+    if Path(moce.cluster_artifact).resolve() == dest.resolve():
+        return
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(moce.cluster_artifact, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def install_merge_lora_patch() -> None:
+    """`axolotl merge-lora` merges shard by shard without building the model, which would drop
+    the MoCE layers; for MoCE configs it runs moce_plugin.export instead (same destination,
+    <output_dir>/merged)."""
+    import axolotl.cli.merge_lora as merge_lora
+
+    original = merge_lora.do_merge_lora
+    if getattr(original, "_moce_patched", False):
+        return
+
+    def do_merge_lora(*, cfg: Any) -> None:
+        if not cfg.get("moce"):
+            return original(cfg=cfg)
+        from pathlib import Path
+
+        from .export import export_model
+
+        dest = Path(cfg.output_dir) / "merged"
+        LOG.info("MoCE: merging %s into %s with moce_plugin.export", cfg.lora_model_dir, dest)
+        export_model(cfg.lora_model_dir, dest, base_model=cfg.base_model)
+
+    do_merge_lora._moce_patched = True
+    merge_lora.do_merge_lora = do_merge_lora

@@ -164,13 +164,16 @@ def _keep_cluster_id_column(trainer: Any) -> None:
             cols.append(CLUSTER_IDS_KWARG)
 
 
-def save_moce_files(model: Any, config: MoCEConfig, directory: str | os.PathLike) -> None:
-    """Write moce_config.json and moce_weights.safetensors (MoCE params only) to directory."""
+def save_moce_files(
+    model: Any, config: MoCEConfig, directory: str | os.PathLike, meta: dict | None = None
+) -> None:
+    """Write moce_config.json (+ meta: base model, prompt format) and
+    moce_weights.safetensors (MoCE params only) to directory."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config.save(directory)
+    config.save(directory, extra=meta)
     state = moce_state_dict(model)
     tmp = directory / (MOCE_WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "moce_layers": str(len(state))})
@@ -180,13 +183,14 @@ def save_moce_files(model: Any, config: MoCEConfig, directory: str | os.PathLike
 class MoCECheckpointCallback(TrainerCallback):
     """Adds the MoCE files to every checkpoint the trainer writes."""
 
-    def __init__(self, config: MoCEConfig) -> None:
+    def __init__(self, config: MoCEConfig, meta: dict | None = None) -> None:
         self.config = config
+        self.meta = meta
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
         if model is None or not state.is_world_process_zero:
             return control
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
-            save_moce_files(model, self.config, checkpoint)
+            save_moce_files(model, self.config, checkpoint, self.meta)
         return control

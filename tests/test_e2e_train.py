@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
-from axolotl_helpers import base_config, run_train, sample_rows, train_losses, write_cluster_jsonl
+from axolotl_helpers import (
+    base_config,
+    env,
+    run_train,
+    sample_rows,
+    train_losses,
+    write_cluster_jsonl,
+)
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model_dir
 
@@ -61,7 +70,8 @@ def test_train_loss_goes_down_and_checkpoints_hold_moce(tmp_path, model_dir, dat
 
 def test_lora_trains_and_saves_moce_with_adapter(tmp_path, model_dir, data):
     cfg = base_config(model_dir, data, tmp_path, adapter="lora", lora_r=4, lora_alpha=8,
-                      lora_dropout=0.0, lora_target_linear=True, max_steps=4, save_steps=4)
+                      lora_dropout=0.0, lora_target_linear=True, max_steps=4, save_steps=4,
+                      plugins=["moce_plugin.MoCEPlugin", "rank_dump_plugin.RankDumpPlugin"])
     proc = run_train(cfg, tmp_path)
     out = tmp_path / "model"
     adapter = load_file(str(out / "adapter_model.safetensors"))
@@ -70,6 +80,26 @@ def test_lora_trains_and_saves_moce_with_adapter(tmp_path, model_dir, data):
     assert "MoCE parameters:" in proc.stdout + proc.stderr
     moce = load_file(str(out / "checkpoint-4" / "moce_weights.safetensors"))
     assert moce["layers.1.up"].abs().sum() > 0
+
+    # Inference: the reloaded output reproduces the in-training model's logits exactly, and
+    # axolotl's own merge-lora (routed to moce_plugin.export) gives the same within fp error.
+    from rank_dump_plugin import PROBE_CLUSTERS, PROBE_IDS
+
+    from moce_plugin.inference import load_moce_model
+
+    in_training = torch.load(out / "rank0_logits.pt")
+    reloaded = load_moce_model(out)
+    with torch.no_grad():
+        logits = reloaded.model(input_ids=PROBE_IDS, moce_cluster_ids=PROBE_CLUSTERS).logits
+    assert torch.equal(logits, in_training)
+    cfg_path = tmp_path / "config.yml"
+    merge = subprocess.run([sys.executable, "-m", "axolotl.cli.main", "merge-lora", str(cfg_path)],
+                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert merge.returncode == 0, merge.stderr[-4000:]
+    merged = load_moce_model(out / "merged")
+    with torch.no_grad():
+        merged_logits = merged.model(input_ids=PROBE_IDS, moce_cluster_ids=PROBE_CLUSTERS).logits
+    torch.testing.assert_close(merged_logits, in_training, atol=1e-4, rtol=1e-4)
 
 
 def test_resume_continues_exactly(tmp_path, model_dir, data):

@@ -151,7 +151,7 @@ def test_failed_forward_leaves_no_context_behind():
     from moce_plugin.routing import collector_stack, current_cluster_ids
 
     model = _trained_tiny()
-    with pytest.raises(Exception):
+    with pytest.raises(MissingClusterIdsError, match="covers 2 positions"):
         model(input_ids=torch.randint(0, 128, (2, 5)), moce_cluster_ids=torch.tensor([[0, 1]] * 2))
     assert current_cluster_ids() is None and collector_stack() == []
 
