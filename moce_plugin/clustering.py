@@ -450,16 +450,18 @@ def choose_algorithm(n_rows: int, algorithm: str) -> str:
 
 
 def nearest_centroid(
-    x: np.ndarray, centroids: np.ndarray, chunk_rows: int = 65536
+    x: np.ndarray, centroids: np.ndarray, chunk_rows: int = 16384
 ) -> tuple[np.ndarray, float]:
-    """Labels and SSE of ``x`` against fixed centroids, in chunks (x may be a memmap)."""
+    """Labels and SSE of ``x`` against fixed centroids, in chunks (x may be a memmap), with no
+    temporary larger than one float32 chunk."""
     c = np.asarray(centroids, np.float32)
     c_sq = (c.astype(np.float64) ** 2).sum(1)
     labels = np.empty(len(x), np.int64)
     sse = 0.0
     for start in range(0, len(x), chunk_rows):
         xb = np.asarray(x[start : start + chunk_rows], np.float32)
-        d = (xb.astype(np.float64) ** 2).sum(1, keepdims=True) - 2.0 * (xb @ c.T) + c_sq
+        x_sq = np.einsum("ij,ij->i", xb, xb).astype(np.float64)[:, None]
+        d = x_sq - 2.0 * (xb @ c.T).astype(np.float64) + c_sq
         best = d.argmin(1)
         labels[start : start + len(xb)] = best
         sse += float(np.maximum(d[np.arange(len(xb)), best], 0.0).sum())
@@ -467,16 +469,23 @@ def nearest_centroid(
 
 
 def _fit_minibatch(
-    x: np.ndarray, k: int, seed: int, n_init: int, epochs: int = 3, batch_rows: int = 4096
+    x: np.ndarray,
+    k: int,
+    seed: int,
+    n_init: int,
+    epochs: int = 3,
+    batch_rows: int = 4096,
+    min_steps: int = 100,
 ) -> np.ndarray:
     """Streaming MiniBatchKMeans: partial_fit over row chunks, so only one chunk (plus the
-    centroids) is in memory at a time even when ``x`` is a memmap bigger than RAM."""
+    centroids) is in memory at a time even when ``x`` is a memmap bigger than RAM. Small data
+    gets more passes (at least ``min_steps`` updates) so that it still converges."""
     from sklearn.cluster import MiniBatchKMeans
 
     model = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=n_init, batch_size=batch_rows)
     rng = np.random.default_rng(seed)
     starts = np.arange(0, len(x), batch_rows)
-    for _ in range(epochs):
+    for _ in range(max(epochs, -(-min_steps // len(starts)))):
         for start in rng.permutation(starts):
             batch = np.asarray(x[start : start + batch_rows], np.float32)
             if len(batch) >= k:

@@ -321,6 +321,7 @@ def sample_artifact(tmp_path_factory, embed_cache: Path) -> tuple[ClusterModel, 
     return run_clustering(rows, out, 3, opts, progress=False), examples
 
 
+@pytest.mark.slow
 def test_sample_clusters_follow_domains(sample_artifact) -> None:
     model, examples = sample_artifact
     ids = model.lookup(examples, str(SAMPLE))
@@ -331,6 +332,7 @@ def test_sample_clusters_follow_domains(sample_artifact) -> None:
     assert model.metadata["embedding"]["dim"] == 384
 
 
+@pytest.mark.slow
 def test_sample_inference_matches_training(sample_artifact) -> None:
     model, examples = sample_artifact
     pick = examples[::50]
@@ -343,6 +345,7 @@ def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path: Path, embed_cache: Path, sample_artifact) -> None:
     cfg = tmp_path / "moce.yml"
     cfg.write_text(

@@ -124,3 +124,71 @@ def test_bad_outputs_are_explained(tmp_path, base_dir):
     other = save_tiny_model_dir(tmp_path / "other", ["a b c d e f g"] * 20)
     with pytest.raises(MoCELoadError, match="base model differs"):
         load_moce_model(tmp_path / "out", base_model=str(other))
+
+
+class _FakeClusterModel:
+    """Assigns by text length, and records what it was asked (the request contexts)."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def assign_examples(self, examples):
+        texts = [e["instruction"] for e in examples]
+        self.seen += texts
+        return [len(t) % 3 for t in texts]
+
+
+def test_lm_eval_model_scores_local_tasks_per_cluster(tmp_path, base_dir, monkeypatch):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from moce_plugin.lm_eval_model import MoCELM
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    _full_output(base_dir, tmp_path / "out")
+    moce = load_moce_model(tmp_path / "out")
+    fake = _FakeClusterModel()
+    moce.cluster_model = fake
+    lm = MoCELM(moce=moce, device="cpu", batch_size=2)
+    calls = []
+    original = moce.model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["moce_cluster_ids"].tolist())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(moce.model, "forward", spy)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=["moce_tiny_mc", "moce_tiny_gen"],
+        task_manager=TaskManager(include_path=str(root / "tests/data/lm_eval_tasks")),
+    )
+    assert "acc,none" in results["results"]["moce_tiny_mc"]
+    assert "exact_match,none" in results["results"]["moce_tiny_gen"]
+    assert any("spider" in t for t in fake.seen)  # contexts, not answers, were clustered
+    assert all(len(set(c)) == 1 for c in calls)  # each batch is one cluster
+    assert {c[0] for c in calls} == {len(t) % 3 for t in fake.seen}
+
+
+def test_usage_command_counts_real_tokens_per_cluster(tmp_path, base_dir):
+    import json
+
+    from moce_plugin.usage import main as usage_main
+
+    _full_output(base_dir, tmp_path / "out")
+    rows = [{**{k: r[k] for k in ("instruction", "input", "output", "source")},
+             "cluster_id": {"alpaca": 0, "code_alpaca": 1, "gsm8k": 2}[r["source"]]}
+            for r in sample_rows(12)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    usage_main([str(tmp_path / "out"), "--data", str(data), "--out", str(tmp_path / "u"),
+                "--batch-size", "5"])
+    usage = json.loads((tmp_path / "u.json").read_text())
+    assert (tmp_path / "u.png").stat().st_size > 1000
+    layer = usage["layers"]["0"]
+    per_cluster = usage["rows_per_cluster"]
+    assert per_cluster == [sum(r["cluster_id"] == c for r in rows) for c in range(3)]
+    for g, tokens in enumerate(layer["group_tokens"]):
+        assert (tokens > 0) == (per_cluster[g] > 0)
+        if tokens:
+            assert abs(sum(layer["expert_load"][g]) - 1) < 1e-5
