@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 # Run as a script from a checkout: make the package importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace, cfg: dict) -> tuple[ClusteringOptions, int | str, str]:
     """Merge YAML and command line (command line wins)."""
+    if not isinstance(cfg, dict):
+        raise ClusterArtifactError(f"{args.config} is not an axolotl YAML mapping.")
     moce = cfg.get("moce")
     if not isinstance(moce, dict):
         raise ClusterArtifactError(f"{args.config} has no `moce:` block.")
@@ -98,8 +102,6 @@ def resolve(args: argparse.Namespace, cfg: dict) -> tuple[ClusteringOptions, int
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        import yaml
-
         try:
             cfg = yaml.safe_load(args.config.read_text()) or {}
         except OSError as exc:
