@@ -282,12 +282,36 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def cast_moce_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep MoCE in the training dtype: PEFT's prepare_model_for_kbit_training upcasts every
+    non-quantized parameter to float32, which on GPUs would also push the experts off the
+    bf16 grouped-GEMM kernel."""
+    for _, module in moce_experts_modules(model):
+        module.to(dtype=dtype)
+
+
+def _full_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The whole parameter, also when sharded: FSDP2 DTensors and DeepSpeed ZeRO-3
+    partitions are gathered (a collective: every rank must call this)."""
+    if hasattr(p, "full_tensor"):  # FSDP2 / DTensor
+        return p.full_tensor()
+    if hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            return p.data.detach().clone()
+    return p
+
+
 def moce_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the MoCE parameters, keyed ``layers.<i>.<param>`` (independent of wrappers)."""
+    """Only the MoCE parameters, keyed ``layers.<i>.<param>`` (independent of wrappers).
+
+    Under FSDP2 / ZeRO-3 this gathers the shards, so call it on every rank."""
     out = {}
     for _, module in moce_experts_modules(model):
         for pname, p in module.named_parameters():
-            out[f"layers.{module.layer_index}.{pname}"] = p.detach().cpu().contiguous()
+            full = _full_tensor(p)
+            out[f"layers.{module.layer_index}.{pname}"] = full.detach().cpu().contiguous()
     return out
 
 

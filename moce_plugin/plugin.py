@@ -13,7 +13,7 @@ from .architectures import get_architecture
 from .args import moce_config_from_cfg
 from .config import MoCEConfig
 from .data import check_prepared_dataset, install_dataset_patches
-from .model import is_moce_model, moce_experts_modules, upcycle_model
+from .model import cast_moce_parameters, is_moce_model, moce_experts_modules, upcycle_model
 from .trainer import MoCECheckpointCallback, attach_moce_to_trainer, save_moce_files
 
 # Under the "axolotl." namespace so axolotl's logging config shows our INFO lines.
@@ -38,6 +38,8 @@ def _compute_dtype(cfg: Any) -> torch.dtype:
 
 class MoCEPlugin(BasePlugin):
     """Upcycles supported decoders into Mixture-of-Clustered-Experts adapter models."""
+
+    _saved_final = False
 
     def get_input_args(self) -> str:
         return "moce_plugin.args.MoCEArgs"
@@ -90,9 +92,11 @@ class MoCEPlugin(BasePlugin):
                 "MoCE layers are missing after model load: the model was built by a path that "
                 "skipped axolotl's post_model_build hook. Please report this configuration."
             )
+        cast_moce_parameters(model, _compute_dtype(cfg))
         modules = list(moce_experts_modules(model))
         for _, module in modules:
             module.requires_grad_(True)
+        mark_zero3_leaf_modules(model)
         moce_params = sum(p.numel() for _, m in modules for p in m.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -122,11 +126,15 @@ class MoCEPlugin(BasePlugin):
         from .plots import plot_routing_log
 
         moce: MoCEConfig = moce_config_from_cfg(cfg)
-        # Called once right after trainer.train() and again after axolotl tore down the
-        # process group, so use the launcher's RANK rather than torch.distributed.
-        if int(os.environ.get("RANK", "0")) == 0:
-            meta = getattr(self, "_meta", None) or output_meta(cfg, model)
-            save_moce_files(model, moce, cfg.output_dir, meta)
+        # Called once right after trainer.train() (process group alive: every rank gathers
+        # sharded weights) and again after axolotl tore it down; use the launcher's RANK.
+        is_main = int(os.environ.get("RANK", "0")) == 0
+        if self._saved_final and not torch.distributed.is_initialized():
+            return
+        meta = getattr(self, "_meta", None) or output_meta(cfg, model)
+        save_moce_files(model, moce, cfg.output_dir, meta, write=is_main)
+        self._saved_final = True
+        if is_main:
             copy_cluster_artifact(moce, cfg.output_dir)
             plot_routing_log(cfg.output_dir)
 
@@ -188,3 +196,21 @@ def install_merge_lora_patch() -> None:
 
     do_merge_lora._moce_patched = True
     merge_lora.do_merge_lora = do_merge_lora
+
+
+def mark_zero3_leaf_modules(model: Any) -> None:
+    """Under DeepSpeed ZeRO-3, gather each MoCE layer's experts as one unit: its forward reads
+    the stacked expert tensors directly (every rank, every step, whatever the routing), so
+    ZeRO must not try to fetch per-expert submodules lazily."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return
+    if not is_deepspeed_zero3_enabled():
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from .layer import MoCEExperts
+
+    set_z3_leaf_modules(model, [MoCEExperts])
+    LOG.info("MoCE: MoCEExperts marked as ZeRO-3 leaf modules")

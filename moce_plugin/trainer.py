@@ -165,16 +165,22 @@ def _keep_cluster_id_column(trainer: Any) -> None:
 
 
 def save_moce_files(
-    model: Any, config: MoCEConfig, directory: str | os.PathLike, meta: dict | None = None
+    model: Any, config: MoCEConfig, directory: str | os.PathLike, meta: dict | None = None,
+    write: bool = True,
 ) -> None:
     """Write moce_config.json (+ meta: base model, prompt format) and
-    moce_weights.safetensors (MoCE params only) to directory."""
+    moce_weights.safetensors (MoCE params only) to directory.
+
+    With sharded parameters (FSDP2, ZeRO-3) every rank must call this (the gather is a
+    collective); only those with ``write=True`` write files."""
     from safetensors.torch import save_file
 
+    state = moce_state_dict(model)
+    if not write:
+        return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config.save(directory, extra=meta)
-    state = moce_state_dict(model)
     tmp = directory / (MOCE_WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "moce_layers": str(len(state))})
     os.replace(tmp, directory / MOCE_WEIGHTS_NAME)
@@ -188,9 +194,10 @@ class MoCECheckpointCallback(TrainerCallback):
         self.meta = meta
 
     def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any):
-        if model is None or not state.is_world_process_zero:
+        if model is None:
             return control
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
-            save_moce_files(model, self.config, checkpoint, self.meta)
+        # every rank gathers (sharded setups), the main process writes
+        save_moce_files(model, self.config, checkpoint, self.meta,
+                        write=state.is_world_process_zero)
         return control

@@ -169,3 +169,13 @@ def test_generate_with_per_sequence_cluster_ids_and_kv_cache():
             logits = model(input_ids=seq, moce_cluster_ids=clusters, use_cache=False).logits
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_frozen_ffn_runs_once_per_forward():
+    model = _trained_tiny()
+    calls = []
+    for layer in model.model.layers:
+        layer.mlp.base_mlp.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 7)), moce_cluster_ids=torch.tensor([0, 1]))
+    assert len(calls) == len(model.model.layers)
