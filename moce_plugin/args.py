@@ -17,6 +17,21 @@ from .config import MoCEConfig
 
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
 
+# (option, the one allowed value besides unset/false, why MoCE can't honour anything else)
+UNSUPPORTED_OPTIONS = (
+    ("rl", None, "cluster ids are carried through SFT datasets only; train MoCE with SFT."),
+    ("streaming", None, "streamed datasets bypass the step that attaches cluster ids; "
+     "prepare the dataset (streaming: false)."),
+    ("pretraining_dataset", None, "pretraining streams bypass the cluster-id step; use "
+     "`datasets:` with a completion type."),
+    ("batch_flattening", None, "its collator concatenates a batch into one row without the "
+     "per-token ids; use sample_packing: true."),
+    ("tensor_parallel_size", 1, "MoCE experts are not tensor-parallel; use DDP, FSDP or "
+     "DeepSpeed."),
+    ("context_parallel_size", 1, "sequence splitting across ranks does not split the per-token "
+     "cluster ids; use sample_packing with DDP/FSDP/DeepSpeed."),
+)
+
 
 class MoCEArgs(BaseModel):
     """``moce:`` block of the axolotl YAML (see :class:`moce_plugin.config.MoCEConfig`)."""
@@ -50,6 +65,11 @@ class MoCEArgs(BaseModel):
                 )
             gc_kwargs["use_reentrant"] = False
             data["gradient_checkpointing_kwargs"] = gc_kwargs
+        for key, value, why in UNSUPPORTED_OPTIONS:
+            if data.get(key) not in (None, False) and data.get(key) != value:
+                raise ValueError(
+                    f"moce: `{key}: {data.get(key)}` is not supported with MoCE: {why}"
+                )
         if data.get("activation_offloading") not in (None, False):
             raise ValueError(
                 "moce: activation_offloading replaces the checkpointing path that carries the "

@@ -61,3 +61,14 @@ def test_config_round_trip(tmp_path):
     assert MoCEConfig.load(tmp_path) == cfg
     with pytest.raises(FileNotFoundError, match="not a MoCE output"):
         MoCEConfig.load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("key,value", [
+    ("rl", "dpo"), ("streaming", True), ("batch_flattening", True),
+    ("tensor_parallel_size", 2), ("context_parallel_size", 2),
+    ("pretraining_dataset", [{"path": "x"}]), ("activation_offloading", True),
+])
+def test_unsupported_axolotl_options_fail_with_reason(key, value):
+    with pytest.raises(ValidationError, match=f"{key}.*(not supported|replaces)"):
+        MoCEArgs.model_validate({"moce": {"num_clusters": 2}, key: value})
+    MoCEArgs.model_validate({"moce": {"num_clusters": 2}, "tensor_parallel_size": 1})
