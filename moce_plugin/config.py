@@ -63,7 +63,20 @@ class MoCEConfig(BaseModel):
         description="Decoder layers to convert: 'all' or a list of indices "
         "(negative indices count from the end).",
     )
-    router: Literal["linear"] = Field(default="linear", description="Token-level router type.")
+    router: Literal["linear", "acmoe"] = Field(
+        default="linear",
+        description="Token-level router: 'linear' (paper) or 'acmoe' (adaptive-clustering "
+        "router of Nielsen et al. 2025, see docs/acmoe.md).",
+    )
+    acmoe_eps: float = Field(
+        default=0.1, gt=0, description="ACMoE: dispersion floor, relative to the mean dispersion."
+    )
+    acmoe_clamp: float = Field(
+        default=5.0, gt=1, description="ACMoE: feature weights are clipped at this x their mean."
+    )
+    acmoe_momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="ACMoE: EMA momentum of the running dispersions."
+    )
     cluster_artifact: str | None = Field(
         default=None,
         description="Directory written by preprocess/cluster.py. Without it, every dataset "

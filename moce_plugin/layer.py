@@ -29,7 +29,14 @@ from transformers.activations import ACT2FN
 
 from .config import MoCEConfig
 from .losses import grouped_load_balancing_loss, router_entropy
-from .routing import IGNORE_CLUSTER_ID, RoutingRecord, record_routing, token_cluster_ids
+from .routing import (
+    IGNORE_CLUSTER_ID,
+    RoutingRecord,
+    in_forward,
+    previous_record,
+    record_routing,
+    token_cluster_ids,
+)
 
 
 def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -105,6 +112,15 @@ class MoCEExperts(nn.Module):
         )
         self.down = nn.Parameter(torch.empty(total, hidden_size, self.adapter_dim))
         self.up = nn.Parameter(torch.empty(total, self.adapter_dim, hidden_size))
+        self.router_type = config.router
+        if config.router == "acmoe":
+            self.acmoe_eps = config.acmoe_eps
+            self.acmoe_clamp = config.acmoe_clamp
+            self.acmoe_momentum = config.acmoe_momentum
+            # Running per-(group, expert) feature dispersions: saved with the weights, used
+            # in eval/generation and for clusters too small in a batch.
+            self.register_buffer("acmoe_dispersion", torch.zeros(num_group_experts, hidden_size))
+            self.register_buffer("acmoe_seen", torch.zeros(num_group_experts))
         self.reset_parameters(seed=config.init_seed + 1000 * layer_index)
 
     @torch.no_grad()
@@ -126,16 +142,60 @@ class MoCEExperts(nn.Module):
     def num_experts_total(self) -> int:
         return self.down.shape[0]
 
+    @torch.no_grad()
+    def acmoe_weights(
+        self, x: torch.Tensor, clusters: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Feature weights M [C*E, d] from the dispersion of each cluster's tokens (stop-grad).
+
+        Training: this batch's estimate where a cluster has >= 2 real tokens (the running
+        estimate elsewhere), which also updates the running estimate; eval: the running one.
+        """
+        from .acmoe import cluster_mad, feature_weights
+
+        running, seen = self.acmoe_dispersion, self.acmoe_seen
+        if self.training or not bool(seen.any()):
+            batch, counts = cluster_mad(x, clusters, valid, running.shape[0])
+            enough = counts >= 2
+            if self.training:
+                m = self.acmoe_momentum
+                blended = torch.where(seen[:, None] > 0, m * running + (1 - m) * batch, batch)
+                running.copy_(torch.where(enough[:, None], blended.to(running.dtype), running))
+                seen.add_(enough.to(seen.dtype))
+            fallback = torch.where(seen[:, None] > 0, running.float(),
+                                   batch[enough].mean(0, keepdim=True) if bool(enough.any())
+                                   else torch.ones_like(batch))
+            dispersion = torch.where(enough[:, None], batch, fallback)
+        else:
+            dispersion = running.float()
+        return feature_weights(dispersion, self.acmoe_eps, self.acmoe_clamp)
+
     def forward(
-        self, x: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
+        self, x: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
+        prev_top1: torch.Tensor | None = None, recompute: bool = False,
     ) -> tuple[torch.Tensor, RoutingRecord]:
-        """x: router input [T, d]; h: FFN output [T, d]; groups/valid: [T]."""
+        """x: router input [T, d]; h: FFN output [T, d]; groups/valid: [T]; prev_top1: [T]
+        each token's expert (within its group) in the previous MoCE layer (ACMoE only);
+        recompute: a gradient-checkpointing replay, which must reuse the forward's ACMoE
+        weights instead of updating the running statistics a second time."""
         num_tokens = x.shape[0]
         E = self.experts_per_group
         safe_groups = torch.where(valid, groups, torch.zeros_like(groups))
+        route_input = x
+        if self.router_type == "acmoe" and prev_top1 is not None:
+            from .acmoe import transform
+
+            clusters = safe_groups * E + prev_top1.to(safe_groups.device)
+            cached = getattr(self, "_acmoe_forward_weights", None)
+            if recompute and cached is not None:
+                weights_m = cached
+            else:
+                weights_m = self.acmoe_weights(x, clusters, valid)
+                self._acmoe_forward_weights = weights_m if self.training else None
+            route_input = transform(x, weights_m, clusters)
         # Logits of every group's router in one matmul ([T, C*E], C*E is small), then
         # each token keeps its own group's E logits.
-        all_logits = F.linear(x.to(self.router.dtype), self.router)
+        all_logits = F.linear(route_input.to(self.router.dtype), self.router)
         logits = all_logits.view(num_tokens, self.num_groups, E)
         logits = logits.gather(1, safe_groups.view(-1, 1, 1).expand(-1, 1, E)).squeeze(1)
         probs, chosen, weights = _route(logits, self.top_k)
@@ -171,6 +231,7 @@ class MoCEExperts(nn.Module):
             group_tokens=tokens,
             entropy=entropy,
             general_load=general_load,
+            top1=probs.argmax(-1) if self.top_k == "soft" else chosen[:, 0],
         )
         return out, record
 
@@ -203,17 +264,31 @@ class MoCEMLP(nn.Module):
         self.moce_experts = MoCEExperts(hidden_size, config, layer_index)
         self.layer_index = layer_index
         self.num_groups = config.groups
+        self.router_type = config.router
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_mlp(hidden_states, *args, **kwargs)
         lead_shape = hidden_states.shape[:-1]
         ids = token_cluster_ids(lead_shape, hidden_states.device).reshape(-1)
         valid = ids != IGNORE_CLUSTER_ID
+        prev_top1 = None
+        recompute = not in_forward()
+        if self.router_type == "acmoe":
+            # The previous MoCE layer's assignment in this forward; a gradient-checkpointing
+            # recompute (after the forward returned) reuses the one cached then.
+            if not recompute:
+                prev = previous_record()
+                prev_top1 = None if prev is None else prev.top1
+                self._acmoe_prev_top1 = prev_top1
+            else:
+                prev_top1 = getattr(self, "_acmoe_prev_top1", None)
         out, record = self.moce_experts(
             hidden_states.reshape(-1, hidden_states.shape[-1]),
             h.reshape(-1, h.shape[-1]),
             ids,
             valid,
+            prev_top1,
+            recompute,
         )
         record_routing(record)
         return out.view(*lead_shape, -1)

@@ -312,15 +312,19 @@ def moce_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for pname, p in module.named_parameters():
             full = _full_tensor(p)
             out[f"layers.{module.layer_index}.{pname}"] = full.detach().cpu().contiguous()
+        for bname, b in module.named_buffers():  # ACMoE running statistics
+            out[f"layers.{module.layer_index}.{bname}"] = b.detach().cpu().contiguous()
     return out
 
 
 def load_moce_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`moce_state_dict`; shape mismatches are explained."""
     modules = {m.layer_index: m for _, m in moce_experts_modules(model)}
-    expected = {
-        f"layers.{i}.{n}" for i, m in modules.items() for n, _ in m.named_parameters()
-    }
+
+    def tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return list(m.named_parameters()) + list(m.named_buffers())
+
+    expected = {f"layers.{i}.{n}" for i, m in modules.items() for n, _ in tensors(m)}
     missing = expected - set(state)
     unexpected = set(state) - expected
     if missing or unexpected:
@@ -331,7 +335,7 @@ def load_moce_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         )
     with torch.no_grad():
         for i, module in modules.items():
-            for n, p in module.named_parameters():
+            for n, p in tensors(module):
                 src = state[f"layers.{i}.{n}"]
                 if src.shape != p.shape:
                     raise ValueError(

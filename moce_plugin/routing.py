@@ -118,6 +118,7 @@ class RoutingRecord:
     group_tokens: torch.Tensor  # [C]
     entropy: torch.Tensor  # scalar
     general_load: torch.Tensor | None = None  # [G]
+    top1: torch.Tensor | None = None  # [T] each token's first expert in its group (ACMoE)
 
 
 def collector_stack() -> list[list[RoutingRecord]]:
@@ -125,6 +126,17 @@ def collector_stack() -> list[list[RoutingRecord]]:
     if stack is None:
         stack = _state.collectors = []
     return stack
+
+
+def previous_record() -> RoutingRecord | None:
+    """The record of the previous MoCE layer in the current forward (None outside one)."""
+    stack = collector_stack()
+    return stack[-1][-1] if stack and stack[-1] else None
+
+
+def in_forward() -> bool:
+    """True inside a backbone forward; False e.g. during a checkpointing recompute."""
+    return bool(collector_stack())
 
 
 def record_routing(record: RoutingRecord) -> None:
