@@ -35,6 +35,7 @@ from .routing import (
     in_forward,
     previous_record,
     record_routing,
+    routing_stats_requested,
     token_cluster_ids,
 )
 
@@ -49,6 +50,10 @@ def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.device.type == "cuda":
         return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    if a.device.type == "cpu" and torch.compiler.is_compiling():
+        # The eager CPU kernel takes float32, but its meta (fake-tensor) kernel accepts
+        # bfloat16 only, so torch.compile would fail on float32: use the split loop there.
+        return a.dtype == torch.bfloat16
     return a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
 
 
@@ -200,23 +205,27 @@ class MoCEExperts(nn.Module):
         logits = logits.gather(1, safe_groups.view(-1, 1, 1).expand(-1, 1, E)).squeeze(1)
         probs, chosen, weights = _route(logits, self.top_k)
         expert_ids = safe_groups[:, None] * E + chosen
-        aux, load, tokens = grouped_load_balancing_loss(
-            probs, None if self.top_k == "soft" else chosen, safe_groups, valid, self.num_groups
-        )
-        entropy = router_entropy(probs, valid)
-        general_load = None
+        with_stats = self.training or routing_stats_requested()
+        aux = load = tokens = entropy = general_load = None
+        if with_stats:
+            aux, load, tokens = grouped_load_balancing_loss(
+                probs, None if self.top_k == "soft" else chosen, safe_groups, valid,
+                self.num_groups,
+            )
+            entropy = router_entropy(probs, valid)
         if self.general_router is not None:
             g_logits = F.linear(x.to(self.general_router.dtype), self.general_router)
             g_probs, g_chosen, g_weights = _route(g_logits, self.general_top_k)
-            g_aux, g_load, _ = grouped_load_balancing_loss(
-                g_probs,
-                None if self.general_top_k == "soft" else g_chosen,
-                torch.zeros_like(safe_groups),
-                valid,
-                1,
-            )
-            aux = aux + g_aux
-            general_load = g_load[0]
+            if with_stats:
+                g_aux, g_load, _ = grouped_load_balancing_loss(
+                    g_probs,
+                    None if self.general_top_k == "soft" else g_chosen,
+                    torch.zeros_like(safe_groups),
+                    valid,
+                    1,
+                )
+                aux = aux + g_aux
+                general_load = g_load[0]
             expert_ids = torch.cat([expert_ids, self.num_groups * E + g_chosen], dim=1)
             weights = torch.cat([weights, g_weights], dim=1)
         # Padding / packing gaps contribute nothing (and get no gradient).
@@ -241,16 +250,22 @@ class MoCEExperts(nn.Module):
         """sum_j weights[t, j] * adapter_{expert_ids[t, j]}(h[t]) for every token t."""
         num_tokens, k = expert_ids.shape
         flat_ids = expert_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
+        sorted_ids, order = torch.sort(flat_ids, stable=True)
         token_of_slot = order // k
-        counts = torch.bincount(flat_ids, minlength=self.num_experts_total)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        # End offset of each expert's rows, from the sorted ids (static shapes: no
+        # bincount, so no graph break under torch.compile and no host sync).
+        experts = torch.arange(self.num_experts_total, device=flat_ids.device)
+        ends = torch.searchsorted(sorted_ids, experts, right=True)
+        offsets = ends.to(torch.int32)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))  # only read by the fallback
         h_sorted = h.to(self.down.dtype).index_select(0, token_of_slot)
         z = self.act(grouped_matmul(h_sorted, self.down, offsets, counts))
         y = grouped_matmul(z, self.up, offsets, counts)
-        y = y * weights.reshape(-1).index_select(0, order).to(y.dtype)[:, None]
-        out = torch.zeros(num_tokens, h.shape[-1], dtype=y.dtype, device=y.device)
-        return out.index_add_(0, token_of_slot, y)
+        # Back to (token, slot) order with a permutation copy (its backward is a gather),
+        # then the weighted sum over each token's k slots as one batched matmul: no
+        # zeros + index_add (a scatter-add, and an index_add in the backward too).
+        y = torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, k, -1)
+        return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
 
 
 class MoCEMLP(nn.Module):

@@ -57,9 +57,10 @@ def pop_last_routing(model: nn.Module) -> list[RoutingRecord]:
 
 def aux_loss_of(records: list[RoutingRecord]) -> torch.Tensor | None:
     """Load-balancing loss averaged over converted layers."""
-    if not records:
+    losses = [r.aux_loss for r in records if r.aux_loss is not None]
+    if not losses:
         return None
-    return torch.stack([r.aux_loss for r in records]).mean()
+    return torch.stack(losses).mean()
 
 
 class RoutingMetrics:
@@ -80,6 +81,7 @@ class RoutingMetrics:
         self.general_load_sum: dict[int, torch.Tensor] = {}
 
     def update(self, records: list[RoutingRecord]) -> None:
+        records = [r for r in records if r.aux_loss is not None]
         if not records:
             return
         self.steps += 1
@@ -229,6 +231,7 @@ def upcycle_model(
         device = _module_device(base_mlp)
         moce_mlp = MoCEMLP(base_mlp, hidden_size, config, index)
         moce_mlp.moce_experts.to(device=device, dtype=dtype)
+        moce_mlp.train(base_mlp.training)  # new modules start in the model's mode
         setattr(layer, spec.mlp_attr, moce_mlp)
         layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True)
         layer.register_forward_hook(_layer_post_hook, with_kwargs=True, always_call=True)

@@ -113,10 +113,12 @@ class RoutingRecord:
     """What one MoCE layer saw in one forward: its aux loss (with grad) and stats."""
 
     layer_index: int
-    aux_loss: torch.Tensor
-    expert_load: torch.Tensor  # [C, E] fraction of each group's routing slots
-    group_tokens: torch.Tensor  # [C]
-    entropy: torch.Tensor  # scalar
+    # The statistics are computed in training and inside routing_stats() only (None
+    # otherwise), so inference does not pay for them.
+    aux_loss: torch.Tensor | None
+    expert_load: torch.Tensor | None  # [C, E] fraction of each group's routing slots
+    group_tokens: torch.Tensor | None  # [C]
+    entropy: torch.Tensor | None  # scalar
     general_load: torch.Tensor | None = None  # [G]
     top1: torch.Tensor | None = None  # [T] each token's first expert in its group (ACMoE)
 
@@ -126,6 +128,20 @@ def collector_stack() -> list[list[RoutingRecord]]:
     if stack is None:
         stack = _state.collectors = []
     return stack
+
+
+@contextmanager
+def routing_stats() -> Iterator[None]:
+    """Ask MoCE layers for load/entropy statistics outside training (e.g. usage reports)."""
+    _state.stats_depth = getattr(_state, "stats_depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.stats_depth -= 1
+
+
+def routing_stats_requested() -> bool:
+    return getattr(_state, "stats_depth", 0) > 0
 
 
 def previous_record() -> RoutingRecord | None:

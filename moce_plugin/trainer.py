@@ -47,9 +47,10 @@ def _add_aux_loss(trainer: Any, coef: float) -> None:
         result = original(model, inputs, return_outputs=return_outputs,
                           num_items_in_batch=num_items_in_batch, **kwargs)
         records = pop_last_routing(model)
-        if not (model.training and coef > 0 and records):
+        aux = aux_loss_of(records) if model.training and coef > 0 else None
+        if aux is None:
             return result
-        aux = aux_loss_of(records) * coef
+        aux = aux * coef
         # The trainer divides the loss by the accumulation steps itself unless the model
         # normalises by num_items_in_batch; then we must (transformers' training_step rule).
         if (

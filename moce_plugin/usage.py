@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .inference import MoCEInferenceModel, load_moce_model
 from .model import pop_last_routing
 from .plots import plot_usage
-from .routing import CLUSTER_IDS_KWARG
+from .routing import CLUSTER_IDS_KWARG, routing_stats
 
 
 def _row_text(moce: MoCEInferenceModel, row: dict) -> tuple[str, str]:
@@ -58,7 +58,8 @@ def measure_usage(moce: MoCEInferenceModel, rows: list[dict], batch_size: int = 
         ids = torch.tensor(clusters[start:start + batch_size], device=device)
         per_token = ids[:, None].expand_as(batch["input_ids"]).clone()
         per_token[batch["attention_mask"] == 0] = -1  # padding is not counted
-        moce.model(**batch, **{CLUSTER_IDS_KWARG: per_token})
+        with routing_stats():
+            moce.model(**batch, **{CLUSTER_IDS_KWARG: per_token})
         for record in pop_last_routing(moce.model):
             i = record.layer_index
             weighted = (record.expert_load * record.group_tokens[:, None]).cpu().numpy()

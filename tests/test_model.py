@@ -179,3 +179,12 @@ def test_frozen_ffn_runs_once_per_forward():
     with torch.no_grad():
         model(input_ids=torch.randint(0, 128, (2, 7)), moce_cluster_ids=torch.tensor([0, 1]))
     assert len(calls) == len(model.model.layers)
+
+
+def test_upcycled_layers_follow_the_models_train_eval_mode():
+    model = upcycle_model(tiny_causal_lm("llama"), moce_cfg())  # tiny_causal_lm is in eval
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (1, 4)), moce_cluster_ids=torch.tensor([0]))
+    # inference pays for no balancing statistics
+    assert all(r.aux_loss is None for r in pop_last_routing(model))
