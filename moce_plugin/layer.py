@@ -262,10 +262,10 @@ class MoCEExperts(nn.Module):
         z = self.act(grouped_matmul(h_sorted, self.down, offsets, counts))
         y = grouped_matmul(z, self.up, offsets, counts)
         # Back to (token, slot) order with a permutation copy (its backward is a gather),
-        # then the weighted sum over each token's k slots as one batched matmul: no
-        # zeros + index_add (a scatter-add, and an index_add in the backward too).
+        # then the weighted sum over each token's k slots: no zeros + index_add (a
+        # scatter-add, atomic and non-deterministic on CUDA).
         y = torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, k, -1)
-        return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+        return (y * weights.to(y.dtype).unsqueeze(-1)).sum(1)
 
 
 class MoCEMLP(nn.Module):

@@ -23,7 +23,7 @@ def test_paper_defaults():
     (dict(num_clusters=2, num_general_experts=1), "general top-k 2 exceeds"),
     (dict(), "num_clusters is required"),
     (dict(num_clusters=2, adapter_activation="swish2"), "adapter_activation"),
-    (dict(num_clusters=2, router="acmoe"), "router"),
+    (dict(num_clusters=2, router="attention"), "router"),
     (dict(num_clusters=2, experts_per_grop=3), "experts_per_grop"),
     (dict(num_clusters=2, layers=[]), "empty list"),
 ])
