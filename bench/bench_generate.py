@@ -12,7 +12,6 @@ weights so the experts really run. LoRA: r=64 on the MLP projections (gate/up/do
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path)
 
 from moce_plugin.config import MoCEConfig  # noqa: E402
 from moce_plugin.model import upcycle_model  # noqa: E402
@@ -35,15 +36,7 @@ PROMPTS = [
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def load_base():

@@ -47,7 +47,6 @@ import csv
 import functools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -61,6 +60,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path)
 from masked_loop_baseline import MaskedLoopMLP, MaskedLoopMoCE  # noqa: E402
 
 from moce_plugin.config import MoCEConfig  # noqa: E402
@@ -317,15 +317,7 @@ def time_config(c: dict, impls: list[str], device: str, dtype: torch.dtype, reps
 
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    s = (f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+    s = (f"CPU {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
          f"torch {torch.__version__}")
     if device.startswith("cuda"):
         s += f", GPU {torch.cuda.get_device_name()}"

@@ -30,13 +30,14 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine_info import cpu_model  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "SmolLM2-135M-Instruct"
@@ -222,16 +223,6 @@ def run_variant(name: str, steps: int, ga: int, keep_logs: Path | None,
         "loadavg_1m": (load_before, os.getloadavg()[0]),
         "tmp": str(tmp),
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

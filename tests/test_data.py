@@ -8,17 +8,9 @@ import pytest
 import torch
 import yaml
 from axolotl_helpers import base_config, sample_rows, write_cluster_jsonl
-from tiny_models import save_tiny_model_dir
 
 from moce_plugin.data import ClusterIdError, MoCEDataCollator
 from moce_plugin.routing import CLUSTER_IDS_KWARG
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    texts = [t for r in sample_rows() for t in (r["instruction"], r["input"], r["output"])]
-    return save_tiny_model_dir(path, texts)
 
 
 def load_prepared(tmp_path, model_dir, fmt="alpaca", **overrides):

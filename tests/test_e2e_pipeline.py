@@ -12,16 +12,8 @@ import pytest
 import torch
 import yaml
 from axolotl_helpers import ROOT, base_config, env, run_train, sample_rows
-from tiny_models import save_tiny_model_dir
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    texts = [t for r in sample_rows() for t in (r["instruction"], r["input"], r["output"])]
-    return save_tiny_model_dir(path, texts)
 
 
 def _pipeline_config(tmp_path, model_dir, data):

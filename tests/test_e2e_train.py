@@ -13,21 +13,12 @@ from axolotl_helpers import (
     base_config,
     env,
     run_train,
-    sample_rows,
     train_losses,
     write_cluster_jsonl,
 )
 from safetensors.torch import load_file
-from tiny_models import save_tiny_model_dir
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    texts = [t for r in sample_rows() for t in (r["instruction"], r["input"], r["output"])]
-    return save_tiny_model_dir(path, texts)
 
 
 @pytest.fixture(scope="module")
