@@ -25,9 +25,9 @@ MOCE_MODULE_NAME = "moce_experts"
 
 
 def _compute_dtype(cfg: Any) -> torch.dtype:
-    if cfg.get("bf16") in (True, "auto") and cfg.get("bf16") is not False:
-        if cfg.get("bf16") is True or torch.cuda.is_available():
-            return torch.bfloat16
+    bf16 = cfg.get("bf16")
+    if bf16 is True or (bf16 == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
     if cfg.get("fp16"):
         return torch.float16
     dtype = cfg.get("torch_dtype")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
-from tiny_models import tiny_causal_lm
+from tiny_models import assert_checkpointing_matches_plain_backward, tiny_causal_lm
 
 from moce_plugin.acmoe import cluster_mad, feature_weights, transform
 from moce_plugin.config import MoCEConfig
@@ -116,18 +116,8 @@ def test_first_layer_routes_linearly_later_layers_use_previous_assignment():
 
 
 def test_gradient_checkpointing_recompute_matches_plain_backward():
-    def grads(gc):
-        model = _acmoe_model().train()
-        if gc:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
-        ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
-        out = model(input_ids=ids, labels=ids, moce_cluster_ids=torch.tensor([1, 0]))
-        (out.loss + aux_loss_of(pop_last_routing(model))).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    plain, ckpt = grads(False), grads(True)
-    for name in plain:
-        torch.testing.assert_close(plain[name], ckpt[name], msg=name)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    assert_checkpointing_matches_plain_backward(_acmoe_model, ids, torch.tensor([1, 0]))
 
 
 def test_recompute_reuses_forward_weights_and_updates_statistics_once():

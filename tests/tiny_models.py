@@ -25,6 +25,24 @@ EXTRA = {
 }
 
 
+def assert_checkpointing_matches_plain_backward(build, ids, clusters) -> None:
+    """Gradients of LM + balancing loss are identical with and without (non-reentrant)
+    gradient checkpointing; ``build()`` returns a fresh upcycled model."""
+    from moce_plugin.model import aux_loss_of, pop_last_routing
+
+    def grads(gc: bool) -> dict:
+        model = build().train()
+        if gc:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        out = model(input_ids=ids, labels=ids, moce_cluster_ids=clusters)
+        (out.loss + aux_loss_of(pop_last_routing(model))).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(plain[name], ckpt[name], msg=name)
+
+
 def tiny_causal_lm(model_type: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     kwargs = {**TINY_KWARGS, **EXTRA.get(model_type, {}), **overrides}
