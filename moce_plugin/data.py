@@ -75,6 +75,9 @@ def attach_cluster_column(dataset: Any, dataset_config: Any, cfg: Any) -> Any:
         if column in columns:
             dataset = dataset.remove_columns(column)
         return dataset.add_column(column, [int(i) for i in ids])
+    if column not in columns and moce.groups == 1:
+        # One group is PESC-style MoE without clustering: every row is cluster 0.
+        return dataset.add_column(column, [0] * len(dataset))
     if column not in columns:
         raise ClusterIdError(
             f"Dataset '{name}' has no '{column}' column, and moce.cluster_artifact is not "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ class MoCEInferenceModel:
 
     # ---- clusters --------------------------------------------------------------------
     def assign_clusters(self, prompts: Sequence[str]) -> list[int]:
+        if self.cluster_model is None and self.config.groups == 1:
+            return [0] * len(prompts)  # one group (PESC-style): nothing to assign
         if self.cluster_model is None:
             raise MoCELoadError(
                 "This model has no cluster artifact (it was trained on a cluster_id column), so "
@@ -181,6 +184,18 @@ class MoCEInferenceModel:
         return self.model(input_ids=input_ids, **{CLUSTER_IDS_KWARG: cluster_ids}, **kwargs).logits
 
 
+@contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _load_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | None):
     candidates = [cluster_artifact, path / ARTIFACT_DIR_NAME, path.parent / ARTIFACT_DIR_NAME,
                   config.cluster_artifact]
@@ -241,9 +256,12 @@ def load_moce_model(
         tokenizer_source = path if (path / "tokenizer_config.json").is_file() else base
     elif (path / "config.json").is_file():
         source = base_model or path
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING
-        )
+        # The saved model also holds the moce_experts tensors, which the plain architecture
+        # reports as "unexpected"; they are loaded from moce_weights below, so keep it quiet.
+        with _transformers_errors_only():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING
+            )
         _check_base_matches(model, meta)
         upcycle_model(model, config, dtype=dtype)
         tokenizer_source = path if (path / "tokenizer_config.json").is_file() else (

@@ -89,6 +89,11 @@ def test_missing_column_error_names_dataset_and_fix(tmp_path, model_dir):
     expected = "nocluster.jsonl.*no 'cluster_id' column.*preprocess/cluster.py"
     with pytest.raises(ClusterIdError, match=expected):
         load_datasets(cfg=load_cfg(str(tmp_path / "c.yml")))
+    # One group (PESC-style MoE, no clustering) needs no column: every row is cluster 0.
+    cfg["moce"]["num_clusters"] = 1
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    meta = load_datasets(cfg=load_cfg(str(tmp_path / "c.yml")))
+    assert {i for row in meta.train_dataset[CLUSTER_IDS_KWARG] for i in row} == {0}
 
 
 @pytest.mark.parametrize("bad,match", [(7, r"outside \[0, 3\)"), ("x", "integer cluster ids")])

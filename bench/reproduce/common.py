@@ -1,0 +1,160 @@
+"""What the reproduction runs are, where they live, and the axolotl config of each.
+
+Every run trains SmolLM2-135M-Instruct on the same rows, in the same order, for the same
+number of steps with the same optimiser; only the adapter / MoCE block differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+WORK = Path(os.environ.get("MOCE_REPRODUCE_DIR", ROOT / "outputs" / "reproduce"))
+DATA_DIR = WORK / "data"
+TRAIN_FILE = DATA_DIR / "train.jsonl"
+HELDOUT_FILE = DATA_DIR / "heldout.jsonl"
+CLUSTERS = WORK / "clusters"
+RUNS_DIR = WORK / "runs"
+SETTINGS_FILE = WORK / "settings.json"
+DEFAULT_BASE_MODEL = ROOT / "examples" / "models" / "SmolLM2-135M-Instruct"
+DOMAINS = ("alpaca", "code_alpaca", "gsm8k")
+DOMAIN_NAMES = {"alpaca": "general (Alpaca)", "code_alpaca": "code (Code Alpaca)",
+                "gsm8k": "math (GSM8K)"}
+ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class Settings:
+    """Sizes shared by every run; written once by prepare.py so all runs agree."""
+
+    train_per_domain: int = 200
+    heldout_per_domain: int = 60   # rows held out (never trained on)
+    eval_per_domain: int = 20      # of which scored by held-out answer loss
+    gsm8k_generate: int = 20       # held-out GSM8K questions answered by greedy generation
+    max_new_tokens: int = 160
+    max_chars: int = 1500          # skip very long rows: keeps CPU steps short
+    steps: int = 40
+    sequence_len: int = 512
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    experts_per_group: int = 4
+    adapter_dim: int = 64
+    lora_r: int = 64
+    seed: int = 0
+    base_model: str = str(DEFAULT_BASE_MODEL)
+    data_dir: str = str(ROOT.parent / "shared" / "data")
+
+    def save(self) -> None:
+        WORK.mkdir(parents=True, exist_ok=True)
+        SETTINGS_FILE.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls) -> Settings:
+        if not SETTINGS_FILE.is_file():
+            raise SystemExit(
+                f"{SETTINGS_FILE} not found: run `python bench/reproduce/prepare.py` first."
+            )
+        return cls(**json.loads(SETTINGS_FILE.read_text()))
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    label: str
+    kind: str                       # "base" | "lora" | "moce"
+    moce: dict[str, Any] | None = None
+    clustered: bool = True          # MoCE runs: use the cluster artifact (else one group)
+
+
+# The paper's comparisons (Table 1) and ablations (Tables 3-4) at this scale. "moce" is also
+# the E=4 point of the experts-per-group ablation; "moce_e1" (one expert per group, top-1)
+# is both the E=1 point and "MoCE without token routing".
+RUNS: dict[str, Run] = {r.name: r for r in [
+    Run("base", "base model (no training)", "base"),
+    Run("lora", "LoRA r=64, all linear layers", "lora"),
+    Run("pesc", "PESC: one group of C*E experts, top-2 (no clustering)", "moce",
+        {"top_k": 2}, clustered=False),
+    Run("moce", "MoCE: C groups (elbow) x 4 experts, top-2", "moce", {"top_k": 2}),
+    Run("moce_v", "MoCE (V): + 4 general experts, top-2", "moce",
+        {"top_k": 2, "num_general_experts": 4, "general_top_k": 2}),
+    Run("moce_top1", "MoCE, top-1", "moce", {"top_k": 1}),
+    Run("moce_soft", "MoCE, soft merging", "moce", {"top_k": "soft"}),
+    Run("moce_e1", "MoCE, 1 expert per group (no token routing)", "moce",
+        {"experts_per_group": 1, "top_k": 1}),
+    Run("moce_e2", "MoCE, 2 experts per group, top-2", "moce",
+        {"experts_per_group": 2, "top_k": 2}),
+    Run("moce_acmoe", "MoCE, ACMoE router, top-2", "moce", {"top_k": 2, "router": "acmoe"}),
+]}
+
+
+def num_clusters() -> int:
+    meta = json.loads((CLUSTERS / "metadata.json").read_text())
+    return int(meta["num_clusters"])
+
+
+def cpu_settings() -> dict[str, Any]:
+    return dict(attn_implementation="sdpa", bf16=False, fp16=False, tf32=False,
+                lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False,
+                lora_embedding_kernel=False)
+
+
+def train_config(run: Run, s: Settings) -> dict[str, Any]:
+    """The axolotl YAML (as a dict) of one training run."""
+    out = RUNS_DIR / run.name
+    cfg: dict[str, Any] = dict(
+        base_model=s.base_model,
+        datasets=[dict(path=str(TRAIN_FILE), type="alpaca", ds_type="json")],
+        dataset_prepared_path=str(out / "prepared"),  # per run: runs may go in parallel
+        val_set_size=0,
+        output_dir=str(out / "model"),
+        sequence_len=s.sequence_len,
+        sample_packing=True,
+        micro_batch_size=s.micro_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        max_steps=s.steps,
+        learning_rate=s.learning_rate,
+        optimizer="adamw_torch",
+        lr_scheduler="cosine",
+        warmup_steps=max(1, s.steps // 20),
+        logging_steps=1,
+        # Checkpoints let an interrupted run resume; only the newest is kept.
+        save_steps=max(1, s.steps // 4),
+        save_total_limit=1,
+        auto_resume_from_checkpoints=True,
+        seed=42,
+        dataloader_num_workers=0,
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        cfg.update(cpu_settings())
+    else:
+        cfg.update(bf16="auto", attn_implementation="sdpa")
+    if run.kind == "lora":
+        cfg.update(adapter="lora", lora_r=s.lora_r, lora_alpha=s.lora_r, lora_dropout=0.0,
+                   lora_target_linear=True)
+    elif run.kind == "moce":
+        k = num_clusters()
+        moce = dict(experts_per_group=s.experts_per_group, adapter_dim=s.adapter_dim,
+                    adapter_scaling=1.0, adapter_activation="sigmoid",
+                    router_aux_loss_coef=0.01)
+        moce.update(run.moce or {})
+        if run.clustered:
+            moce.update(num_clusters=k, cluster_artifact=str(CLUSTERS))
+        else:  # same total experts as MoCE, one group: PESC
+            moce.update(num_clusters=1, experts_per_group=k * moce["experts_per_group"])
+        cfg.update(plugins=["moce_plugin.MoCEPlugin"], moce=moce)
+    else:
+        raise ValueError(f"run {run.name} does not train")
+    return cfg
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

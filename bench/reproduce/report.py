@@ -1,0 +1,249 @@
+"""Build docs/results.md from the reproduction runs' metrics.
+
+    python bench/reproduce/report.py
+
+Regenerates the part of docs/results.md between the ``generated`` markers (tables and
+figures) and leaves the hand-written reading around it alone. Figures go to
+docs/img/reproduce/, the metrics of every run to docs/results/metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import (
+    CLUSTERS,
+    DOMAIN_NAMES,
+    DOMAINS,
+    ROOT,
+    RUNS,
+    RUNS_DIR,
+    TRAIN_FILE,
+    Settings,
+    read_jsonl,
+)
+
+DOC = ROOT / "docs" / "results.md"
+START, END = "<!-- generated:start -->", "<!-- generated:end -->"
+
+MAIN = ["base", "lora", "pesc", "moce", "moce_v", "moce_acmoe"]
+ABLATIONS = {
+    "Token routing inside a group (Table 4 direction)": ["moce_top1", "moce", "moce_soft"],
+    "Experts per group (Table 3 direction)": ["moce_e1", "moce_e2", "moce"],
+    "Clustering and token routing": ["pesc", "moce_e1", "moce"],
+    "Router": ["moce", "moce_acmoe"],
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load_metrics() -> dict[str, dict[str, Any]]:
+    found = {}
+    for name in RUNS:
+        path = RUNS_DIR / name / "metrics.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+def fmt_params(n: int | None) -> str:
+    return "-" if not n else f"{n / 1e6:.1f} M"
+
+
+def metric_table(names: list[str], m: dict[str, dict]) -> list[str]:
+    head = ("| run | " + " | ".join(f"{DOMAIN_NAMES[d]} loss" for d in DOMAINS)
+            + " | mean loss | GSM8K EM | trainable | train time |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    present = [n for n in names if n in m]
+    best = {d: min(m[n]["loss"][d]["loss"] for n in present) for d in DOMAINS} if present else {}
+    for name in names:
+        if name not in m:
+            lines.append(f"| {RUNS[name].label} | " + " | ".join(["not run"] * 7) + " |")
+            continue
+        r = m[name]
+        cells = []
+        for d in DOMAINS:
+            v = r["loss"][d]["loss"]
+            cells.append(f"**{v:.4f}**" if abs(v - best[d]) < 5e-5 else f"{v:.4f}")
+        mean = np.mean([r["loss"][d]["loss"] for d in DOMAINS])
+        em = r["gsm8k"]
+        t = r.get("train_seconds")
+        lines.append(
+            f"| {RUNS[name].label} | " + " | ".join(cells) + f" | {mean:.4f} | "
+            f"{em['exact_match'] * 100:.1f}% ({round(em['exact_match'] * em['n'])}/{em['n']}) | "
+            f"{fmt_params(r.get('trainable_params'))} | "
+            + (f"{t / 60:.1f} min" if t else "-") + " |")
+    return lines
+
+
+def usage_table(names: list[str], m: dict[str, dict]) -> list[str]:
+    lines = ["| run | groups | " + " | ".join(
+        f"{DOMAIN_NAMES[d]}: main group share / imbalance" for d in DOMAINS)
+        + " | expert overlap between domains (JS, bits) |",
+        "| --- | --- |" + " --- |" * len(DOMAINS) + " --- |"]
+    for name in names:
+        if name not in m or "usage" not in m[name]:
+            continue
+        u = m[name]["usage"]
+        cells = [f"{u['per_domain'][d]['main_group_share'] * 100:.0f}% (group "
+                 f"{u['per_domain'][d]['main_group']}) / {u['per_domain'][d]['imbalance']:.2f}"
+                 for d in DOMAINS]
+        js = np.mean(list(u["domain_js"].values()))
+        lines.append(f"| {RUNS[name].label} | {m[name]['groups']} | " + " | ".join(cells)
+                     + f" | {js:.3f} |")
+    return lines
+
+
+def plot_losses(m: dict[str, dict], img: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, r in m.items():
+        hist = r.get("history")
+        if not hist:
+            continue
+        steps = [h["step"] for h in hist]
+        raw = [h["loss"] for h in hist]
+        loss = np.convolve(raw, np.ones(5) / 5, mode="valid") if len(raw) >= 5 else raw
+        ax.plot(steps[len(steps) - len(loss):], loss, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (5-step mean)")
+    ax.set_title("Training loss, same data and steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = img / "train_loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_usage(m: dict[str, dict], names: list[str], img: Path) -> Path | None:
+    """Per domain, the share of routing slots each expert gets (mean over layers)."""
+    names = [n for n in names if n in m and "usage" in m[n]]
+    if not names:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 1.9 * len(names) + 0.6), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        per = m[name]["usage"]["per_domain"]
+        grid = np.stack([np.mean([np.asarray(v).ravel() for v in
+                                  per[d]["expert_load_by_layer"].values()], axis=0)
+                         for d in DOMAINS])
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(DOMAINS)), [DOMAIN_NAMES[d] for d in DOMAINS], fontsize=8)
+        groups = m[name]["groups"]
+        per_group = grid.shape[1] // groups
+        ax.set_xticks(range(grid.shape[1]), [f"g{i // per_group}e{i % per_group}"
+                                             for i in range(grid.shape[1])], fontsize=6,
+                      rotation=90)
+        ax.set_title(f"{RUNS[name].label}: share of each domain's routing slots", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.02)
+    fig.tight_layout()
+    path = img / "expert_usage_by_domain.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cluster_section(img: Path) -> list[str]:
+    meta_path = CLUSTERS / "metadata.json"
+    if not meta_path.is_file():
+        return ["Clusters not built yet (run prepare.py)."]
+    meta = json.loads(meta_path.read_text())
+    for name in ("elbow.png", "cluster_map.png", "cluster_by_source.png"):
+        if (CLUSTERS / name).is_file():
+            shutil.copy(CLUSTERS / name, img / name)
+    sel = meta["k_selection"]
+    lines = [f"- encoder `{Path(meta['embedding']['model']).name}`, k = "
+             f"**{meta['num_clusters']}** by {sel['method']}; purity against the source data "
+             f"set {meta['purity_vs_source']:.3f}", ""]
+    from moce_plugin.clustering import ClusterModel
+
+    model = ClusterModel.load(CLUSTERS)
+    by_source: dict[str, list[int]] = {}
+    for row in read_jsonl(TRAIN_FILE):
+        cluster = model.assignments.get(model.key_of(row))
+        if cluster is not None:
+            by_source.setdefault(row["source"], [0] * meta["num_clusters"])[cluster] += 1
+    if by_source:
+        k = meta["num_clusters"]
+        lines += ["Training rows per cluster and domain:", "",
+                  "| domain | " + " | ".join(f"cluster {c}" for c in range(k)) + " |",
+                  "| --- |" + " --- |" * k]
+        lines += [f"| {DOMAIN_NAMES[d]} | " + " | ".join(map(str, by_source[d])) + " |"
+                  for d in DOMAINS if d in by_source]
+        lines.append("")
+    lines += ["![elbow](img/reproduce/elbow.png)", "",
+              "![cluster map](img/reproduce/cluster_map.png)", "",
+              "![clusters by domain](img/reproduce/cluster_by_source.png)"]
+    return lines
+
+
+def build(doc: Path) -> str:
+    """The generated part of the results page; figures and raw metrics go beside it."""
+    m = load_metrics()
+    img, raw = doc.parent / "img" / "reproduce", doc.parent / "results" / "metrics.json"
+    img.mkdir(parents=True, exist_ok=True)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(m, indent=1))
+    s = Settings.load()
+    any_run = next(iter(m.values()), {})
+    out = [START, "",
+           f"Measured on: {any_run.get('machine', '?')}. Settings: {s.train_per_domain} "
+           f"training rows per domain ({3 * s.train_per_domain} in all), "
+           f"{s.heldout_per_domain} held-out rows per domain, {s.steps} steps of "
+           f"{s.micro_batch_size} x {s.gradient_accumulation_steps} packed sequences of "
+           f"{s.sequence_len} tokens, learning rate {s.learning_rate}, cosine; MoCE adapters "
+           f"r={s.adapter_dim}, LoRA r={s.lora_r}; GSM8K exact match on "
+           f"{s.gsm8k_generate} held-out questions, greedy, {s.max_new_tokens} new tokens.", "",
+           "### Main comparison (paper Table 1 direction)", "",
+           "Held-out answer loss (nats per token, lower is better; best in bold):", ""]
+    out += metric_table(MAIN, m)
+    for title, names in ABLATIONS.items():
+        out += ["", f"### {title}", ""] + metric_table(names, m)
+    out += ["", "### Clusters (stage 1)", ""] + cluster_section(img)
+    out += ["", "### Expert usage on held-out rows", "",
+            "Main group share: fraction of a domain's held-out rows the cluster model sends to "
+            "that domain's most used group. Imbalance: max expert load / uniform load inside "
+            "that group, mean over layers (1 = balanced, E = one expert takes all). Overlap: "
+            "Jensen-Shannon divergence between two domains' distributions over all experts, "
+            "mean over layers and domain pairs (0 = same experts, 1 = disjoint).", ""]
+    out += usage_table(["pesc", "moce", "moce_v", "moce_top1", "moce_soft", "moce_e1",
+                        "moce_e2", "moce_acmoe"], m)
+    usage_png = plot_usage(m, ["pesc", "moce", "moce_acmoe"], img)
+    if usage_png:
+        out += ["", f"![expert usage](img/reproduce/{usage_png.name})"]
+    out += ["", "### Training loss", "", f"![training loss](img/reproduce/"
+            f"{plot_losses(m, img).name})", "", END]
+    return "\n".join(out)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--doc", type=Path, default=DOC,
+                        help="results page to update; figures and metrics go beside it")
+    doc = parser.parse_args().doc
+    generated = build(doc)
+    text = doc.read_text() if doc.is_file() else f"# Results\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        raise SystemExit(f"{doc} lacks the {START} / {END} markers")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(head + generated + tail)
+    print(f"wrote {doc}, with figures and metrics beside it")
+
+
+if __name__ == "__main__":
+    main()
