@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REPRO = ROOT / "bench" / "reproduce"
 sys.path.insert(0, str(REPRO))
 
-import common  # noqa: E402
-from evaluate import final_number, js_divergence  # noqa: E402
+import repro_config as common  # noqa: E402
+from heldout_metrics import final_number, js_divergence  # noqa: E402
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from common import (
+from repro_config import (
     CLUSTERS,
     DATA_DIR,
     DOMAINS,

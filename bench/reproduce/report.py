@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import (
+from repro_config import (
     CLUSTERS,
     DOMAIN_NAMES,
     DOMAINS,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import ENV, ROOT, RUNS, RUNS_DIR, Run, Settings, train_config
+from repro_config import ENV, ROOT, RUNS, RUNS_DIR, Run, Settings, train_config
 
 
 def machine() -> str:
@@ -72,7 +72,7 @@ def trainable_params(log: Path) -> int | None:
 
 
 def do_run(run: Run, s: Settings, force: bool) -> None:
-    from evaluate import evaluate
+    from heldout_metrics import evaluate
 
     out = RUNS_DIR / run.name
     metrics_path = out / "metrics.json"

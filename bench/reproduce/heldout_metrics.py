@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import DOMAINS, HELDOUT_FILE, RUNS_DIR, Run, Settings, read_jsonl
+from repro_config import DOMAINS, HELDOUT_FILE, RUNS_DIR, Run, Settings, read_jsonl
 from tqdm import tqdm
 
 from moce_plugin.routing import CLUSTER_IDS_KWARG
