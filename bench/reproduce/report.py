@@ -48,6 +48,17 @@ def _pyplot():
     return plt
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 5 significant digits: the committed metrics stay small."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def load_metrics() -> dict[str, dict[str, Any]]:
     found = {}
     for name in RUNS:
@@ -87,21 +98,38 @@ def metric_table(names: list[str], m: dict[str, dict]) -> list[str]:
     return lines
 
 
+def expert_balance(per_domain: dict[str, Any]) -> float:
+    """Normalised entropy of expert use inside the domain's main group, mean over layers
+    (1 = all experts used equally, 0 = one expert takes every slot); comparable across E."""
+    own = per_domain["main_group"]
+    values = []
+    for load in per_domain["expert_load_by_layer"].values():
+        row = np.asarray(load)[own]
+        if row.size < 2 or row.sum() <= 0:
+            return float("nan")
+        p = row / row.sum()
+        values.append(float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(row.size)))
+    return float(np.mean(values))
+
+
 def usage_table(names: list[str], m: dict[str, dict]) -> list[str]:
     lines = ["| run | groups | " + " | ".join(
-        f"{DOMAIN_NAMES[d]}: main group share / imbalance" for d in DOMAINS)
+        f"{DOMAIN_NAMES[d]}: rows per group / balance" for d in DOMAINS)
         + " | expert overlap between domains (JS, bits) |",
         "| --- | --- |" + " --- |" * len(DOMAINS) + " --- |"]
     for name in names:
         if name not in m or "usage" not in m[name]:
             continue
         u = m[name]["usage"]
-        cells = [f"{u['per_domain'][d]['main_group_share'] * 100:.0f}% (group "
-                 f"{u['per_domain'][d]['main_group']}) / {u['per_domain'][d]['imbalance']:.2f}"
-                 for d in DOMAINS]
-        js = np.mean(list(u["domain_js"].values()))
+        cells = []
+        for d in DOMAINS:
+            per = u["per_domain"][d]
+            balance = expert_balance(per)
+            cells.append("/".join(map(str, per["rows_per_group"])) + " / "
+                         + ("-" if np.isnan(balance) else f"{balance:.2f}"))
+        js = " ".join(f"{v:.2f}" for v in u["domain_js"].values())
         lines.append(f"| {RUNS[name].label} | {m[name]['groups']} | " + " | ".join(cells)
-                     + f" | {js:.3f} |")
+                     + f" | {js} |")
     return lines
 
 
@@ -195,17 +223,19 @@ def build(doc: Path) -> str:
     img, raw = doc.parent / "img" / "reproduce", doc.parent / "results" / "metrics.json"
     img.mkdir(parents=True, exist_ok=True)
     raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(m, indent=1))
+    raw.write_text(json.dumps(_rounded(m), separators=(",", ":")))
     s = Settings.load()
     any_run = next(iter(m.values()), {})
     out = [START, "",
            f"Measured on: {any_run.get('machine', '?')}. Settings: {s.train_per_domain} "
            f"training rows per domain ({3 * s.train_per_domain} in all), "
-           f"{s.heldout_per_domain} held-out rows per domain, {s.steps} steps of "
-           f"{s.micro_batch_size} x {s.gradient_accumulation_steps} packed sequences of "
-           f"{s.sequence_len} tokens, learning rate {s.learning_rate}, cosine; MoCE adapters "
+           f"{s.heldout_per_domain} held-out rows per domain ({s.eval_per_domain} of them scored), "
+           f"{s.steps} optimiser steps of {s.micro_batch_size * s.gradient_accumulation_steps}"
+           f" packed {s.sequence_len}-token sequence(s), learning rate {s.learning_rate}, "
+           f"cosine; MoCE adapters "
            f"r={s.adapter_dim}, LoRA r={s.lora_r}; GSM8K exact match on "
-           f"{s.gsm8k_generate} held-out questions, greedy, {s.max_new_tokens} new tokens.", "",
+           f"{s.gsm8k_generate} held-out questions, greedy, {s.max_new_tokens} new tokens. "
+           "Train time is wall time with two or three runs sharing the 2 cores.", "",
            "### Main comparison (paper Table 1 direction)", "",
            "Held-out answer loss (nats per token, lower is better; best in bold):", ""]
     out += metric_table(MAIN, m)
@@ -213,11 +243,13 @@ def build(doc: Path) -> str:
         out += ["", f"### {title}", ""] + metric_table(names, m)
     out += ["", "### Clusters (stage 1)", ""] + cluster_section(img)
     out += ["", "### Expert usage on held-out rows", "",
-            "Main group share: fraction of a domain's held-out rows the cluster model sends to "
-            "that domain's most used group. Imbalance: max expert load / uniform load inside "
-            "that group, mean over layers (1 = balanced, E = one expert takes all). Overlap: "
-            "Jensen-Shannon divergence between two domains' distributions over all experts, "
-            "mean over layers and domain pairs (0 = same experts, 1 = disjoint).", ""]
+            "Rows per group: how the cluster model (from the request text, as at inference) "
+            "distributes a domain's evaluated held-out rows over the groups. Balance: "
+            "normalised entropy of expert use inside the domain's main group, mean over "
+            "layers (1 = uniform, 0 = one expert; '-' with one expert per group). Overlap: "
+            "Jensen-Shannon divergence between two domains' routing distributions over all "
+            "C x E experts, mean over layers, for the pairs general|code, general|math, "
+            "code|math (0 = same experts, 1 = disjoint experts).", ""]
     out += usage_table(["pesc", "moce", "moce_v", "moce_top1", "moce_soft", "moce_e1",
                         "moce_e2", "moce_acmoe"], m)
     usage_png = plot_usage(m, ["pesc", "moce", "moce_acmoe"], img)
