@@ -223,7 +223,9 @@ def build(doc: Path) -> str:
     img, raw = doc.parent / "img" / "reproduce", doc.parent / "results" / "metrics.json"
     img.mkdir(parents=True, exist_ok=True)
     raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(_rounded(m), separators=(",", ":")))
+    slim = {name: {**r, "history": [{k: v for k, v in h.items() if "/layer_" not in k}
+                                     for h in r.get("history", [])]} for name, r in m.items()}
+    raw.write_text(json.dumps(_rounded(slim), separators=(",", ":")))
     s = Settings.load()
     any_run = next(iter(m.values()), {})
     out = [START, "",
