@@ -251,7 +251,8 @@ def build(doc: Path) -> str:
             "layers (1 = uniform, 0 = one expert; '-' with one expert per group). Overlap: "
             "Jensen-Shannon divergence between two domains' routing distributions over all "
             "C x E experts, mean over layers, for the pairs general|code, general|math, "
-            "code|math (0 = same experts, 1 = disjoint experts).", ""]
+            "code|math (0 = same experts, 1 = disjoint experts). For (V), only the "
+            "clustered groups' experts are counted, not the general experts.", ""]
     out += usage_table(["pesc", "moce", "moce_v", "moce_top1", "moce_soft", "moce_e1",
                         "moce_e2", "moce_acmoe"], m)
     usage_png = plot_usage(m, ["pesc", "moce", "moce_acmoe"], img)
