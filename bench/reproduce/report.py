@@ -30,7 +30,7 @@ from repro_config import (
 DOC = ROOT / "docs" / "results.md"
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 
-MAIN = ["base", "lora", "pesc", "moce", "moce_v", "moce_acmoe"]
+MAIN = ["base", "lora", "lora_mlp", "pesc", "moce", "moce_v", "moce_acmoe"]
 ABLATIONS = {
     "Token routing inside a group (Table 4 direction)": ["moce_top1", "moce", "moce_soft"],
     "Experts per group (Table 3 direction)": ["moce_e1", "moce_e2", "moce"],

@@ -78,6 +78,7 @@ class Run:
 RUNS: dict[str, Run] = {r.name: r for r in [
     Run("base", "base model (no training)", "base"),
     Run("lora", "LoRA r=64, all linear layers", "lora"),
+    Run("lora_mlp", "LoRA r=64, MLP only (gate/up/down)", "lora"),
     Run("pesc", "PESC: one group of C*E experts, top-2 (no clustering)", "moce",
         {"top_k": 2}, clustered=False),
     Run("moce", "MoCE: C groups (elbow) x 4 experts, top-2", "moce", {"top_k": 2}),
@@ -137,8 +138,11 @@ def train_config(run: Run, s: Settings) -> dict[str, Any]:
     else:
         cfg.update(bf16="auto", attn_implementation="sdpa")
     if run.kind == "lora":
-        cfg.update(adapter="lora", lora_r=s.lora_r, lora_alpha=s.lora_r, lora_dropout=0.0,
-                   lora_target_linear=True)
+        cfg.update(adapter="lora", lora_r=s.lora_r, lora_alpha=s.lora_r, lora_dropout=0.0)
+        if run.name == "lora_mlp":  # the same layers MoCE adapts
+            cfg.update(lora_target_modules=["gate_proj", "up_proj", "down_proj"])
+        else:
+            cfg.update(lora_target_linear=True)
     elif run.kind == "moce":
         k = num_clusters()
         moce = dict(experts_per_group=s.experts_per_group, adapter_dim=s.adapter_dim,
