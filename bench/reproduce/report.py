@@ -237,7 +237,8 @@ def build(doc: Path) -> str:
            f"cosine; MoCE adapters "
            f"r={s.adapter_dim}, LoRA r={s.lora_r}; GSM8K exact match on "
            f"{s.gsm8k_generate} held-out questions, greedy, {s.max_new_tokens} new tokens. "
-           "Train time is wall time with two or three runs sharing the 2 cores.", "",
+           "Train times are wall times and not comparable between runs: most runs shared "
+           "the 2 cores with one or two others.", "",
            "### Main comparison (paper Table 1 direction)", "",
            "Held-out answer loss (nats per token, lower is better; best in bold):", ""]
     out += metric_table(MAIN, m)
