@@ -14,7 +14,8 @@ The router input is the MLP input x; each group has its own linear router, softm
 over that group's experts only. Experts are stored as stacked tensors
 ``down [N, d, r]`` and ``up [N, r, d]`` (N = C*E group experts, then the general
 experts) and run in one grouped matmul over the (token, expert) assignments sorted by
-expert: no Python loop over experts and no host synchronisation on the fast path.
+expert (`expert_ops.routed_adapter_sum`): no Python loop over experts and no host
+synchronisation on the fast path.
 ``up`` starts at zero, so an upcycled model reproduces the base model exactly.
 """
 
@@ -28,6 +29,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .config import MoCEConfig
+from .expert_ops import grouped_matmul, routed_adapter_sum
 from .losses import grouped_load_balancing_loss, router_entropy
 from .routing import (
     IGNORE_CLUSTER_ID,
@@ -38,38 +40,6 @@ from .routing import (
     routing_stats_requested,
     token_cluster_ids,
 )
-
-
-def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    # Kernels want 16-byte aligned rows on both operands.
-    if (a.shape[-1] * a.element_size()) % 16 or (b.shape[-1] * b.element_size()) % 16:
-        return False
-    if a.dtype != b.dtype:
-        return False
-    if a.device.type == "cuda":
-        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
-    if a.device.type == "cpu" and torch.compiler.is_compiling():
-        # The eager CPU kernel takes float32, but its meta (fake-tensor) kernel accepts
-        # bfloat16 only, so torch.compile would fail on float32: use the split loop there.
-        return a.dtype == torch.bfloat16
-    return a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
-
-
-def grouped_matmul(
-    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
-    """Rows of ``x`` (sorted by group) times their group's ``weight[g]``.
-
-    x: [A, K] sorted so group g owns rows offsets[g-1]:offsets[g]; weight: [G, K, N].
-    Uses ``torch._grouped_mm`` where the device/dtype support it, else a split loop
-    (correct everywhere, one host sync for the split sizes).
-    """
-    if _grouped_mm_supported(x, weight):
-        return torch._grouped_mm(x, weight, offs=offsets)
-    chunks = torch.split(x, counts.tolist())
-    return torch.cat([c @ weight[g] for g, c in enumerate(chunks)], dim=0)
 
 
 def _route(
@@ -248,24 +218,7 @@ class MoCEExperts(nn.Module):
         self, h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """sum_j weights[t, j] * adapter_{expert_ids[t, j]}(h[t]) for every token t."""
-        num_tokens, k = expert_ids.shape
-        flat_ids = expert_ids.reshape(-1)
-        sorted_ids, order = torch.sort(flat_ids, stable=True)
-        token_of_slot = order // k
-        # End offset of each expert's rows, from the sorted ids (static shapes: no
-        # bincount, so no graph break under torch.compile and no host sync).
-        experts = torch.arange(self.num_experts_total, device=flat_ids.device)
-        ends = torch.searchsorted(sorted_ids, experts, right=True)
-        offsets = ends.to(torch.int32)
-        counts = torch.diff(ends, prepend=ends.new_zeros(1))  # only read by the fallback
-        h_sorted = h.to(self.down.dtype).index_select(0, token_of_slot)
-        z = self.act(grouped_matmul(h_sorted, self.down, offsets, counts))
-        y = grouped_matmul(z, self.up, offsets, counts)
-        # Back to (token, slot) order with a permutation copy (its backward is a gather),
-        # then the weighted sum over each token's k slots: no zeros + index_add (a
-        # scatter-add, atomic and non-deterministic on CUDA).
-        y = torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, k, -1)
-        return (y * weights.to(y.dtype).unsqueeze(-1)).sum(1)
+        return routed_adapter_sum(h, expert_ids, weights, self.down, self.up, self.act)
 
 
 class MoCEMLP(nn.Module):
