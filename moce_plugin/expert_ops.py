@@ -90,45 +90,46 @@ class _GatherGroupedMM(torch.autograd.Function):
     """``h[token_of_slot] @ down[expert]`` for every sorted slot -> [A, r]."""
 
     @staticmethod
-    def forward(ctx, h, down, order, offsets, counts, k: int, use_grouped: bool):
-        h_sorted = h.index_select(0, order // k)
-        ctx.save_for_backward(h, down, order, offsets, counts)
+    def forward(ctx, h, down, order, token_of_slot, offsets, counts, k: int, use_grouped: bool):
+        h_sorted = h.index_select(0, token_of_slot)
+        ctx.save_for_backward(h, down, order, token_of_slot, offsets, counts)
         ctx.k, ctx.use_grouped = k, use_grouped
         return grouped_matmul(h_sorted, down, offsets, counts, use_grouped)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z):
-        h, down, order, offsets, counts = ctx.saved_tensors
+        h, down, order, token_of_slot, offsets, counts = ctx.saved_tensors
         grad_z = grad_z.contiguous()
         grad_h = grad_down = None
         if ctx.needs_input_grad[1]:
-            h_sorted = h.index_select(0, order // ctx.k)  # re-gathered, not saved
+            h_sorted = h.index_select(0, token_of_slot)  # re-gathered, not saved
             grad_down = grouped_weight_grad(h_sorted, grad_z, offsets, counts, ctx.use_grouped)
             del h_sorted  # freed before the [T*k, d] input gradient is allocated
         if ctx.needs_input_grad[0]:
             grad_rows = grouped_matmul(grad_z, down.transpose(-2, -1), offsets, counts,
                                        ctx.use_grouped)
             grad_h = _sum_slots(grad_rows, order, h.shape[0], ctx.k)
-        return grad_h, grad_down, None, None, None, None, None
+        return grad_h, grad_down, None, None, None, None, None, None
 
 
 class _WeightedGroupedMMCombine(torch.autograd.Function):
     """``sum_j w[t, j] * (z[slot] @ up[expert])`` per token t -> [T, d]."""
 
     @staticmethod
-    def forward(ctx, z, weight, up, order, offsets, counts, k: int, use_grouped: bool):
+    def forward(ctx, z, weight, up, order, token_of_slot, offsets, counts, k: int,
+                use_grouped: bool):
         rows = grouped_matmul(z * weight[:, None], up, offsets, counts, use_grouped)
-        ctx.save_for_backward(z, weight, up, order, offsets, counts)
-        ctx.k, ctx.use_grouped = k, use_grouped
+        ctx.save_for_backward(z, weight, up, token_of_slot, offsets, counts)
+        ctx.use_grouped = use_grouped
         return _sum_slots(rows, order, z.shape[0] // k, k)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        z, weight, up, order, offsets, counts = ctx.saved_tensors
+        z, weight, up, token_of_slot, offsets, counts = ctx.saved_tensors
         # Every slot of token t receives t's output gradient.
-        grad_rows = grad_out.contiguous().index_select(0, order // ctx.k)
+        grad_rows = grad_out.contiguous().index_select(0, token_of_slot)
         grad_zw = grouped_matmul(grad_rows, up.transpose(-2, -1), offsets, counts,
                                  ctx.use_grouped)
         grad_z = grad_weight = grad_up = None
@@ -139,7 +140,7 @@ class _WeightedGroupedMMCombine(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_up = grouped_weight_grad(z * weight[:, None], grad_rows, offsets, counts,
                                           ctx.use_grouped)
-        return grad_z, grad_weight, grad_up, None, None, None, None, None
+        return grad_z, grad_weight, grad_up, None, None, None, None, None, None
 
 
 def routed_adapter_sum(
@@ -159,6 +160,7 @@ def routed_adapter_sum(
     h = h.to(down.dtype)
     flat_ids = expert_ids.reshape(-1)
     sorted_ids, order = torch.sort(flat_ids, stable=True)
+    token_of_slot = order // k
     # End offset of each expert's rows, from the sorted ids (static shapes: no bincount,
     # so no graph break under torch.compile and no host sync).
     experts = torch.arange(down.shape[0], device=flat_ids.device)
@@ -166,11 +168,11 @@ def routed_adapter_sum(
     offsets = ends.to(torch.int32)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))  # only read by the split loop
     slot_weights = weights.to(down.dtype).reshape(-1).index_select(0, order)
-    z_pre = _GatherGroupedMM.apply(h, down, order, offsets, counts, k,
+    z_pre = _GatherGroupedMM.apply(h, down, order, token_of_slot, offsets, counts, k,
                                    grouped_mm_supported(h, down))
     z = act(z_pre)
-    return _WeightedGroupedMMCombine.apply(z, slot_weights, up, order, offsets, counts, k,
-                                           grouped_mm_supported(z, up))
+    return _WeightedGroupedMMCombine.apply(z, slot_weights, up, order, token_of_slot, offsets,
+                                           counts, k, grouped_mm_supported(z, up))
 
 
 __all__ = ["grouped_matmul", "grouped_mm_supported", "grouped_weight_grad",

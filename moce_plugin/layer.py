@@ -29,7 +29,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .config import MoCEConfig
-from .expert_ops import grouped_matmul, routed_adapter_sum
+from .expert_ops import routed_adapter_sum
 from .losses import grouped_load_balancing_loss, router_entropy
 from .routing import (
     IGNORE_CLUSTER_ID,
@@ -262,4 +262,4 @@ class MoCEMLP(nn.Module):
         return out.view(*lead_shape, -1)
 
 
-__all__ = ["MoCEExperts", "MoCEMLP", "RoutingRecord", "grouped_matmul"]
+__all__ = ["MoCEExperts", "MoCEMLP", "RoutingRecord"]
