@@ -6,6 +6,7 @@
     python bench/bench_layer.py --csv out.csv --plot docs/img/layer_time_vs_tokens.png
     python bench/bench_layer.py --device cuda           # bf16 on a GPU, CUDA peak memory
     python bench/bench_layer.py --quick --compile       # also torch.compile(MoCEMLP)
+    python bench/bench_layer.py --part routing --count-ops --reps 1 --no-memory  # + op counts
 
 Implementations, all with the same frozen LlamaMLP-like FFN (gate/up/down, SiLU) in front,
 so every number is the full MLP cost of one decoder layer:
@@ -316,6 +317,16 @@ def time_config(c: dict, impls: list[str], device: str, dtype: torch.dtype, reps
     return {i: statistics.median(v) * 1e3 for i, v in times.items()}
 
 
+def count_ops(c: dict, impl: str, device: str, dtype: torch.dtype) -> int:
+    """Top-level aten ops of one fwd+bwd (after a warm-up): a proxy for GPU kernel launches."""
+    _, step = build(c, impl, device, dtype)
+    step()
+    with torch.profiler.profile() as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def machine(device: str) -> str:
     s = (f"CPU {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
          f"torch {torch.__version__}")
@@ -370,6 +381,8 @@ def main() -> None:
                    help="time with process CPU time (use with --threads 1 on a shared CPU)")
     p.add_argument("--compile", action="store_true", help="add torch.compile(MoCEMLP)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also print the top-level aten ops of one fwd+bwd per implementation")
     p.add_argument("--csv", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
@@ -426,6 +439,11 @@ def main() -> None:
             row["mem_moce_over_adapter"] = round(ma, 3)
             line += " " + " ".join(f"{mem[i]:11.1f}" for i in impls) + f" {ma:7.2f}"
         print(line, flush=True)
+        if args.count_ops:
+            ops = {i: count_ops(c, i, args.device, dtype) for i in impls}
+            row.update({f"{i}_aten_ops": n for i, n in ops.items()})
+            print("  aten ops per fwd+bwd: " + ", ".join(f"{i} {n}" for i, n in ops.items()),
+                  flush=True)
         rows.append(row)
         if args.csv:  # rewritten after every config, so a cut-off run keeps its rows
             keys = list(dict.fromkeys(k for r in rows for k in r))
