@@ -11,7 +11,7 @@
 Implementations, all with the same frozen LlamaMLP-like FFN (gate/up/down, SiLU) in front,
 so every number is the full MLP cost of one decoder layer:
 
-- ``moce``:     ``moce_plugin.layer.MoCEMLP`` (routers, top-k/soft, grouped GEMM experts),
+- ``moce``:     ``moce_plugin.model.layer.MoCEMLP`` (routers, top-k/soft, grouped GEMM experts),
                 loss = sum(out * g) + 0.01 * aux_loss (the load-balancing loss is part of the cost).
 - ``loop``:     ``bench/masked_loop_baseline.py``: reference-style Python loop over groups x
                 experts with boolean masks, every expert of a group run on all its tokens.
@@ -64,9 +64,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path)
 from masked_loop_baseline import MaskedLoopMLP, MaskedLoopMoCE  # noqa: E402
 
-from moce_plugin.config import MoCEConfig  # noqa: E402
-from moce_plugin.layer import MoCEMLP  # noqa: E402
-from moce_plugin.routing import cluster_ids_context, collector_stack  # noqa: E402
+from moce_plugin.model.config import MoCEConfig  # noqa: E402
+from moce_plugin.model.layer import MoCEMLP  # noqa: E402
+from moce_plugin.model.routing import cluster_ids_context, collector_stack  # noqa: E402
 
 RANK = 64
 AUX_COEF = 0.01

@@ -5,7 +5,7 @@ x experts with boolean masks: for each group, the group's tokens are gathered wi
 boolean mask (a host sync: the result's size depends on the data), routed by that
 group's router, and *every* expert of the group runs on *all* the group's tokens; the
 outputs are weighted by a dense ``[T_c, E]`` weight matrix (zeros outside the top-k) and
-written back. Same maths as ``moce_plugin.layer.MoCEExperts`` (weights can be copied over
+written back. Same maths as ``moce_plugin.model.layer.MoCEExperts`` (weights can be copied over
 with :func:`from_fast`), so the benchmark compares implementations, not models.
 
 ``dense=True`` is the even more literal variant (like ``tests/naive_moce.py``): every
@@ -66,7 +66,7 @@ class MaskedLoopMoCE(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_fast(cls, fast, dense: bool = False) -> MaskedLoopMoCE:
-        """Same weights as a ``moce_plugin.layer.MoCEExperts``."""
+        """Same weights as a ``moce_plugin.model.layer.MoCEExperts``."""
         d, r = fast.hidden_size, fast.adapter_dim
         m = cls(d, r, fast.num_groups, fast.experts_per_group, fast.top_k, fast.num_general,
                 fast.general_top_k, fast.scaling, fast.act, dense)

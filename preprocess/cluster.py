@@ -27,7 +27,7 @@ os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moce_plugin.clustering import (  # noqa: E402
-    ClusterArtifactError,
+    ClusteringError,
     ClusteringOptions,
     resolve_num_clusters,
     rows_from_yaml,
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace, cfg: dict) -> tuple[ClusteringOptions, int | str, str]:
     """Merge YAML and command line (command line wins)."""
     if not isinstance(cfg, dict):
-        raise ClusterArtifactError(f"{args.config} is not an axolotl YAML mapping.")
+        raise ClusteringError(f"{args.config} is not an axolotl YAML mapping.")
     moce = cfg.get("moce")
     if not isinstance(moce, dict):
-        raise ClusterArtifactError(f"{args.config} has no `moce:` block.")
+        raise ClusteringError(f"{args.config} has no `moce:` block.")
     clustering = dict(moce.get("clustering") or {})
     for f in dataclasses.fields(ClusteringOptions):
         value = getattr(args, f.name)
@@ -93,7 +93,7 @@ def resolve(args: argparse.Namespace, cfg: dict) -> tuple[ClusteringOptions, int
     k = resolve_num_clusters(args.num_clusters or moce.get("num_clusters"))
     output = args.output or moce.get("cluster_artifact")
     if not output:
-        raise ClusterArtifactError(
+        raise ClusteringError(
             "no output: set moce.cluster_artifact in the YAML (training reads it) or pass --output."
         )
     return options, k, str(output)
@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = yaml.safe_load(args.config.read_text()) or {}
         except OSError as exc:
-            raise ClusterArtifactError(f"cannot read {args.config}: {exc.strerror}") from exc
+            raise ClusteringError(f"cannot read {args.config}: {exc.strerror}") from exc
         options, k, output = resolve(args, cfg)
         rows = rows_from_yaml(cfg, options.text_template)
         log = (lambda _msg: None) if args.quiet else print
         run_clustering(rows, output, k, options, progress=not args.quiet, log=log)
-    except (ClusterArtifactError, yaml.YAMLError) as exc:
+    except (ClusteringError, yaml.YAMLError) as exc:
         if args.debug:
             traceback.print_exc()
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from moce_plugin.layer import MoCEExperts
+from moce_plugin.model.layer import MoCEExperts
 
 
 def _weights(probs: torch.Tensor, top_k: int | str) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from axolotl.integrations.base import BasePlugin
 from safetensors.torch import save_file
 
-from moce_plugin.model import moce_state_dict
+from moce_plugin.model.upcycle import moce_state_dict
 
 PROBE_IDS = torch.arange(4, 28).view(2, 12)
 PROBE_CLUSTERS = torch.tensor([0, 2])

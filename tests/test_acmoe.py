@@ -8,10 +8,10 @@ import torch
 from pydantic import ValidationError
 from tiny_models import assert_checkpointing_matches_plain_backward, tiny_causal_lm
 
-from moce_plugin.acmoe import cluster_mad, feature_weights, transform
-from moce_plugin.config import MoCEConfig
-from moce_plugin.layer import MoCEExperts
-from moce_plugin.model import (
+from moce_plugin.model.acmoe import cluster_mad, feature_weights, transform
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.layer import MoCEExperts
+from moce_plugin.model.upcycle import (
     aux_loss_of,
     load_moce_state_dict,
     moce_state_dict,

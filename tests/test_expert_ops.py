@@ -1,12 +1,12 @@
-"""The routed adapter kernels (`moce_plugin.expert_ops`) against plain autograd."""
+"""The routed adapter kernels (`moce_plugin.model.expert_ops`) against plain autograd."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moce_plugin import expert_ops
-from moce_plugin.expert_ops import grouped_matmul, grouped_weight_grad, routed_adapter_sum
+from moce_plugin.model import expert_ops
+from moce_plugin.model.expert_ops import grouped_matmul, grouped_weight_grad, routed_adapter_sum
 
 
 def reference(h, expert_ids, weights, down, up, act):

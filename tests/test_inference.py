@@ -9,12 +9,12 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import save_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
-from moce_plugin.config import MoCEConfig
 from moce_plugin.export import export_model
 from moce_plugin.generate import main as generate_main
-from moce_plugin.inference import MoCELoadError, base_config_summary, load_moce_model
-from moce_plugin.model import upcycle_model
-from moce_plugin.trainer import save_moce_files
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.upcycle import upcycle_model
+from moce_plugin.outputs.folder import base_config_summary, save_moce_files
+from moce_plugin.outputs.load import MoCELoadError, load_moce_model
 
 CFG = MoCEConfig(num_clusters=3, experts_per_group=2, top_k=1, num_general_experts=1,
                  adapter_dim=8)

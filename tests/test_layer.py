@@ -6,10 +6,10 @@ import pytest
 import torch
 from naive_moce import naive_moce
 
-from moce_plugin.config import MoCEConfig
-from moce_plugin.expert_ops import grouped_matmul
-from moce_plugin.layer import MoCEExperts, MoCEMLP
-from moce_plugin.routing import cluster_ids_context
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.expert_ops import grouped_matmul
+from moce_plugin.model.layer import MoCEExperts, MoCEMLP
+from moce_plugin.model.routing import cluster_ids_context
 
 D = 32
 

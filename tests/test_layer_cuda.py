@@ -6,9 +6,9 @@ import pytest
 import torch
 from naive_moce import naive_moce
 
-from moce_plugin.config import MoCEConfig
-from moce_plugin.expert_ops import grouped_mm_supported
-from moce_plugin.layer import MoCEExperts
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.expert_ops import grouped_mm_supported
+from moce_plugin.model.layer import MoCEExperts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -61,7 +61,7 @@ def _clear_choice(ref, x, groups, top_k, margin=0.02):
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_cuda_expert_kernels_gradients(k):
     """bf16 grouped kernels (forward and the hand-written backward) vs a float32 split loop."""
-    from moce_plugin.expert_ops import routed_adapter_sum
+    from moce_plugin.model.expert_ops import routed_adapter_sum
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     T, d, r, n = 1024, 256, 64, 12

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moce_plugin.losses import grouped_load_balancing_loss
+from moce_plugin.model.losses import grouped_load_balancing_loss
 
 
 def _probs(logits):

@@ -6,17 +6,17 @@ import pytest
 import torch
 from tiny_models import assert_checkpointing_matches_plain_backward, tiny_causal_lm
 
-from moce_plugin.architectures import UnsupportedArchitectureError
-from moce_plugin.config import MoCEConfig
-from moce_plugin.layer import MoCEMLP
-from moce_plugin.model import (
+from moce_plugin.model.architectures import UnsupportedArchitectureError
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.layer import MoCEMLP
+from moce_plugin.model.routing import MissingClusterIdsError
+from moce_plugin.model.upcycle import (
     aux_loss_of,
     load_moce_state_dict,
     moce_state_dict,
     pop_last_routing,
     upcycle_model,
 )
-from moce_plugin.routing import MissingClusterIdsError
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]
 
@@ -135,13 +135,13 @@ def test_routing_context_does_not_leak_between_threads():
     for i, logits in enumerate(results):
         assert torch.equal(logits, expected[i % 3])
     # and nothing is left behind on this thread
-    from moce_plugin.routing import collector_stack, current_cluster_ids
+    from moce_plugin.model.routing import collector_stack, current_cluster_ids
 
     assert current_cluster_ids() is None and collector_stack() == []
 
 
 def test_failed_forward_leaves_no_context_behind():
-    from moce_plugin.routing import collector_stack, current_cluster_ids
+    from moce_plugin.model.routing import collector_stack, current_cluster_ids
 
     model = _trained_tiny()
     with pytest.raises(MissingClusterIdsError, match="covers 2 positions"):

@@ -36,14 +36,14 @@ def test_quantized_base_with_moce_and_lora_trains(tmp_path, bits):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from moce_plugin.config import MoCEConfig
-    from moce_plugin.model import (
+    from moce_plugin.model.config import MoCEConfig
+    from moce_plugin.model.upcycle import (
         aux_loss_of,
         cast_moce_parameters,
         pop_last_routing,
         upcycle_model,
     )
-    from moce_plugin.trainer import save_moce_files
+    from moce_plugin.outputs.folder import save_moce_files
 
     quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_compute_dtype=torch.bfloat16)

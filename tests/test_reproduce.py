@@ -40,7 +40,7 @@ def test_js_divergence_bounds():
 
 
 def test_every_run_config_is_valid(monkeypatch):
-    from moce_plugin.config import MoCEConfig
+    from moce_plugin.model.config import MoCEConfig
 
     monkeypatch.setattr(common, "num_clusters", lambda: 3)
     s = common.Settings()

@@ -10,9 +10,9 @@ import pytest
 import torch
 from tiny_models import tiny_causal_lm
 
-from moce_plugin.config import MoCEConfig
-from moce_plugin.layer import MoCEExperts
-from moce_plugin.model import moce_state_dict, upcycle_model
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.layer import MoCEExperts
+from moce_plugin.model.upcycle import moce_state_dict, upcycle_model
 
 CFG = MoCEConfig(num_clusters=3, experts_per_group=2, top_k=2, adapter_dim=8)
 
@@ -21,7 +21,7 @@ CFG = MoCEConfig(num_clusters=3, experts_per_group=2, top_k=2, adapter_dim=8)
 def test_zero3_marks_moce_experts_as_leaf_modules():
     from transformers.integrations import HfDeepSpeedConfig
 
-    from moce_plugin.plugin import mark_zero3_leaf_modules
+    from moce_plugin.integration.plugin import mark_zero3_leaf_modules
 
     model = upcycle_model(tiny_causal_lm("llama"), CFG)
     mark_zero3_leaf_modules(model)  # ZeRO-3 not enabled: nothing happens

@@ -28,7 +28,7 @@ EXTRA = {
 def assert_checkpointing_matches_plain_backward(build, ids, clusters) -> None:
     """Gradients of LM + balancing loss are identical with and without (non-reentrant)
     gradient checkpointing; ``build()`` returns a fresh upcycled model."""
-    from moce_plugin.model import aux_loss_of, pop_last_routing
+    from moce_plugin.model.upcycle import aux_loss_of, pop_last_routing
 
     def grads(gc: bool) -> dict:
         model = build().train()

@@ -18,7 +18,7 @@ import torch
 from repro_config import DOMAINS, HELDOUT_FILE, RUNS_DIR, Run, Settings, read_jsonl
 from tqdm import tqdm
 
-from moce_plugin.routing import CLUSTER_IDS_KWARG
+from moce_plugin.model.routing import CLUSTER_IDS_KWARG
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -100,8 +100,8 @@ def answer_loss(m: LoadedRun, rows: list[dict], clusters: list[int], batch_size:
                 max_length: int = 384) -> tuple[dict[str, dict[str, float]], dict | None]:
     """Token-mean loss on answers (+ EOS), prompt tokens masked, per domain; for MoCE
     models also the routing of the same forward passes, summed per domain and layer."""
-    from moce_plugin.model import pop_last_routing
-    from moce_plugin.routing import routing_stats
+    from moce_plugin.model.routing import routing_stats
+    from moce_plugin.model.upcycle import pop_last_routing
 
     tok = m.tokenizer
     sums: dict[str, float] = defaultdict(float)

@@ -6,14 +6,16 @@ Everything that can be checked without loading a model is checked here, so a bad
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, model_validator
 
-from .architectures import get_architecture
-from .config import MoCEConfig
+from ..clustering import ClusterModel
+from ..model.architectures import get_architecture
+from ..model.config import MoCEConfig
 
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
 
@@ -97,22 +99,39 @@ def _resolve_num_clusters(moce: dict) -> None:
     if not Path(artifact).exists():
         raise ValueError(
             f"moce.cluster_artifact '{artifact}' does not exist. Run "
-            "`python preprocess/cluster.py <this yaml>` first (relative paths are relative to "
-            "the working directory)."
+            "`python preprocess/cluster.py <this yaml>` (or `axolotl preprocess <this yaml>`) "
+            "first (relative paths are relative to the working directory)."
         )
-    from .clustering import ClusterModel
-
-    k = ClusterModel.load(artifact).check_num_clusters(moce.get("num_clusters"))
+    k = _load_artifact(str(Path(artifact).resolve())).check_num_clusters(moce.get("num_clusters"))
     moce["num_clusters"] = k
 
 
+@functools.lru_cache(maxsize=8)
+def _load_artifact(path: str) -> ClusterModel:
+    # One load per artifact and process: every hook and dataset reads the same object.
+    return ClusterModel.load(path)
+
+
+def cluster_model_of(moce: MoCEConfig) -> ClusterModel:
+    """The cluster artifact of a resolved config (loaded once per process)."""
+    if not moce.cluster_artifact:
+        raise ValueError("moce.cluster_artifact is not set")
+    return _load_artifact(str(Path(moce.cluster_artifact).resolve()))
+
+
+@functools.lru_cache(maxsize=8)
+def _resolved(block_json: str) -> MoCEConfig:
+    raw = json.loads(block_json)
+    _resolve_num_clusters(raw)
+    return MoCEConfig(**raw)
+
+
 def moce_config_from_cfg(cfg: Any) -> MoCEConfig:
-    """The validated MoCEConfig of an axolotl cfg (DictDefault or dict)."""
+    """The validated MoCEConfig of an axolotl cfg (DictDefault or dict), resolved once per
+    ``moce:`` block and process: the hooks and dataset patches all get the same object."""
     raw = cfg.get("moce") if hasattr(cfg, "get") else getattr(cfg, "moce", None)
     if raw is None:
         raise ValueError("the axolotl config has no `moce:` block")
     if isinstance(raw, MoCEConfig):
         return raw
-    raw = dict(raw)
-    _resolve_num_clusters(raw)
-    return MoCEConfig(**raw)
+    return _resolved(json.dumps(dict(raw), sort_keys=True, default=str))

@@ -1,20 +1,15 @@
 """The ``moce:`` block of an axolotl YAML, validated by pydantic.
 
 This is the single description of a MoCE model: the plugin validates it at config
-load, the layers are built from it, and it is written next to every checkpoint
-(``moce_config.json``) so a trained model can be rebuilt without the YAML.
+load, the layers are built from it, and :mod:`moce_plugin.outputs.folder` writes it next to every
+checkpoint (``moce_config.json``) so a trained model can be rebuilt without the YAML.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-MOCE_CONFIG_NAME = "moce_config.json"
-MOCE_WEIGHTS_NAME = "moce_weights.safetensors"
 
 # Activations accepted for the adapter bottleneck; anything in transformers' ACT2FN works,
 # these are the ones we test.
@@ -166,23 +161,3 @@ class MoCEConfig(BaseModel):
                 )
             out.append(j)
         return sorted(set(out))
-
-    # ---- persistence ----------------------------------------------------------------
-    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        path = Path(directory) / MOCE_CONFIG_NAME
-        payload = self.model_dump(mode="json")
-        if extra:
-            payload["_meta"] = extra
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True))
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> MoCEConfig:
-        path = Path(directory) / MOCE_CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: {directory} is not a MoCE output (no {MOCE_CONFIG_NAME})."
-            )
-        payload = json.loads(path.read_text())
-        payload.pop("_meta", None)
-        return cls(**payload)

@@ -1,20 +1,34 @@
-"""The axolotl plugin: ``plugins: [moce_plugin.MoCEPlugin]`` plus a ``moce:`` block."""
+"""The axolotl plugin: ``plugins: [moce_plugin.MoCEPlugin]`` plus a ``moce:`` block.
+
+The hooks are thin: the ``moce:`` block is resolved once (:func:`moce_config_from_cfg`) and
+handed to the model, data and trainer code; hooks of configs without a ``moce:`` block do
+nothing.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 
-from .architectures import get_architecture
+from ..model.architectures import get_architecture
+from ..model.config import MoCEConfig
+from ..model.upcycle import (
+    cast_moce_parameters,
+    is_moce_model,
+    moce_experts_modules,
+    upcycle_model,
+)
+from ..outputs.folder import copy_cluster_artifact, output_meta, save_moce_files
 from .args import moce_config_from_cfg
-from .config import MoCEConfig
-from .data import check_prepared_dataset, install_dataset_patches
-from .model import cast_moce_parameters, is_moce_model, moce_experts_modules, upcycle_model
-from .trainer import MoCECheckpointCallback, attach_moce_to_trainer, save_moce_files
+from .datasets import check_prepared_dataset
+from .patches import install_patches
+from .trainer import MoCECheckpointCallback, attach_moce_to_trainer
 
 # Under the "axolotl." namespace so axolotl's logging config shows our INFO lines.
 LOG = get_logger("axolotl.integrations.moce")
@@ -36,35 +50,49 @@ def _compute_dtype(cfg: Any) -> torch.dtype:
     return torch.float32
 
 
+def _moce_only(default: Any = None) -> Callable:
+    """Run the hook only for configs with a ``moce:`` block; pass it the resolved config."""
+
+    def decorate(hook: Callable) -> Callable:
+        @functools.wraps(hook)
+        def wrapper(self: MoCEPlugin, cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            if not cfg.get("moce"):
+                return default() if callable(default) else default
+            return hook(self, cfg, moce_config_from_cfg(cfg), *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 class MoCEPlugin(BasePlugin):
     """Upcycles supported decoders into Mixture-of-Clustered-Experts adapter models."""
 
     _saved_final = False
+    _meta: dict | None = None
 
     def get_input_args(self) -> str:
-        return "moce_plugin.args.MoCEArgs"
+        return "moce_plugin.integration.args.MoCEArgs"
 
     def register(self, cfg: dict) -> None:
         # Datasets are prepared before the model loads: hook cluster ids in now.
-        install_dataset_patches()
-        install_merge_lora_patch()
+        install_patches()
 
-    def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
+    @_moce_only()
+    def load_datasets(self, cfg: Any, moce: MoCEConfig, preprocess: bool = False) -> None:
         # Runs after axolotl normalised the config and before the model loader reads it;
         # returns None so axolotl loads the datasets itself (with our cluster-id hooks).
-        if cfg.get("moce"):
-            get_architecture(cfg.get("model_config_type"))
-            device_map = cfg.get("device_map")
-            if isinstance(device_map, dict) and not torch.cuda.is_available():
-                # axolotl pins each DDP rank to {"": LOCAL_RANK}, a CUDA index; on a
-                # CPU-only machine (gloo DDP) the ranks must load on the CPU instead.
-                cfg["device_map"] = "cpu"
+        get_architecture(cfg.get("model_config_type"))
+        device_map = cfg.get("device_map")
+        if isinstance(device_map, dict) and not torch.cuda.is_available():
+            # axolotl pins each DDP rank to {"": LOCAL_RANK}, a CUDA index; on a
+            # CPU-only machine (gloo DDP) the ranks must load on the CPU instead.
+            cfg["device_map"] = "cpu"
         return None
 
     # ---- model ---------------------------------------------------------------------------
-    def pre_model_load(self, cfg: Any) -> None:
-        if not cfg.get("moce"):
-            return
+    @_moce_only()
+    def pre_model_load(self, cfg: Any, moce: MoCEConfig) -> None:
         get_architecture(cfg.get("model_config_type"))  # clear error before loading weights
         if cfg.get("adapter") in ("lora", "qlora"):
             modules = list(cfg.get("lora_modules_to_save") or [])
@@ -72,10 +100,8 @@ class MoCEPlugin(BasePlugin):
                 modules.append(MOCE_MODULE_NAME)
             cfg["lora_modules_to_save"] = modules
 
-    def post_model_build(self, cfg: Any, model: Any) -> None:
-        if not cfg.get("moce"):
-            return
-        moce = moce_config_from_cfg(cfg)
+    @_moce_only()
+    def post_model_build(self, cfg: Any, moce: MoCEConfig, model: Any) -> None:
         freeze = not (cfg.get("adapter") is None and moce.train_base_model)
         upcycle_model(model, moce, dtype=_compute_dtype(cfg), freeze_base=freeze)
         LOG.info(
@@ -84,9 +110,8 @@ class MoCEPlugin(BasePlugin):
             moce.adapter_dim, model._moce_layers,
         )
 
-    def post_model_load(self, cfg: Any, model: Any) -> None:
-        if not cfg.get("moce"):
-            return
+    @_moce_only()
+    def post_model_load(self, cfg: Any, moce: MoCEConfig, model: Any) -> None:
         if not is_moce_model(model):
             raise RuntimeError(
                 "MoCE layers are missing after model load: the model was built by a path that "
@@ -106,96 +131,51 @@ class MoCEPlugin(BasePlugin):
         )
 
     # ---- trainer ---------------------------------------------------------------------------
-    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
-        if not cfg.get("moce"):
-            return
-        moce = moce_config_from_cfg(cfg)
-        check_prepared_dataset(getattr(trainer, "train_dataset", None), "train", moce.groups)
-        check_prepared_dataset(getattr(trainer, "eval_dataset", None), "eval", moce.groups)
+    @_moce_only()
+    def post_trainer_create(self, cfg: Any, moce: MoCEConfig, trainer: Any) -> None:
+        check_prepared_dataset(getattr(trainer, "train_dataset", None), "train")
+        check_prepared_dataset(getattr(trainer, "eval_dataset", None), "eval")
         attach_moce_to_trainer(trainer, moce)
 
-    def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
-        if not cfg.get("moce"):
-            return []
+    @_moce_only(default=list)
+    def add_callbacks_pre_trainer(self, cfg: Any, moce: MoCEConfig, model: Any) -> list:
         self._meta = output_meta(cfg, model)
-        return [MoCECheckpointCallback(moce_config_from_cfg(cfg), self._meta)]
+        return [MoCECheckpointCallback(moce, self._meta)]
 
-    def post_train(self, cfg: Any, model: Any) -> None:
-        if not cfg.get("moce"):
-            return
-        from .plots import plot_routing_log
+    @_moce_only()
+    def post_train(self, cfg: Any, moce: MoCEConfig, model: Any) -> None:
+        from ..outputs.plots import plot_routing_log
 
-        moce: MoCEConfig = moce_config_from_cfg(cfg)
         # Called once right after trainer.train() (process group alive: every rank gathers
         # sharded weights) and again after axolotl tore it down; use the launcher's RANK.
         is_main = int(os.environ.get("RANK", "0")) == 0
         if self._saved_final and not torch.distributed.is_initialized():
             return
-        meta = getattr(self, "_meta", None) or output_meta(cfg, model)
+        meta = self._meta or output_meta(cfg, model)
         save_moce_files(model, moce, cfg.output_dir, meta, write=is_main)
         self._saved_final = True
         if is_main:
-            copy_cluster_artifact(moce, cfg.output_dir)
+            copy_cluster_artifact(moce.cluster_artifact, cfg.output_dir)
             plot_routing_log(cfg.output_dir)
 
 
-def output_meta(cfg: Any, model: Any) -> dict:
-    """Recorded next to the MoCE weights so inference can rebuild and check the model."""
-    from .inference import base_config_summary
+def wrap_merge_lora(original: Callable) -> Callable:
+    """`axolotl merge-lora` for MoCE configs runs moce_plugin.outputs.export instead (same
+    destination, <output_dir>/merged); see integration/patches.py."""
 
-    datasets = cfg.get("datasets") or []
-    first_type = str((datasets[0] or {}).get("type", "")) if datasets else ""
-    prompt_format = {"alpaca": "alpaca", "chat_template": "chat"}.get(first_type, "raw")
-    return {
-        "base_model": cfg.get("base_model"),
-        "base_config": base_config_summary(model.config),
-        "adapter": cfg.get("adapter"),
-        "prompt_format": prompt_format,
-    }
-
-
-def copy_cluster_artifact(moce: MoCEConfig, output_dir: str) -> None:
-    """Make the output self-contained: inference assigns clusters with this copy."""
-    import shutil
-    from pathlib import Path
-
-    from .inference import ARTIFACT_DIR_NAME
-
-    if not moce.cluster_artifact or not Path(moce.cluster_artifact).is_dir():
-        return
-    dest = Path(output_dir) / ARTIFACT_DIR_NAME
-    if Path(moce.cluster_artifact).resolve() == dest.resolve():
-        return
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(moce.cluster_artifact, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-
-
-def install_merge_lora_patch() -> None:
-    """`axolotl merge-lora` merges shard by shard without building the model, which would drop
-    the MoCE layers; for MoCE configs it runs moce_plugin.export instead (same destination,
-    <output_dir>/merged)."""
-    import axolotl.cli.merge_lora as merge_lora
-
-    original = merge_lora.do_merge_lora
-    if getattr(original, "_moce_patched", False):
-        return
-
+    @functools.wraps(original)
     def do_merge_lora(*, cfg: Any) -> None:
         if not cfg.get("moce"):
             return original(cfg=cfg)
         from pathlib import Path
 
-        from .export import export_model
+        from ..outputs.export import export_model
 
         dest = Path(cfg.output_dir) / "merged"
         LOG.info("MoCE: merging %s into %s with moce_plugin.export", cfg.lora_model_dir, dest)
         export_model(cfg.lora_model_dir, dest, base_model=cfg.base_model)
 
-    do_merge_lora._moce_patched = True
-    merge_lora.do_merge_lora = do_merge_lora
+    return do_merge_lora
 
 
 def mark_zero3_leaf_modules(model: Any) -> None:
@@ -210,7 +190,7 @@ def mark_zero3_leaf_modules(model: Any) -> None:
         return
     from deepspeed.utils import set_z3_leaf_modules
 
-    from .layer import MoCEExperts
+    from ..model.layer import MoCEExperts
 
     set_z3_leaf_modules(model, [MoCEExperts])
     LOG.info("MoCE: MoCEExperts marked as ZeRO-3 leaf modules")

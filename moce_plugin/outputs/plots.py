@@ -8,17 +8,9 @@ from typing import Any
 
 import numpy as np
 
-ROUTING_LOG_NAME = "moce_routing.jsonl"
-EXPERT_USAGE_PNG = "moce_expert_usage.png"
+from ..utils import pyplot
+from .folder import EXPERT_USAGE_PNG, ROUTING_LOG_NAME
 
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def mean_group_load(stats: list[dict]) -> np.ndarray:
@@ -59,7 +51,7 @@ def plot_routing_log(output_dir: str | Path) -> Path | None:
     layers = sorted(entries[-1]["layers"], key=int)
     loads = {i: mean_group_load([e["layers"][i] for e in entries if i in e["layers"]])
              for i in layers}
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=_figure_size(loads),
                                    gridspec_kw={"width_ratios": [3, 2]})
     draw_load_heatmap(ax0, fig, loads, "share of each group's routing slots per expert")
@@ -78,7 +70,7 @@ def plot_usage(loads: dict[str, np.ndarray], cluster_tokens: np.ndarray,
                source_by_cluster: dict[str, list[int]] | None, path: str | Path) -> Path:
     """Expert usage measured on a dataset: per-layer heatmap, tokens per cluster/group and,
     when the rows have a source, the cluster x source table."""
-    plt = _pyplot()
+    plt = pyplot()
     ncols = 3 if source_by_cluster else 2
     width, height = _figure_size(loads)
     fig, axes = plt.subplots(1, ncols, figsize=(width + 4 * (ncols - 1), height),

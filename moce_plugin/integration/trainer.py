@@ -7,7 +7,8 @@
   to the trainer's normal logs; full expert-load matrices go to
   ``<output_dir>/moce_routing.jsonl``;
 * the data collators are wrapped to carry ``moce_cluster_ids``;
-* every checkpoint gets ``moce_config.json`` and ``moce_weights.safetensors``.
+* every checkpoint gets ``moce_config.json`` and ``moce_weights.safetensors``
+  (:func:`moce_plugin.outputs.folder.save_moce_files`).
 """
 
 from __future__ import annotations
@@ -21,18 +22,17 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .config import MOCE_WEIGHTS_NAME, MoCEConfig
-from .data import MoCEDataCollator
-from .model import aux_loss_of, metrics_of, moce_state_dict, pop_last_routing
-from .plots import ROUTING_LOG_NAME
-from .routing import CLUSTER_IDS_KWARG
+from ..model.config import MoCEConfig
+from ..model.routing import CLUSTER_IDS_KWARG
+from ..model.upcycle import aux_loss_of, metrics_of, pop_last_routing
+from ..outputs.folder import ROUTING_LOG_NAME, save_moce_files
+from .datasets import MoCEDataCollator
 
 
 def attach_moce_to_trainer(trainer: Any, config: MoCEConfig) -> None:
     if getattr(trainer, "_moce_attached", False):
         return
     trainer._moce_attached = True
-    trainer._moce_config = config
     _add_aux_loss(trainer, config.router_aux_loss_coef)
     _add_routing_logs(trainer)
     _wrap_collators(trainer)
@@ -163,28 +163,6 @@ def _keep_cluster_id_column(trainer: Any) -> None:
         cols = trainer._signature_columns
         if cols is not None and CLUSTER_IDS_KWARG not in cols:
             cols.append(CLUSTER_IDS_KWARG)
-
-
-def save_moce_files(
-    model: Any, config: MoCEConfig, directory: str | os.PathLike, meta: dict | None = None,
-    write: bool = True,
-) -> None:
-    """Write moce_config.json (+ meta: base model, prompt format) and
-    moce_weights.safetensors (MoCE params only) to directory.
-
-    With sharded parameters (FSDP2, ZeRO-3) every rank must call this (the gather is a
-    collective); only those with ``write=True`` write files."""
-    from safetensors.torch import save_file
-
-    state = moce_state_dict(model)
-    if not write:
-        return
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config.save(directory, extra=meta)
-    tmp = directory / (MOCE_WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "moce_layers": str(len(state))})
-    os.replace(tmp, directory / MOCE_WEIGHTS_NAME)
 
 
 class MoCECheckpointCallback(TrainerCallback):

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .routing import CLUSTER_IDS_KWARG, IGNORE_CLUSTER_ID
+from ..model.routing import CLUSTER_IDS_KWARG, IGNORE_CLUSTER_ID
+from .args import cluster_model_of, moce_config_from_cfg
 
 _local = threading.local()
 
@@ -61,16 +62,12 @@ def _check_ids(values: Sequence[Any], num_clusters: int, column: str, name: str)
 
 def attach_cluster_column(dataset: Any, dataset_config: Any, cfg: Any) -> Any:
     """Return ``dataset`` with a valid integer cluster column (raises ClusterIdError)."""
-    from .args import moce_config_from_cfg
-
     moce = moce_config_from_cfg(cfg)
     column = moce.cluster_column
     name = _dataset_name(dataset_config)
     columns = list(getattr(dataset, "column_names", None) or [])
     if moce.cluster_artifact:
-        from .clustering import ClusterModel
-
-        model = ClusterModel.load(moce.cluster_artifact)
+        model = cluster_model_of(moce)
         ids = model.lookup(dataset, dataset_name=name)
         if column in columns:
             dataset = dataset.remove_columns(column)
@@ -142,32 +139,18 @@ def _tokenized_with_ids(dataset: Any, column: str) -> Any:
     return dataset.map(add, remove_columns=[column], desc="MoCE cluster ids")
 
 
-_installed = False
+# Replacements of axolotl functions, installed by moce_plugin.integration.patches.
+def wrap_get_dataset_wrapper(original: Callable) -> Callable:
+    """axolotl.utils.data.sft.get_dataset_wrapper: attach the cluster column to the raw rows
+    and make the prompt strategy emit per-token ids."""
+    signature = inspect.signature(original)
 
-
-def install_dataset_patches() -> None:
-    """Hook cluster ids into axolotl's SFT dataset preparation (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    import axolotl.datasets as ax_datasets
-    import axolotl.utils.data.sft as ax_sft
-    import axolotl.utils.data.wrappers as ax_wrappers
-
-    original_wrapper = ax_sft.get_dataset_wrapper
-    original_hash = ax_sft.generate_dataset_hash_from_config
-    original_process = ax_datasets.TokenizedPromptDataset.process
-
-    wrapper_signature = inspect.signature(original_wrapper)
-
-    @functools.wraps(original_wrapper)
+    @functools.wraps(original)
     def get_dataset_wrapper(*args: Any, **kwargs: Any):
-        bound = wrapper_signature.bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         cfg = bound.arguments["cfg"]
         if not getattr(cfg, "moce", None):
-            return original_wrapper(*args, **kwargs)
-        from .args import moce_config_from_cfg
-
+            return original(*args, **kwargs)
         dataset_config = bound.arguments["dataset_config"]
         column = moce_config_from_cfg(cfg).cluster_column
         dataset = attach_cluster_column(bound.arguments["dataset"], dataset_config, cfg)
@@ -176,7 +159,7 @@ def install_dataset_patches() -> None:
             return _tokenized_with_ids(dataset, column), None
         _local.column = column
         try:
-            wrapped, prompter = original_wrapper(*bound.args, **bound.kwargs)
+            wrapped, prompter = original(*bound.args, **bound.kwargs)
         finally:
             _local.column = None
         names = getattr(wrapped, "column_names", None)
@@ -189,40 +172,47 @@ def install_dataset_patches() -> None:
             )
         return wrapped, prompter
 
+    return get_dataset_wrapper
+
+
+def wrap_tokenized_process(original: Callable) -> Callable:
+    """axolotl.datasets.TokenizedPromptDataset.process: wrap the strategy's tokenize_prompt
+    (only while get_dataset_wrapper above is preparing a MoCE dataset)."""
+
+    @functools.wraps(original)
     def process(self: Any, dataset: Any) -> Any:
         column = getattr(_local, "column", None)
         if column:
             _wrap_strategy(self.prompt_tokenizer, column)
-        return original_process(self, dataset)
+        return original(self, dataset)
 
-    @functools.wraps(original_hash)
+    return process
+
+
+def wrap_dataset_hash(original: Callable) -> Callable:
+    """axolotl.utils.data.sft.generate_dataset_hash_from_config: the prepared-data cache must
+    change with the MoCE settings that change the data."""
+
+    @functools.wraps(original)
     def generate_dataset_hash_from_config(cfg: Any, cfg_datasets: list, tokenizer_name: str):
-        base = original_hash(cfg, cfg_datasets, tokenizer_name)
+        base = original(cfg, cfg_datasets, tokenizer_name)
         if not getattr(cfg, "moce", None):
             return base
         return hashlib.md5(f"{base}|{moce_data_fingerprint(cfg)}".encode()).hexdigest()
 
-    ax_sft.get_dataset_wrapper = get_dataset_wrapper
-    ax_wrappers.get_dataset_wrapper = get_dataset_wrapper
-    ax_sft.generate_dataset_hash_from_config = generate_dataset_hash_from_config
-    ax_datasets.TokenizedPromptDataset.process = process
-    _installed = True
+    return generate_dataset_hash_from_config
 
 
 def moce_data_fingerprint(cfg: Any) -> str:
     """What of the moce config changes the prepared data (so the cache hash must too)."""
-    from .args import moce_config_from_cfg
-
     moce = moce_config_from_cfg(cfg)
     parts = ["moce-data-v1", moce.cluster_column, str(moce.num_clusters)]
     if moce.cluster_artifact:
-        from .clustering import ClusterModel
-
-        parts.append(ClusterModel.load(moce.cluster_artifact).fingerprint)
+        parts.append(cluster_model_of(moce).fingerprint)
     return "|".join(parts)
 
 
-def check_prepared_dataset(dataset: Any, split: str, num_clusters: int) -> None:
+def check_prepared_dataset(dataset: Any, split: str) -> None:
     """After loading: every row carries ids (a cache made without the plugin does not)."""
     if dataset is None:
         return

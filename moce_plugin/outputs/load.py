@@ -1,0 +1,290 @@
+"""Loading trained MoCE outputs and generating with automatic cluster assignment.
+
+    from moce_plugin.inference import load_moce_model
+    moce = load_moce_model("outputs/cpu-smollm2-moce/model")
+    print(moce.generate(["Write a python function that reverses a list."])[0])
+
+An output directory is what ``axolotl train`` wrote with the plugin enabled (or what
+:func:`moce_plugin.export.export_model` wrote): ``moce_config.json`` and
+``moce_weights.safetensors`` always; the full model (``config.json`` + safetensors) when no
+adapter was used, or ``adapter_config.json`` + ``adapter_model.safetensors`` for LoRA/QLoRA;
+and the cluster artifact (``cluster_artifact/``, copied at the end of training).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..model.config import MoCEConfig
+from ..model.routing import CLUSTER_IDS_KWARG
+from ..model.upcycle import config_of, load_moce_state_dict, upcycle_model
+from .folder import (
+    ARTIFACT_DIR_NAME,
+    MOCE_CONFIG_NAME,
+    MOCE_WEIGHTS_NAME,
+    base_config_summary,
+    read_meta,
+    read_moce_config,
+)
+
+# A full save of an upcycled model names the frozen MLP "mlp.base_mlp"; loading it into the
+# plain architecture first maps it back.
+BASE_MLP_KEY_MAPPING = {r"\.base_mlp\.": "."}
+
+
+class MoCELoadError(ValueError):
+    """The directory can't be loaded as a MoCE model (message says why and what to do)."""
+
+
+def _check_output_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise MoCELoadError(f"{path} is not a directory")
+    missing = [n for n in (MOCE_CONFIG_NAME, MOCE_WEIGHTS_NAME) if not (path / n).is_file()]
+    if missing:
+        raise MoCELoadError(
+            f"{path} is missing {', '.join(missing)}: it is not the output of a MoCE training "
+            "(axolotl train with plugins: [moce_plugin.MoCEPlugin]) or of moce_plugin.export. "
+            "Use the training's output_dir or one of its checkpoint-* folders."
+        )
+
+
+def _check_base_matches(model: Any, meta: dict) -> None:
+    """The MoCE weights only fit the base they were trained on."""
+    expected = meta.get("base_config")
+    if not expected:
+        return
+    cfg = model.config
+    diffs = {
+        k: (v, getattr(cfg, k, None))
+        for k, v in expected.items()
+        if getattr(cfg, k, None) != v
+    }
+    if diffs:
+        details = ", ".join(f"{k}: trained {a}, given {b}" for k, (a, b) in diffs.items())
+        raise MoCELoadError(
+            f"The base model differs from the one MoCE was trained on ({details}). Pass the "
+            f"training's base model (recorded: {meta.get('base_model')!r}) as base_model=."
+        )
+
+
+@dataclass
+class MoCEInferenceModel:
+    """A loaded MoCE model with its tokenizer and cluster model."""
+
+    model: Any
+    tokenizer: Any
+    config: MoCEConfig
+    cluster_model: Any | None = None
+    prompt_format: str = "raw"
+    meta: dict = field(default_factory=dict)
+
+    # ---- clusters --------------------------------------------------------------------
+    def assign_clusters(self, prompts: Sequence[str]) -> list[int]:
+        if self.cluster_model is None and self.config.groups == 1:
+            return [0] * len(prompts)  # one group (PESC-style): nothing to assign
+        if self.cluster_model is None:
+            raise MoCELoadError(
+                "This model has no cluster artifact (it was trained on a cluster_id column), so "
+                "clusters can't be assigned from text: pass cluster=<id> explicitly."
+            )
+        examples = [{"instruction": p, "input": ""} for p in prompts]
+        return [int(c) for c in self.cluster_model.assign_examples(examples)]
+
+    def _cluster_ids(self, prompts: Sequence[str], cluster: int | Sequence[int] | None):
+        if cluster is None:
+            ids = self.assign_clusters(prompts)
+        elif isinstance(cluster, int):
+            ids = [cluster] * len(prompts)
+        else:
+            ids = list(cluster)
+        bad = [c for c in ids if not 0 <= c < self.config.groups]
+        if bad or len(ids) != len(prompts):
+            raise ValueError(
+                f"cluster ids {ids} must be one per prompt in [0, {self.config.groups})"
+            )
+        return torch.tensor(ids, dtype=torch.long)
+
+    # ---- prompts ---------------------------------------------------------------------
+    def format_prompt(self, prompt: str) -> str:
+        if self.prompt_format == "alpaca":
+            from axolotl.prompters import AlpacaPrompter
+
+            return next(iter(AlpacaPrompter().build_prompt(prompt)))
+        if self.prompt_format == "chat" and getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        return prompt
+
+    def encode(self, prompts: Sequence[str]) -> dict:
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"  # generation continues at the right edge
+        texts = [self.format_prompt(p) for p in prompts]
+        batch = tok(texts, return_tensors="pt", padding=True)
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    # ---- generation ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        cluster: int | Sequence[int] | None = None,
+        max_new_tokens: int = 128,
+        streamer: Any = None,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Generate for a batch that may mix clusters; returns the new text of each prompt."""
+        prompts = list(prompts)
+        batch = self.encode(prompts)
+        ids = self._cluster_ids(prompts, cluster).to(batch["input_ids"].device)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        out = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            **{CLUSTER_IDS_KWARG: ids},
+            **generate_kwargs,
+        )
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def stream(self, prompt: str, cluster: int | None = None, **kwargs: Any) -> Iterator[str]:
+        """Yield text pieces of one generation as they are produced."""
+        from threading import Thread
+
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        thread = Thread(
+            target=self.generate, args=([prompt],),
+            kwargs=dict(cluster=cluster, streamer=streamer, **kwargs), daemon=True,
+        )
+        thread.start()
+        yield from streamer
+        thread.join()
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, cluster_ids: torch.Tensor, **kwargs: Any):
+        return self.model(input_ids=input_ids, **{CLUSTER_IDS_KWARG: cluster_ids}, **kwargs).logits
+
+
+@contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | None):
+    candidates = [cluster_artifact, path / ARTIFACT_DIR_NAME, path.parent / ARTIFACT_DIR_NAME,
+                  config.cluster_artifact]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            from ..clustering import ClusterModel
+
+            model = ClusterModel.load(candidate)
+            model.check_num_clusters(config.groups)
+            return model
+    if config.cluster_artifact or cluster_artifact:
+        raise MoCELoadError(
+            "The cluster artifact of this model was not found (looked in "
+            f"{path / ARTIFACT_DIR_NAME} and {config.cluster_artifact}). Pass "
+            "cluster_artifact=<dir written by "
+            "preprocess/cluster.py>."
+        )
+    return None
+
+
+def load_moce_model(
+    path: str | Path,
+    base_model: str | None = None,
+    cluster_artifact: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    merge_lora: bool = False,
+    prompt_format: str | None = None,
+) -> MoCEInferenceModel:
+    """Load a MoCE output directory (see module docstring) for inference.
+
+    Args:
+        base_model: the base model for LoRA outputs, or to override the recorded one.
+        cluster_artifact: override where the cluster artifact is read from.
+        merge_lora: merge LoRA into the base weights (faster generation).
+        prompt_format: 'alpaca', 'chat' or 'raw'; default: what the training data used.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    _check_output_dir(path)
+    config = read_moce_config(path)
+    meta = read_meta(path)
+    dtype = dtype or torch.float32
+    adapter_cfg = path / "adapter_config.json"
+    if adapter_cfg.is_file():
+        from peft import PeftModel
+
+        base = base_model or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise MoCELoadError(f"{adapter_cfg} names no base model: pass base_model=")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        _check_base_matches(model, meta)
+        upcycle_model(model, config, dtype=dtype)
+        model = PeftModel.from_pretrained(model, path)
+        if merge_lora:
+            model = model.merge_and_unload()
+        tokenizer_source = path if (path / "tokenizer_config.json").is_file() else base
+    elif (path / "config.json").is_file():
+        source = base_model or path
+        # The saved model also holds the moce_experts tensors, which the plain architecture
+        # reports as "unexpected"; they are loaded from moce_weights below, so keep it quiet.
+        with _transformers_errors_only():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING
+            )
+        _check_base_matches(model, meta)
+        upcycle_model(model, config, dtype=dtype)
+        tokenizer_source = path if (path / "tokenizer_config.json").is_file() else (
+            base_model or meta.get("base_model") or path)
+    else:
+        base = base_model or meta.get("base_model")
+        if not base:
+            raise MoCELoadError(
+                f"{path} holds MoCE weights but no model: pass base_model= (the training's base)."
+            )
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        _check_base_matches(model, meta)
+        upcycle_model(model, config, dtype=dtype)
+        tokenizer_source = base
+    # moce_weights.safetensors is authoritative for MoCE (also under PEFT's modules_to_save).
+    load_moce_state_dict(model, load_file(str(path / MOCE_WEIGHTS_NAME)))
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    cluster_model = _load_cluster_model(path, config, cluster_artifact)
+    assert config_of(model) is not None
+    return MoCEInferenceModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        cluster_model=cluster_model,
+        prompt_format=prompt_format or meta.get("prompt_format", "raw"),
+        meta=meta,
+    )
