@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ import numpy as np
 from .encode import SentenceTransformerEncoder, embed_texts, l2_normalize
 from .errors import ClusterArtifactError
 from .kmeans import nearest_centroid
-from .text import content_key, example_text, iter_rows
+from .text import Request, content_key, example_text, iter_rows, request_text
 
 if TYPE_CHECKING:
     import datasets
@@ -165,6 +165,11 @@ class ClusterModel:
 
     def assign_examples(self, examples: list[dict]) -> np.ndarray:
         return self.assign_texts([self.text_of(e) for e in examples])
+
+    def assign_requests(self, requests: Sequence[Request]) -> np.ndarray:
+        """Cluster of each inference request (plain prompt, chat messages or a row in the
+        training format): the inference entry point every serving path uses."""
+        return self.assign_texts([request_text(r, self.template) for r in requests])
 
     def check_num_clusters(self, configured: int | str | None) -> int:
         if configured is None or configured == "auto":

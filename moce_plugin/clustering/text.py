@@ -93,3 +93,24 @@ def iter_rows(examples: datasets.Dataset | Iterable[Mapping[str, Any]]) -> Itera
     else:
         yield from (dict(row) for row in examples)
 
+
+
+#: What a request can be at inference: a plain prompt, chat messages, or a row in the
+#: training data's own format.
+Request = str | Sequence[Mapping[str, Any]] | Mapping[str, Any]
+
+
+def request_text(request: Request, template: str = "auto") -> str:
+    """The request text of an inference request, the same text :func:`example_text` gives the
+    training row it corresponds to.
+
+    Provisional: plain prompts and chat messages map onto the auto template's fields; see the
+    consistency work on custom templates.
+    """
+    if isinstance(request, str):
+        row: Mapping[str, Any] = {"instruction": request}
+    elif isinstance(request, Mapping):
+        row = request
+    else:
+        row = {"messages": list(request)}
+    return example_text(row, template)
