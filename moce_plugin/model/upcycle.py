@@ -29,6 +29,7 @@ from .layer import MoCEExperts, MoCEMLP
 from .routing import (
     CLUSTER_IDS_KWARG,
     IGNORE_CLUSTER_ID,
+    InvalidClusterIdsError,
     MissingClusterIdsError,
     RoutingRecord,
     collector_stack,
@@ -157,13 +158,13 @@ def validate_cluster_ids(ids: Any, num_groups: int) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         ids = torch.as_tensor(ids)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise MissingClusterIdsError(
+        raise InvalidClusterIdsError(
             f"moce_cluster_ids must be integers, got dtype {ids.dtype}"
         )
     bad = (ids != IGNORE_CLUSTER_ID) & ((ids < 0) | (ids >= num_groups))
     if ids.device.type == "cpu":
         if bool(bad.any()):
-            raise ValueError(
+            raise InvalidClusterIdsError(
                 f"moce_cluster_ids contains {sorted(set(ids[bad].tolist()))[:5]}, outside "
                 f"[0, {num_groups}) (moce.num_clusters={num_groups}). The cluster ids do not "
                 "match the model: re-run preprocess/cluster.py with this k, or fix the data's "
@@ -235,7 +236,6 @@ def upcycle_model(
         setattr(layer, spec.mlp_attr, moce_mlp)
         layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True)
         layer.register_forward_hook(_layer_post_hook, with_kwargs=True, always_call=True)
-    backbone = layers
     # The backbone is the module that owns the layers list (LlamaModel, ...).
     parent_path = spec.layers_path.rsplit(".", 1)[0] if "." in spec.layers_path else ""
     backbone = causal_lm
