@@ -20,6 +20,10 @@ so every number is the full MLP cost of one decoder layer:
 - ``ffn``:      the frozen FFN alone (x still requires grad), to split off the experts' cost:
                 the "experts-only" ratio is (loop - ffn) / (moce - ffn).
 - ``moce_compiled`` (``--compile``): ``torch.compile(MoCEMLP)``.
+- ``moce_routed``: MoCEMLP with every expert slot through the routed (token, expert) path,
+                as before the dense block path (soft / (V) before/after in one run).
+- ``moce@G+V``: MoCEMLP forced to one execution plan (``MoCEExperts.plan``), G in
+                slots/blocks, V in slots/blocks/fold, e.g. ``moce@blocks+fold``.
 
 Time: wall clock (or process CPU time with ``--cpu-time``, for a shared CPU with
 ``--threads 1``), median over ``--reps`` fwd+bwd iterations after ``--warmup``, the implementations
@@ -47,6 +51,7 @@ import argparse
 import csv
 import functools
 import json
+import math
 import os
 import resource
 import statistics
@@ -181,6 +186,15 @@ def cfg_name(c: dict) -> str:
 
 
 # --------------------------------------------------------------------------- build / run
+def _forced_plan(impl: str, c: dict) -> tuple[str, str | None]:
+    """``moce_routed``: every expert slot through routed_adapter_sum (the layer before the
+    dense block path); ``moce@<group>+<general>``: that execution plan of MoCEExperts."""
+    if impl == "moce_routed":
+        return ("slots", "slots" if c["V"] else None)
+    group, _, general = impl[len("moce@"):].partition("+")
+    return (group, (general or "slots") if c["V"] else None)
+
+
 def build(c: dict, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
     """(module, run_fn, x, g): run_fn() does one fwd+bwd and returns nothing."""
     torch.manual_seed(seed)
@@ -199,6 +213,9 @@ def build(c: dict, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
         moce.moce_experts.up.normal_(0, 0.02, generator=gen)
     if impl in ("moce", "moce_compiled"):
         mod = moce
+    elif impl == "moce_routed" or impl.startswith("moce@"):
+        mod = moce
+        mod.moce_experts.plan = _forced_plan(impl, c)
     elif impl in ("loop", "loop_dense"):
         mod = MaskedLoopMLP(ffn, MaskedLoopMoCE.from_fast(moce.moce_experts,
                                                           dense=impl == "loop_dense"))
@@ -406,8 +423,12 @@ def main() -> None:
     hdr = (f"{'config':34s} " + " ".join(f"{i + ' ms':>12s}" for i in impls)
            + f" {'loop/moce':>9s} {'dense/moce':>10s} {'moce/adptr':>10s} {'moce/lora':>9s}"
            + f" {'us/token':>8s} {'xp loop/moce':>12s}")
+    # Every other MoCE variant (moce_routed, moce@...) against the FFN + one adapter layer.
+    variants = [i for i in impls if i.startswith("moce") and i != "moce"]
+    hdr += "".join(f" {i[:12] + '/a':>14s}" for i in variants)
     if not args.no_memory:
         hdr += " " + " ".join(f"{i + ' MB':>11s}" for i in impls) + f" {'mem m/a':>7s}"
+        hdr += "".join(f" {'mem ' + i[:12] + '/a':>18s}" for i in variants)
     print(hdr, flush=True)
     rows = []
     for c in configs:
@@ -421,11 +442,15 @@ def main() -> None:
         row["moce_over_lora"] = round(ratio("moce", "lora"), 3)
         line += (f" {row['loop_over_moce']:9.2f} {row['loop_dense_over_moce']:10.2f}"
                  f" {row['moce_over_adapter']:10.2f}"
-                 f" {row['moce_over_lora']:9.2f} {t['moce'] / c['tokens'] * 1e3:8.2f}")
+                 f" {row['moce_over_lora']:9.2f}"
+                 f" {t.get('moce', math.nan) / c['tokens'] * 1e3:8.2f}")
         xp = ((t["loop"] - t["ffn"]) / (t["moce"] - t["ffn"])
               if {"loop", "ffn", "moce"} <= t.keys() else float("nan"))
         row["experts_only_loop_over_moce"] = round(xp, 3)
         line += f" {xp:12.2f}"
+        for i in variants:
+            row[f"{i}_over_adapter"] = round(ratio(i, "adapter"), 3)
+            line += f" {row[f'{i}_over_adapter']:14.2f}"
         if not args.no_memory:
             mem = {}
             for i in impls:
@@ -435,9 +460,14 @@ def main() -> None:
                     print(f"  memory of {i} failed: {str(e)[-300:]}", flush=True)
                     mem[i] = float("nan")
                 row[f"{i}_peak_mb"] = round(mem[i], 1)
-            ma = mem["moce"] / mem["adapter"] if "adapter" in mem else float("nan")
+            ma = (mem["moce"] / mem["adapter"] if {"moce", "adapter"} <= mem.keys()
+                  else float("nan"))
             row["mem_moce_over_adapter"] = round(ma, 3)
             line += " " + " ".join(f"{mem[i]:11.1f}" for i in impls) + f" {ma:7.2f}"
+            for i in variants:
+                mv = mem[i] / mem["adapter"] if "adapter" in mem else float("nan")
+                row[f"mem_{i}_over_adapter"] = round(mv, 3)
+                line += f" {mv:18.2f}"
         print(line, flush=True)
         if args.count_ops:
             ops = {i: count_ops(c, i, args.device, dtype) for i in impls}

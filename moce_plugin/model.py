@@ -26,6 +26,7 @@ from torch import nn
 from .architectures import ArchitectureSpec, decoder_layers, get_architecture
 from .config import MoCEConfig
 from .layer import MoCEExperts, MoCEMLP
+from .routers import LEGACY_KEYS
 from .routing import (
     CLUSTER_IDS_KWARG,
     IGNORE_CLUSTER_ID,
@@ -320,9 +321,23 @@ def moce_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _remap_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys saved before the router was a module (``layers.<i>.router``,
+    ``layers.<i>.acmoe_dispersion``, ``layers.<i>.acmoe_seen``) -> current names."""
+    out = {}
+    for key, value in state.items():
+        prefix, _, name = key.rpartition(".")
+        if prefix.startswith("layers.") and prefix.count(".") == 1 and name in LEGACY_KEYS:
+            key = f"{prefix}.{LEGACY_KEYS[name]}"
+        out[key] = value
+    return out
+
+
 def load_moce_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`moce_state_dict`; shape mismatches are explained."""
+    """Inverse of :func:`moce_state_dict` (also reads files saved with the pre-router-module
+    key names); shape mismatches are explained."""
     modules = {m.layer_index: m for _, m in moce_experts_modules(model)}
+    state = _remap_legacy_keys(state)
 
     def tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
         return list(m.named_parameters()) + list(m.named_buffers())
