@@ -164,3 +164,23 @@ def test_works_with_top1_soft_and_general_experts(top_k, general):
     out = model(input_ids=ids, labels=ids, moce_cluster_ids=torch.tensor([[0] * 6, [1] * 6]))
     (out.loss + aux_loss_of(pop_last_routing(model))).backward()
     assert torch.isfinite(out.loss)
+
+
+def test_weights_saved_with_the_old_key_names_still_load():
+    """moce_weights.safetensors written before the router was a module used
+    ``layers.<i>.router`` / ``acmoe_dispersion`` / ``acmoe_seen``."""
+    model = _acmoe_model().train()
+    model(input_ids=torch.randint(0, 128, (2, 8)), moce_cluster_ids=torch.tensor([0, 1]))
+    state = moce_state_dict(model)
+    old_names = {"router.weight": "router", "router.dispersion": "acmoe_dispersion",
+                 "router.seen": "acmoe_seen"}
+    legacy = {}
+    for key, value in state.items():
+        layer, _, name = key.partition(".")[2].partition(".")
+        legacy[f"layers.{layer}.{old_names.get(name, name)}"] = value
+    assert "layers.1.router" in legacy and "layers.1.acmoe_seen" in legacy
+    assert not any(k.endswith(".router.weight") for k in legacy)
+    fresh = _acmoe_model()
+    load_moce_state_dict(fresh, legacy)
+    for key, value in moce_state_dict(fresh).items():
+        assert torch.equal(value, state[key]), key
