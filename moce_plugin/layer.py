@@ -10,12 +10,15 @@ because the top-k weights are renormalised to sum to 1 (and soft-merge weights a
 softmax), sum_i w_i A_i(x) = h + sum_i w_i * adapter_i(h). The general experts of the
 (V) variant add their adapter outputs to that; the shared h is counted once.
 
-The router input is the MLP input x; each group has its own linear router, softmax
-over that group's experts only. Experts are stored as stacked tensors
+The router input is the MLP input x; each group has its own router (`routers.py`),
+softmax over that group's experts only. Experts are stored as stacked tensors
 ``down [N, d, r]`` and ``up [N, r, d]`` (N = C*E group experts, then the general
-experts) and run in one grouped matmul over the (token, expert) assignments sorted by
-expert (`expert_ops.routed_adapter_sum`): no Python loop over experts and no host
-synchronisation on the fast path.
+experts). Sparse top-k routing runs one grouped matmul over the (token, expert)
+assignments sorted by expert (`expert_ops.routed_adapter_sum`); where a token uses every
+expert of a set (soft merging, top-E, soft or all-k general experts) the set is one
+adapter of rank E*r with block-wise weights, run per group on the tokens sorted by group
+(`expert_ops.block_adapter_sum`). `choose_plan` picks per routing mode, by measurement.
+No Python loop over experts and no host synchronisation on the fast path.
 ``up`` starts at zero, so an upcycled model reproduces the base model exactly.
 """
 
