@@ -36,7 +36,7 @@ UNSUPPORTED_OPTIONS = (
 
 
 class MoCEArgs(BaseModel):
-    """``moce:`` block of the axolotl YAML (see :class:`moce_plugin.config.MoCEConfig`)."""
+    """``moce:`` block of the axolotl YAML (see :class:`moce_plugin.model.config.MoCEConfig`)."""
 
     moce: MoCEConfig | None = None
 

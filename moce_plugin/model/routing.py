@@ -84,7 +84,7 @@ def token_cluster_ids(batch_shape: torch.Size, device: torch.device) -> torch.Te
         raise MissingClusterIdsError(
             "A MoCE layer ran without cluster ids. Pass `moce_cluster_ids` (per sequence [B] "
             "or per token [B, S]) to the model's forward/generate, or wrap direct layer calls "
-            "in moce_plugin.routing.cluster_ids_context(...). In training, the MoCE collator "
+            "in moce_plugin.cluster_ids_context(...). In training, the MoCE collator "
             "adds them: check that `plugins: [moce_plugin.MoCEPlugin]` is set."
         )
     ids = ids.to(device=device, dtype=torch.long)

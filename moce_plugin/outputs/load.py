@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..model.config import MoCEConfig
+from ..model.routers import LEGACY_PEFT_KEY_MAPPING
 from ..model.routing import CLUSTER_IDS_KWARG
 from ..model.upcycle import config_of, load_moce_state_dict, upcycle_model
 from .folder import (
@@ -246,7 +247,10 @@ def load_moce_model(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         _check_base_matches(model, meta)
         upcycle_model(model, config, dtype=dtype)
-        model = PeftModel.from_pretrained(model, path)
+        # Adapters saved before the router module had other MoCE key names.
+        key_mapping = {**(getattr(model, "_checkpoint_conversion_mapping", None) or {}),
+                       **LEGACY_PEFT_KEY_MAPPING}
+        model = PeftModel.from_pretrained(model, path, key_mapping=key_mapping)
         if merge_lora:
             model = model.merge_and_unload()
         tokenizer_source = path if (path / "tokenizer_config.json").is_file() else base
