@@ -1,0 +1,121 @@
+"""bench/reproduce/stats.py on synthetic per-row losses whose answer is known."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "reproduce"))
+
+from stats import (  # noqa: E402
+    MEAN,
+    Difference,
+    StatsError,
+    describe,
+    gather,
+    paired_difference,
+    seed_summary,
+)
+
+DOMAINS = ("alpaca", "code_alpaca", "gsm8k")
+
+
+def fake_runs(config: str, shift: float, seeds: int = 3, rows: int = 60, seed_sd: float = 0.01,
+              noise: float = 0.02, data_seed: int = 0, gen: int = 1) -> dict[str, dict]:
+    """Metrics of `seeds` runs: per-token loss = row difficulty (shared by every run, very
+    spread: pairing on rows matters) + shift + a per-seed offset + per-row noise."""
+    data = np.random.default_rng(data_seed)
+    difficulty = {d: data.uniform(0.3, 3.0, rows) for d in DOMAINS}
+    tokens = {d: data.integers(20, 200, rows) for d in DOMAINS}
+    rng = np.random.default_rng(gen)
+    out = {}
+    for s in range(1, seeds + 1):
+        offset = rng.normal(0, seed_sd)
+        ids, dom, nll, tok = [], [], [], []
+        for d in DOMAINS:
+            per_token = difficulty[d] + shift + offset + rng.normal(0, noise, rows)
+            ids += [f"{d}-{i}" for i in range(rows)]
+            dom += [d] * rows
+            nll += list(per_token * tokens[d])
+            tok += list(tokens[d])
+        out[f"{config}@s{s}"] = {"rows": {"id": ids, "domain": dom, "nll": nll, "tokens": tok}}
+    return out
+
+
+def test_planted_difference_is_detected():
+    a = gather(fake_runs("moce", 0.05, gen=1))
+    b = gather(fake_runs("pesc", 0.0, gen=2))
+    result = paired_difference(a, b)
+    for key in (*DOMAINS, MEAN):
+        d = result[key]
+        assert d.significant and d.low < 0.05 < d.high, (key, d)
+    assert "pesc is better" in describe(result[MEAN], "moce", "pesc")
+
+
+def test_small_planted_difference_needs_pairing_on_rows():
+    # Row difficulty spreads 0.3-3 nats, the difference is 0.02: drawing the rows separately
+    # for the two sides (no pairing) would bury it.
+    result = paired_difference(gather(fake_runs("a", 0.02, noise=0.01, seed_sd=0.002, gen=3)),
+                               gather(fake_runs("b", 0.0, noise=0.01, seed_sd=0.002, gen=4)))
+    assert result[MEAN].significant and result[MEAN].low > 0
+
+
+def test_no_difference_covers_zero():
+    result = paired_difference(gather(fake_runs("a", 0.0, gen=5)),
+                               gather(fake_runs("b", 0.0, gen=6)))
+    for key in (*DOMAINS, MEAN):
+        assert result[key].low < 0 < result[key].high, (key, result[key])
+    assert "cannot be told apart" in describe(result[MEAN], "a", "b")
+
+
+def test_seed_spread_widens_the_interval():
+    # Same rows and noise; only the seed-to-seed spread differs: seeds must be resampled.
+    def width(seed_sd: float) -> float:
+        r = paired_difference(gather(fake_runs("a", 0.0, seed_sd=seed_sd, gen=7)),
+                              gather(fake_runs("b", 0.0, seed_sd=seed_sd, gen=8)))[MEAN]
+        return r.high - r.low
+
+    assert width(0.1) > 3 * width(0.0)
+
+
+def test_deterministic_given_the_seed():
+    a, b = gather(fake_runs("a", 0.01, gen=9)), gather(fake_runs("b", 0.0, gen=10))
+    first, again = paired_difference(a, b, seed=3), paired_difference(a, b, seed=3)
+    other = paired_difference(a, b, seed=4)
+    assert first == again
+    assert first[MEAN].low != other[MEAN].low
+    assert first[MEAN].diff == other[MEAN].diff  # the point estimate uses every row
+
+
+def test_seed_summary_mean_and_spread():
+    runs = fake_runs("a", 0.0, seeds=3, seed_sd=0.0, noise=0.0)
+    summary = seed_summary(gather(runs))
+    assert summary[MEAN]["seeds"] == 3 and summary[MEAN]["sd"] == pytest.approx(0, abs=1e-12)
+    one = seed_summary(gather(dict(list(runs.items())[:1])))
+    assert one["gsm8k"]["sd"] == 0.0 and one["gsm8k"]["mean"] == pytest.approx(
+        summary["gsm8k"]["mean"])
+    # token-weighted, as in the tables: sum of row losses / sum of tokens
+    r = runs["a@s1"]["rows"]
+    code = [i for i, d in enumerate(r["domain"]) if d == "code_alpaca"]
+    expected = sum(r["nll"][i] for i in code) / sum(r["tokens"][i] for i in code)
+    assert one["code_alpaca"]["mean"] == pytest.approx(expected)
+
+
+def test_runs_without_rows_or_with_other_rows_are_refused():
+    with pytest.raises(StatsError, match="no per-row losses.*re-evaluate"):
+        gather({"moce": {"loss": {}}})
+    a = fake_runs("a", 0.0, seeds=1)
+    b = fake_runs("b", 0.0, seeds=1, rows=59)
+    with pytest.raises(StatsError, match="different .* rows"):
+        gather({**a, **b})
+    with pytest.raises(StatsError, match="different .* rows"):
+        paired_difference(gather(a), gather(b))
+
+
+def test_difference_significance():
+    assert Difference(0.1, 0.01, 0.2).significant
+    assert Difference(-0.1, -0.2, -0.01).significant
+    assert not Difference(0.1, -0.01, 0.2).significant
