@@ -119,3 +119,105 @@ def test_difference_significance():
     assert Difference(0.1, 0.01, 0.2).significant
     assert Difference(-0.1, -0.2, -0.01).significant
     assert not Difference(0.1, -0.01, 0.2).significant
+
+
+# ---- study_report.py: the seeded study's part of docs/results.md -------------------------
+
+def fake_metrics(config: str, shift: float, seeds: int = 3, **kw) -> dict[str, dict]:
+    """Full run metrics (what report.py reads) around fake per-row losses."""
+    out = {}
+    for i, (name, m) in enumerate(fake_runs(config, shift, seeds=seeds, **kw).items()):
+        rows = m["rows"]
+        loss = {}
+        for d in DOMAINS:
+            idx = [j for j, x in enumerate(rows["domain"]) if x == d]
+            loss[d] = {"loss": sum(rows["nll"][j] for j in idx)
+                       / sum(rows["tokens"][j] for j in idx)}
+        out[name] = {**m, "loss": loss, "gsm8k": {"exact_match": 0.05}, "seed": i + 1,
+                     "trainable_params": 26_700_000, "train_seconds": 600.0,
+                     "eval_seconds": 100.0, "wall_seconds": 700.0, "machine": "test CPU",
+                     "torch_threads": 2, "load_average_1min": 1.0}
+    return out
+
+
+def with_curve(metrics: dict[str, dict], shifts: list[float], config: str, gen: int) -> dict:
+    (name, m), = metrics.items()
+    curve = []
+    for step, shift in zip((40, 80, 120), shifts):
+        point = fake_metrics(config, shift, seeds=1, gen=gen + step)
+        p = next(iter(point.values()))
+        curve.append({"step": step, "loss": p["loss"], "rows": p["rows"]})
+    m["curve"] = curve
+    return {name: m}
+
+
+def test_hypothesis_outcomes():
+    from study_report import hypothesis_outcome
+
+    worse, better, same = (Difference(0.05, 0.02, 0.08), Difference(-0.05, -0.08, -0.02),
+                           Difference(0.0, -0.02, 0.02))
+    assert hypothesis_outcome(same, better, same) == "moot"  # no gap to explain
+    assert hypothesis_outcome(better, better, same) == "moot"
+    assert hypothesis_outcome(worse, better, same) == "confirmed"
+    assert hypothesis_outcome(worse, better, better) == "confirmed"
+    assert hypothesis_outcome(worse, better, worse) == "partly confirmed"
+    assert hypothesis_outcome(worse, same, worse) == "not confirmed"
+    assert hypothesis_outcome(worse, worse, worse) == "not confirmed"
+
+
+def test_study_section_pending(tmp_path):
+    from repro_config import GROUPS, Settings
+    from study_report import study_section
+
+    ref = Path(__file__).resolve().parents[1] / "docs" / "results" / "metrics.json"
+    text = "\n".join(study_section({}, Settings(), tmp_path, ref))
+    assert "## Seeds and intervals: machinery ready, runs pending" in text
+    assert "**Not run yet.**" in text
+    for group in ("main3", "paper", "hypothesis", "long", "study"):
+        assert f"`run.py {group}`" in text
+    assert f"all {len(GROUPS['study'])}" in text and " h |" in text
+    assert "moce_pairs" in text and "Decision rule" in text
+
+
+def test_study_section_from_runs(tmp_path):
+    from repro_config import Settings
+    from study_report import study_section
+
+    m = {}
+    # planted: lora best, pesc 0.05 better than moce, moce_pairs exactly as good as pesc
+    for config, shift, gen in [("lora_mlp", -0.1, 10), ("pesc", 0.0, 20), ("moce", 0.05, 30),
+                               ("pesc8", 0.02, 40), ("pesc4", 0.05, 50),
+                               ("moce_pairs", 0.0, 20)]:
+        m.update(fake_metrics(config, shift, gen=gen, seed_sd=0.001, noise=0.002))
+    m.update(with_curve(fake_metrics("moce_long", 0.0, seeds=1, gen=70), [0.1, 0.0, -0.1],
+                        "moce_long", 100))
+    m.update(with_curve(fake_metrics("pesc_long", 0.0, seeds=1, gen=80), [0.0, 0.0, 0.0],
+                        "pesc_long", 200))
+    m.update(with_curve(fake_metrics("lora_mlp_long", 0.0, seeds=1, gen=90),
+                        [-0.2, -0.2, -0.2], "lora_mlp_long", 300))
+    text = "\n".join(study_section(m, Settings(), tmp_path, tmp_path / "none.json"))
+    assert "runs pending" not in text
+    verdict = text.split("### Seeds")[0]
+    assert "pesc is better (moce - pesc = +0.05" in verdict
+    assert "lora_mlp is better (moce - lora_mlp = +0.15" in verdict
+    assert "Result: **confirmed**" in text
+    # the long runs: moce_long starts worse than pesc_long and ends better
+    assert "at 40 steps (3-seed means) the order is lora_mlp" in verdict
+    assert "after 120 steps (one seed) the mean held-out loss orders lora_mlp_long" in verdict
+    assert "moce_long is better (moce_long - pesc_long = -0.1" in verdict
+    assert "moce and pesc4 cannot be told apart" in verdict
+    curve_rows = [line for line in text.splitlines() if line.startswith("| 40 |")
+                  or line.startswith("| 120 |")]
+    moce_minus_pesc = [row.split("|")[5].strip() for row in curve_rows]
+    assert moce_minus_pesc[0].startswith("**+") and moce_minus_pesc[1].startswith("**-")
+    assert (tmp_path / "loss_vs_steps.png").is_file()
+    assert "± " in text and "26.7 M" in text and "| moce@s1 | test CPU |" in text
+
+
+def test_study_section_reports_runs_it_cannot_compare(tmp_path):
+    from repro_config import Settings
+    from study_report import study_section
+
+    m = {**fake_metrics("moce", 0.0, gen=1), **fake_metrics("pesc", 0.0, rows=50, gen=2)}
+    text = "\n".join(study_section(m, Settings(), tmp_path, tmp_path / "none.json"))
+    assert "Not compared:" in text and "different" in text

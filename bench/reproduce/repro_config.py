@@ -212,24 +212,36 @@ def train_config(run: Run, s: Settings) -> dict[str, Any]:
         else:
             cfg.update(lora_target_linear=True)
     elif run.kind == "moce":
-        k = num_clusters()
-        moce = dict(experts_per_group=s.experts_per_group, adapter_dim=s.adapter_dim,
-                    adapter_scaling=1.0, adapter_activation="sigmoid",
-                    router_aux_loss_coef=0.01)
-        moce.update(run.moce or {})
-        if moce["experts_per_group"] == "CxE":  # as many experts per group as PESC in all
-            moce["experts_per_group"] = k * s.experts_per_group
-        if run.seed is not None:
-            moce["init_seed"] = run.seed
-        if run.clustered:
-            moce.update(num_clusters=k, cluster_artifact=str(CLUSTERS))
-        else:  # PESC: one group, C x E experts (same as MoCE in all) unless `experts` says
-            moce.update(num_clusters=1,
-                        experts_per_group=run.experts or k * moce["experts_per_group"])
-        cfg.update(plugins=["moce_plugin.MoCEPlugin"], moce=moce)
+        cfg.update(plugins=["moce_plugin.MoCEPlugin"], moce=moce_block(run, s, num_clusters()))
     else:
         raise ValueError(f"run {run.name} does not train")
     return cfg
+
+
+def moce_block(run: Run, s: Settings, k: int) -> dict[str, Any]:
+    """The `moce:` block of a MoCE/PESC run, with k clusters."""
+    moce = dict(experts_per_group=s.experts_per_group, adapter_dim=s.adapter_dim,
+                adapter_scaling=1.0, adapter_activation="sigmoid", router_aux_loss_coef=0.01)
+    moce.update(run.moce or {})
+    if moce["experts_per_group"] == "CxE":  # as many experts per group as PESC in all
+        moce["experts_per_group"] = k * s.experts_per_group
+    if run.seed is not None:
+        moce["init_seed"] = run.seed
+    if run.clustered:
+        moce.update(num_clusters=k, cluster_artifact=str(CLUSTERS))
+    else:  # PESC: one group, C x E experts (same as MoCE in all) unless `experts` says
+        moce.update(num_clusters=1,
+                    experts_per_group=run.experts or k * moce["experts_per_group"])
+    return moce
+
+
+def adapter_params(moce: dict[str, Any], hidden: int, layers: int) -> int:
+    """Trainable parameters of a `moce:` block (moce_plugin.model.layer.MoCEExperts): per
+    layer a router row and a down + up adapter per expert; general experts likewise."""
+    grouped = moce["num_clusters"] * moce["experts_per_group"]
+    general = moce.get("num_general_experts", 0)
+    per_layer = (grouped + general) * hidden * (1 + 2 * moce["adapter_dim"])
+    return layers * per_layer
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -195,33 +195,42 @@ def do_run(run: Run, s: Settings, force: bool) -> None:
           + (f", train {record['train_seconds']:.0f} s" if record else ""), flush=True)
 
 
-def estimate_seconds(run: Run, s: Settings, reference: dict[str, dict]) -> float | None:
-    """Wall time of a run from the measured time of the run it resembles: training scaled
-    by steps, evaluation by scored rows (an upper estimate: generation does not grow),
-    plus one loss-only evaluation per curve checkpoint, also scaled by rows."""
+def estimate_seconds(run: Run, s: Settings,
+                     reference: dict[str, dict]) -> tuple[float, float] | None:
+    """(low, high) wall time of a run from the measured time of the run it resembles.
+    Training scales with steps. High: evaluation scaled by scored rows and paid again at
+    every curve checkpoint; low: evaluation as measured (its greedy generations do not grow
+    with the rows) and checkpoint scoring free. The truth lies between."""
     ref = reference.get(REFERENCE_RUN.get(run.config, run.config))
     if not ref or "eval_seconds" not in ref:
         return None
     rs = ref["settings"]
     train = ref.get("train_seconds", 0.0) * s.steps * run.steps_multiplier / rs["steps"]
-    evaluation = ref["eval_seconds"] * s.eval_per_domain / rs["eval_per_domain"]
-    return train + evaluation * (1 + run.curve_points)
+    evaluation = ref["eval_seconds"] * max(1.0, s.eval_per_domain / rs["eval_per_domain"])
+    return train + ref["eval_seconds"], train + evaluation * (1 + run.curve_points)
+
+
+def span(low: float, high: float, unit: float, name: str) -> str:
+    a, b = round(low / unit, 1), round(high / unit, 1)
+    return f"~{a:g} {name}" if a == b else f"~{a:g}-{b:g} {name}"
 
 
 def plan(runs: list[Run], s: Settings, reference_path: Path = REFERENCE_METRICS) -> str:
     reference = json.loads(reference_path.read_text()) if reference_path.is_file() else {}
-    lines, total, unknown = [], 0.0, []
+    lines, low, high, unknown = [], 0.0, 0.0, []
     for run in runs:
         if (run_dir(run) / "metrics.json").is_file():
             lines.append(f"  {run.name:18s} done")
             continue
-        sec = estimate_seconds(run, s, reference)
-        if sec is None:
+        est = estimate_seconds(run, s, reference)
+        if est is None:
             unknown.append(run.name)
-        total += sec or 0.0
-        lines.append(f"  {run.name:18s} " + (f"~{sec / 60:.0f} min" if sec else "no estimate"))
-    lines.append(f"to do: ~{total / 3600:.1f} h of single-run wall time (from {reference_path}"
-                 ", whose runs shared 2 CPU cores with one or two others)"
+            lines.append(f"  {run.name:18s} no estimate")
+            continue
+        low, high = low + est[0], high + est[1]
+        lines.append(f"  {run.name:18s} {span(*est, 60, 'min')}")
+    lines.append(f"to do: {span(low, high, 3600, 'h')} of per-run wall time (from "
+                 f"{reference_path}, whose runs shared 2 CPU cores with one or two others)"
                  + (f"; no estimate for {unknown}" if unknown else ""))
     return "\n".join(lines)
 
