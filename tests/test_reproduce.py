@@ -135,6 +135,17 @@ def test_resolve_groups_and_seed_option():
         runner.resolve(["base"], [1])
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--eval-per-domain", "70"], "exceeds --heldout-per-domain 60"),
+    (["--eval-per-domain", "10", "--gsm8k-generate", "20"], "exceeds --eval-per-domain 10")])
+def test_prepare_refuses_more_scored_rows_than_held_out(tmp_path, args, message):
+    env = {**os.environ, "MOCE_REPRODUCE_DIR": str(tmp_path / "work")}
+    proc = subprocess.run([sys.executable, str(REPRO / "prepare.py"), *args], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert not (tmp_path / "work").exists()  # refused before any work
+
+
 def test_train_command_seeds_before_axolotl(tmp_path):
     import run as runner
 
