@@ -104,8 +104,8 @@ def test_seeded_and_long_runs(monkeypatch):
     long = common.train_config(common.get_run("moce_long@s1"), s)
     steps = s.steps * common.LONG_MULTIPLIER
     assert common.LONG_MULTIPLIER >= 3 and long["max_steps"] == steps
-    # every curve checkpoint is kept until it has been scored
-    assert long["save_total_limit"] is None
+    # every curve checkpoint is kept until it has been scored (axolotl: unset means 4)
+    assert long["save_total_limit"] > common.CURVE_POINTS
     assert long["save_steps"] == steps // common.CURVE_POINTS
     # every name of every group resolves; the study has 3 seeds of each compared run
     for names in common.GROUPS.values():
@@ -287,36 +287,33 @@ def test_prepare_run_report_end_to_end(tmp_path, tiny_model_dir):
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in heldout}
     assert (work / "clusters" / "metadata.json").is_file()
 
-    # legacy single-seed run, seeded runs (MoCE init_seed, LoRA through seeded_train.py) and
-    # one 3x-steps run scored at every checkpoint (MoCE checkpoints load for inference)
-    call("run.py", "base", "pesc", "moce@s1", "moce_long@s1")
+    # a seeded MoCE run with 3x the steps, scored at every checkpoint (MoCE checkpoints load
+    # for inference), and a seeded LoRA run (through seeded_train.py); base: no training
+    call("run.py", "base", "moce_long@s1")
     call("run.py", "lora_mlp", "--seed", "1")
-    for name in ("base", "pesc", "moce@s1", "moce_long@s1", "lora_mlp@s1"):
+    for name in ("base", "moce_long@s1", "lora_mlp@s1"):
         m = json.loads((work / "runs" / name / "metrics.json").read_text())
         assert set(m["loss"]) == set(common.DOMAINS)
         assert m["gsm8k"]["n"] == 2 and len(m["gsm8k"]["hits"]) == 2
         # every scored row, with its loss and tokens, for the paired statistics
         assert len(m["rows"]["id"]) == len(m["rows"]["nll"]) == 6 and min(m["rows"]["tokens"]) > 0
         assert m["wall_seconds"] > m["eval_seconds"] > 0 and m["machine"] and m["torch_threads"]
-    moce = json.loads((work / "runs" / "moce@s1" / "metrics.json").read_text())
-    assert moce["trainable_params"] > 0 and len(moce["history"]) == 2 and moce["seed"] == 1
-    assert yaml_of(work / "runs" / "moce@s1")["moce"]["init_seed"] == 1
+    moce = json.loads((work / "runs" / "moce_long@s1" / "metrics.json").read_text())
+    assert moce["trainable_params"] > 0 and moce["seed"] == 1 and moce["config"] == "moce_long"
+    assert yaml_of(work / "runs" / "moce_long@s1")["moce"]["init_seed"] == 1
     for u in moce["usage"]["per_domain"].values():
         assert sum(u["rows_per_group"]) == 2
         # routing slots only in the groups this domain's rows were sent to
         for load in u["expert_load_by_layer"].values():
             used = [g for g, row in enumerate(load) if sum(row) > 0]
             assert set(used) <= {g for g, n in enumerate(u["rows_per_group"]) if n}
-    pesc = json.loads((work / "runs" / "pesc" / "metrics.json").read_text())
-    assert pesc["groups"] == 1 and pesc["seed"] is None  # the original runs: as measured
-    assert pesc["rows"]["id"] == moce["rows"]["id"]
-    assert "init_seed" not in yaml_of(work / "runs" / "pesc")["moce"]
-    long = json.loads((work / "runs" / "moce_long@s1" / "metrics.json").read_text())
-    assert [p["step"] for p in long["curve"]] == [1, 2, 3, 4, 5, 6] and len(long["history"]) == 6
-    assert long["curve"][-1]["rows"]["nll"] == pytest.approx(long["rows"]["nll"], rel=1e-4)
+    lora = json.loads((work / "runs" / "lora_mlp@s1" / "metrics.json").read_text())
+    assert lora["rows"]["id"] == moce["rows"]["id"] and lora["seed"] == 1
+    assert [p["step"] for p in moce["curve"]] == [1, 2, 3, 4, 5, 6] and len(moce["history"]) == 6
+    assert moce["curve"][-1]["rows"]["nll"] == pytest.approx(moce["rows"]["nll"], rel=1e-4)
     assert not list((work / "runs" / "moce_long@s1" / "model").glob("checkpoint-*"))
     # the finished run is skipped, not retrained
-    assert "done already" in call("run.py", "moce", "--seed", "1")
+    assert "done already" in call("run.py", "lora_mlp@s1")
 
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nreading\n\n<!-- study:start -->\n<!-- study:end -->\n\n"
@@ -324,9 +321,9 @@ def test_prepare_run_report_end_to_end(tmp_path, tiny_model_dir):
     call("report.py", "--doc", str(doc))
     text = doc.read_text()
     assert "reading" in text and "Main comparison" in text and "not run" in text
-    assert "## Verdict (seeded study)" in text and "Preliminary: fewer than 3 seeds" in text
-    assert "lora_mlp" in text.split("### Seeds")[0]  # moce@s1 - lora_mlp@s1 in the verdict
+    assert "## Verdict (seeded study)" in text and "Still to run (19;" in text
     assert "| moce - pesc |" in text and "pending" in text  # pesc@sN etc. not run
+    assert "| 6 | - | - | " in text  # moce_long's last checkpoint in the curve table
     assert (tmp_path / "img" / "reproduce" / "train_loss.png").is_file()
     assert (tmp_path / "img" / "reproduce" / "loss_vs_steps.png").is_file()
     assert (tmp_path / "results" / "metrics.json").is_file()

@@ -203,6 +203,7 @@ def test_study_section_from_runs(tmp_path):
     assert "Result: **confirmed**" in text
     # the long runs: moce_long starts worse than pesc_long and ends better
     assert "at 40 steps (3-seed means) the order is lora_mlp" in verdict
+    assert "Still to run" not in text
     assert "after 120 steps (one seed) the mean held-out loss orders lora_mlp_long" in verdict
     assert "moce_long is better (moce_long - pesc_long = -0.1" in verdict
     assert "moce and pesc4 cannot be told apart" in verdict
@@ -221,3 +222,4 @@ def test_study_section_reports_runs_it_cannot_compare(tmp_path):
     m = {**fake_metrics("moce", 0.0, gen=1), **fake_metrics("pesc", 0.0, rows=50, gen=2)}
     text = "\n".join(study_section(m, Settings(), tmp_path, tmp_path / "none.json"))
     assert "Not compared:" in text and "different" in text
+    assert "Still to run (" in text and "pesc8@s1" in text

@@ -192,7 +192,8 @@ def train_config(run: Run, s: Settings) -> dict[str, Any]:
         # Checkpoints let an interrupted run resume; only the newest is kept, except for
         # curve runs, whose checkpoints are scored on the held-out rows after training.
         save_steps=max(1, steps // (run.curve_points or 4)),
-        save_total_limit=None if run.curve_points else 1,
+        # (axolotl turns an unset limit into 4, so curve runs name theirs).
+        save_total_limit=run.curve_points + 1 if run.curve_points else 1,
         auto_resume_from_checkpoints=True,
         # axolotl's seed shuffles the data and seeds the trainer (sampler order); the
         # adapter init is seeded by moce.init_seed, LoRA's by seeded_train.py.

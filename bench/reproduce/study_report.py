@@ -263,7 +263,8 @@ def study_section(m: dict[str, dict], s: Settings, img: Path, reference: Path) -
     long_lines, long_verdict = long_section(m, img)
     short = {c: summarise(rows[c])[MEAN]["mean"] for c in ("lora_mlp", "pesc", "moce") if c in rows}
     if long_verdict and short:
-        long_verdict.insert(0, f"at {s.steps} steps ({len(SEEDS)}-seed means) the order is "
+        n = min(len(rows[c][DOMAINS[0]].runs) for c in short)
+        long_verdict.insert(0, f"at {s.steps} steps ({n}-seed means) the order is "
                             + " < ".join(f"{c} {v:.3f}" for c, v in
                                          sorted(short.items(), key=lambda kv: kv[1])))
     verdict = verdict_paragraph(rows, diffs, long_verdict)
@@ -283,6 +284,10 @@ def study_section(m: dict[str, dict], s: Settings, img: Path, reference: Path) -
     out += ["", "### Hypothesis", "", HYPOTHESIS, "", hypothesis_text(diffs)]
     if problems:
         out += ["", "Not compared: " + "; ".join(problems)]
+    missing = [n for n in GROUPS["study"] if n not in m]
+    if missing:
+        out += ["", f"Still to run ({len(missing)}; `python bench/reproduce/run.py study` "
+                "does them): " + ", ".join(missing) + "."]
     out += ["", "### Wall time and machine", ""] + wall_table(m)
     return out
 
