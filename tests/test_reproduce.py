@@ -200,6 +200,15 @@ def test_plan_estimates_from_measured_times(monkeypatch, tmp_path):
         assert runner.estimate_seconds(common.get_run(name), s, committed)[0] > 0, name
 
 
+def test_plan_before_prepare(tmp_path):
+    env = {**os.environ, "MOCE_REPRODUCE_DIR": str(tmp_path / "work")}
+    proc = subprocess.run([sys.executable, str(REPRO / "run.py"), "study", "--plan"], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "moce_long@s1" in proc.stdout and "to do: ~" in proc.stdout
+    assert not (tmp_path / "work").exists()  # a plan runs nothing
+
+
 def test_seeded_train_seeds_the_lora_initialisation(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from seeded_train import seed_everything

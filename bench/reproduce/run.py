@@ -34,6 +34,7 @@ from repro_config import (
     GROUPS,
     ROOT,
     RUNS,
+    SETTINGS_FILE,
     Run,
     Settings,
     get_run,
@@ -269,10 +270,10 @@ def main() -> None:
             print(f"{group:14s} group: {' '.join(names)}")
         return
     runs = resolve(args.runs, args.seed)
-    s = Settings.load()
-    if args.plan:
-        print(plan(runs, s))
+    if args.plan:  # before prepare.py, with the default settings
+        print(plan(runs, Settings.load() if SETTINGS_FILE.is_file() else Settings()))
         return
+    s = Settings.load()
     print(f"machine: {machine()} ({platform.platform()})")
     for run in runs:
         do_run(run, s, args.force)
