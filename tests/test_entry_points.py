@@ -105,7 +105,7 @@ def test_axolotl_preprocess_clusters_then_prepares(tmp_path, model_dir):
     data = tmp_path / "train.jsonl"
     rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in sample_rows(60)]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = base_config(model_dir, data, tmp_path, val_set_size=0)
+    cfg = base_config(model_dir, data, tmp_path, val_set_size=0, sequence_len=2048)
     cfg["moce"] = dict(cluster_artifact="clusters", experts_per_group=2, top_k=1, adapter_dim=8,
                        num_clusters=3, clustering={"report": False})
     (tmp_path / "config.yml").write_text(yaml.safe_dump(cfg))

@@ -236,12 +236,13 @@ def test_bundled_sample_with_minilm_agrees_everywhere(tmp_path):
         tmp_path, "sample", "auto", _alpaca, {"type": "alpaca"},
         encoder=_minilm(), rows=rows)
     assert len(raw) == 600 and len(set(train_ids)) == 3
-    moce = inference_model(model)
-    for requests in ([plain(r) for r in rows],
-                     [alpaca_prompt(r["instruction"], r["input"]) for r in rows],
-                     [user_turn(plain(r)) for r in rows]):
-        got = moce.assign_clusters(requests)
-        assert sum(g == t for g, t in zip(got, train_ids)) == len(rows)
+    # Each row sent in one of the three forms (every form on 200 rows): one embedding pass.
+    forms = (plain, lambda r: alpaca_prompt(r["instruction"], r["input"]),
+             lambda r: user_turn(plain(r)))
+    requests = [forms[i % 3](r) for i, r in enumerate(rows)]
+    got = inference_model(model).assign_clusters(requests)
+    wrong = [i for i, (g, t) in enumerate(zip(got, train_ids)) if g != t]
+    assert not wrong, f"{len(wrong)}/600 disagree, e.g. row {wrong[:5]}"
 
 
 def _minilm():
@@ -262,3 +263,49 @@ def test_chat_training_file_of_the_helpers_agrees(tmp_path):
     model.use_encoder(BagEncoder())
     prompts = [row["messages"][0]["content"] for row in dataset]
     assert inference_model(model).assign_clusters(prompts) == train_ids
+
+
+def test_usage_reads_every_training_format_like_training(model_dir):
+    """moce-usage: the text the model reads per format, and the cluster of a row is the row's
+    own (training) cluster, for every format (no alpaca-only re-implementation)."""
+    from transformers import AutoTokenizer
+
+    from moce_plugin.outputs.usage import model_text
+
+    r = sample_rows(5)[4]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    moce = MoCEInferenceModel(model=None, tokenizer=tok, config=MoCEConfig(num_clusters=3),
+                              prompt_format="alpaca")
+    with_input = {"instruction": "Sort it", "input": "[3, 1]", "output": "[1, 3]"}
+    assert model_text(moce, with_input) == alpaca_prompt("Sort it", "[3, 1]") + "[1, 3]"
+    chat = _chat(r)
+    assert model_text(moce, chat) == tok.apply_chat_template(chat["messages"], tokenize=False)
+    assert model_text(moce, _sharegpt(r)) == model_text(moce, chat)
+    assert model_text(moce, _completion(r)) == _completion(r)["text"]
+    qa = _qa(r)
+    assert model_text(moce, qa) == alpaca_prompt(qa["question"]) + qa["answer"]
+
+
+def test_usage_clusters_rows_as_training_did(tmp_path):
+    from moce_plugin.outputs import usage
+
+    model, rows, train_ids = cluster_format(tmp_path, "tpl", "{question}", _qa,
+                                            {"type": USER_DEFINED})
+    model.use_encoder(BagEncoder())
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    moce = inference_model(model)
+    moce.tokenizer = type("Tok", (), {"chat_template": None})()
+    original = moce.assign_clusters
+
+    def spy(requests):
+        seen.extend(original(requests))
+        raise Stop  # the model run is not under test here
+
+    moce.assign_clusters = spy
+    with pytest.raises(Stop):
+        usage.measure_usage(moce, rows)
+    assert seen == train_ids
