@@ -119,3 +119,14 @@ def test_axolotl_preprocess_clusters_then_prepares(tmp_path, model_dir):
     ds = load_from_disk(str(prepared))
     per_row = [ids[0] for ids in ds["moce_cluster_ids"]]
     assert sorted(per_row) == sorted(model.lookup(rows, str(data)))
+
+
+def test_generate_cli_reports_bad_inputs_in_one_line(tmp_path, capsys):
+    from moce_plugin.outputs.generate import main as generate_main
+
+    assert generate_main([str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "not the output of a MoCE training" in err
+    with pytest.raises(Exception, match="not the output of a MoCE training"):
+        generate_main([str(tmp_path), "--prompt", "hi", "--debug"])
