@@ -236,7 +236,6 @@ def upcycle_model(
         setattr(layer, spec.mlp_attr, moce_mlp)
         layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True)
         layer.register_forward_hook(_layer_post_hook, with_kwargs=True, always_call=True)
-    backbone = layers
     # The backbone is the module that owns the layers list (LlamaModel, ...).
     parent_path = spec.layers_path.rsplit(".", 1)[0] if "." in spec.layers_path else ""
     backbone = causal_lm
