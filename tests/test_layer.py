@@ -195,3 +195,25 @@ def test_mlp_reads_per_sequence_and_per_token_ids():
     with cluster_ids_context(torch.tensor([[0] * 5, [2] * 5])):
         per_tok = mlp(hs)
     torch.testing.assert_close(per_seq, per_tok)
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(top_k="soft", general=2), id="V-soft"),
+    pytest.param(dict(top_k=2, general=2), id="V-top2"),
+    pytest.param(dict(top_k="soft", groups=1), id="soft-C1"),
+])
+def test_layer_traces_under_torch_compile(kwargs):
+    """The block and slot plans inside MoCEExperts trace with Dynamo + AOT autograd."""
+    torch._dynamo.reset()
+    cfg = make_config(**kwargs)
+    layer = make_experts(**kwargs)
+    x, h, g, valid = random_batch(groups=cfg.groups)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    results = []
+    for fn in (torch.compile(layer, backend="aot_eager"), layer):
+        layer.zero_grad(set_to_none=True)
+        out, record = fn(x, h, g, valid)
+        ((out * upstream).sum() + record.aux_loss).backward()
+        results.append([out.detach()] + [p.grad.clone() for p in layer.parameters()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

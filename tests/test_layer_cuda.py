@@ -13,7 +13,7 @@ from moce_plugin.model.layer import MoCEExperts
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("top_k,general", [(1, 0), (2, 0), ("soft", 0), (2, 2)])
+@pytest.mark.parametrize("top_k,general", [(1, 0), (2, 0), ("soft", 0), (2, 2), ("soft", 2)])
 def test_cuda_bf16_matches_naive(top_k, general):
     torch.manual_seed(0)
     d, T = 256, 2048

@@ -109,7 +109,10 @@ def _sum_slots(
 
 
 def _scale_blocks(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Row a of ``z`` [A, B*r] with its b-th block of r columns times ``weight[a, b]``."""
+    """Row a of ``z`` [A, B*r] with its b-th block of r columns times ``weight[a, b]``;
+    ``weight`` [A]: one block (fewer ops for the routed path)."""
+    if weight.dim() == 1:
+        return z * weight[:, None]
     rows, blocks = weight.shape
     return (z.view(rows, blocks, -1) * weight[:, :, None]).view(z.shape)
 
@@ -159,8 +162,7 @@ class _WeightedGroupedMMCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, weight, up, position, token_of_slot, offsets, counts, k: int,
                 use_grouped: bool):
-        w = weight.view(z.shape[0], -1)
-        rows = grouped_matmul(_scale_blocks(z, w), up, offsets, counts, use_grouped)
+        rows = grouped_matmul(_scale_blocks(z, weight), up, offsets, counts, use_grouped)
         ctx.save_for_backward(z, weight, up, token_of_slot, offsets, counts)
         ctx.use_grouped = use_grouped
         return _sum_slots(rows, position, z.shape[0] // k, k)
@@ -169,7 +171,6 @@ class _WeightedGroupedMMCombine(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         z, weight, up, token_of_slot, offsets, counts = ctx.saved_tensors
-        w = weight.view(z.shape[0], -1)
         # Every slot of token t receives t's output gradient.
         grad_rows = grad_out.contiguous()
         if token_of_slot is not None:
@@ -178,13 +179,13 @@ class _WeightedGroupedMMCombine(torch.autograd.Function):
                                  ctx.use_grouped)
         grad_z = grad_weight = grad_up = None
         if ctx.needs_input_grad[2]:
-            grad_up = grouped_weight_grad(_scale_blocks(z, w), grad_rows, offsets, counts,
+            grad_up = grouped_weight_grad(_scale_blocks(z, weight), grad_rows, offsets, counts,
                                           ctx.use_grouped)
         del grad_rows
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_zw * z).view(*w.shape, -1).sum(-1).view_as(weight)
+            grad_weight = (grad_zw * z).view(*weight.shape, -1).sum(-1)
         if ctx.needs_input_grad[0]:
-            grad_z = _scale_blocks(grad_zw, w)
+            grad_z = _scale_blocks(grad_zw, weight)
         return grad_z, grad_weight, grad_up, None, None, None, None, None, None
 
 

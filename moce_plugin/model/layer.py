@@ -211,8 +211,9 @@ class MoCEExperts(nn.Module):
             slot_ids.append(n + g_chosen)
             slot_weights.append(g_weights * mask)
         if slot_ids:
-            out = routed_adapter_sum(h, torch.cat(slot_ids, 1), torch.cat(slot_weights, 1),
-                                     self.down, self.up, self.act)
+            ids = slot_ids[0] if len(slot_ids) == 1 else torch.cat(slot_ids, 1)
+            w = slot_weights[0] if len(slot_weights) == 1 else torch.cat(slot_weights, 1)
+            out = routed_adapter_sum(h, ids, w, self.down, self.up, self.act)
         if group_plan == "blocks":
             # Group c's E adapters as one [d, E*r] / [E*r, d] pair.
             down = self.down[:n].view(C, E, d, r)
