@@ -22,8 +22,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moce_plugin.config import MoCEConfig  # noqa: E402
-from moce_plugin.layer import GENERAL_PLANS, GROUP_PLANS, MoCEExperts, choose_plan  # noqa: E402
+from moce_plugin.model.config import MoCEConfig  # noqa: E402
+from moce_plugin.model.layer import GENERAL_PLANS, GROUP_PLANS, MoCEExperts, choose_plan  # noqa: E402
 
 
 def plans(general: int) -> list[tuple[str, str | None]]:
