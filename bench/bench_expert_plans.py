@@ -3,7 +3,7 @@
     python bench/bench_expert_plans.py                       # 8k tokens, d=576, C=7, E=4, r=64
     python bench/bench_expert_plans.py --modes "soft:0,2:2" --reps 9
 
-The numbers behind ``moce_plugin.layer.choose_plan`` (docs/performance.md): the FFN, which
+The numbers behind ``moce_plugin.model.layer.choose_plan`` (docs/performance.md): the FFN, which
 is shared by every plan and dominates bench_layer.py's times, is left out, so the plans'
 differences are not lost in its noise. One thread, process CPU time, plans interleaved in
 each repetition; ``adapter`` = one PESC adapter of rank r on the same h, for scale.

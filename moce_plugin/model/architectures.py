@@ -48,7 +48,7 @@ def get_architecture(model_type: str | None) -> ArchitectureSpec:
             f"MoCE does not support model_type '{model_type}'. Supported: "
             f"{', '.join(supported_model_types())}. To add a decoder family whose layers take "
             "**kwargs and whose MLP maps hidden_states -> hidden_states, call "
-            "moce_plugin.architectures.register_architecture(ArchitectureSpec("
+            "moce_plugin.register_architecture(moce_plugin.ArchitectureSpec("
             "'<model_type>', layers_path='model.layers', mlp_attr='mlp')) before training "
             "(see docs/architectures.md)."
         )

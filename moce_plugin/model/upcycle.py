@@ -11,7 +11,7 @@ installs three hooks:
   kwargs into the thread-local routing context (see :mod:`moce_plugin.model.routing`).
 
 The records of the last forward are kept per thread and per backbone, and read by the
-trainer integration (:mod:`moce_plugin.trainer`) to add the load-balancing loss.
+trainer integration (:mod:`moce_plugin.integration.trainer`) to add the load-balancing loss.
 """
 
 from __future__ import annotations
