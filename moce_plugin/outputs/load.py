@@ -75,18 +75,19 @@ def _newest_checkpoint(path: Path) -> Path | None:
 def _check_weights_present(path: Path, meta: dict, own_config: bool) -> None:
     if (path / MOCE_WEIGHTS_NAME).is_file():
         return
+    newest = _newest_checkpoint(path)
+    use = (f"its newest checkpoint is {newest}: load that, or resume training "
+           "(resume_from_checkpoint) and let it finish." if newest else
+           "it has no checkpoint yet: train again.")
     if not model_weight_files(path):
         raise MoCELoadError(
             f"{path} has neither {MOCE_WEIGHTS_NAME} nor model/adapter weights: the run "
-            "stopped before it saved anything here. Use one of its checkpoint-* folders."
+            f"stopped before it saved anything here (e.g. SIGTERM); {use}"
         )
     if own_config and meta.get("saved") == "start":
-        newest = _newest_checkpoint(path)
-        where = f"its newest checkpoint is {newest}" if newest else "it has no checkpoint yet"
         raise MoCELoadError(
             f"{path} holds the weights axolotl saved when training started, not trained ones: "
-            f"the run was stopped (e.g. SIGTERM) before it finished; {where}. Load a "
-            "checkpoint, or resume training (resume_from_checkpoint) and let it finish."
+            f"the run stopped (e.g. SIGTERM) before it finished; {use}"
         )
 
 
