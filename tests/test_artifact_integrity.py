@@ -117,10 +117,32 @@ def test_empty_dataset_file_says_empty(tmp_path: Path, content: str, suffix: str
     assert "StopIteration" not in str(err.value) and "Relative paths" not in str(err.value)
 
 
-def test_empty_dataset_found_after_loading(tmp_path: Path) -> None:
-    """A file too big for the quick look but with no rows (padding whitespace)."""
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n" * 200)
-    cfg = {"datasets": [{"path": str(data), "type": "alpaca", "ds_type": "json"}]}
-    with pytest.raises(ClusteringError, match="is empty"):
+@pytest.mark.parametrize("kind", ["jsonl-blank-lines", "csv-header-only", "parquet-no-rows"])
+def test_empty_dataset_found_when_loading(tmp_path: Path, kind: str) -> None:
+    """Files too big for the quick look, or in a format with a header, but with no rows."""
+    if kind == "jsonl-blank-lines":
+        data, ds_type = tmp_path / "train.jsonl", "json"
+        data.write_text("\n" * 200)
+    elif kind == "csv-header-only":
+        data, ds_type = tmp_path / "train.csv", "csv"
+        data.write_text("instruction,input,output\n")
+    else:
+        from datasets import Dataset
+
+        data, ds_type = tmp_path / "train.parquet", "parquet"
+        Dataset.from_dict({"instruction": [], "input": [], "output": []}).to_parquet(data)
+    cfg = {"datasets": [{"path": str(data), "type": "alpaca", "ds_type": ds_type}]}
+    with pytest.raises(ClusteringError, match=rf"the data set '{data}' is empty"):
+        load_yaml_datasets(cfg)
+
+
+def test_empty_split_returned_by_the_loader_says_empty(monkeypatch) -> None:
+    """Loaders that return zero rows without an error (a hub data set's empty split)."""
+    import axolotl.utils.data.shared as shared
+    from datasets import Dataset
+
+    monkeypatch.setattr(shared, "load_dataset_with_config",
+                        lambda *a, **k: Dataset.from_dict({"instruction": []}))
+    cfg = {"datasets": [{"path": "org/some-dataset", "type": "alpaca"}]}
+    with pytest.raises(ClusteringError, match="the data set 'org/some-dataset' is empty"):
         load_yaml_datasets(cfg)

@@ -207,6 +207,9 @@ def test_lora_output_without_moce_weights_loads_them_from_the_adapter(lora_out):
     (src / MOCE_WEIGHTS_NAME).unlink()
     moce = load_moce_model(src)
     assert torch.equal(_logits(moce.model, IDS, CLUSTERS), expected)
+    merged = load_moce_model(src, merge_lora=True)  # plain names, adapter file keys wrapped
+    torch.testing.assert_close(_logits(merged.model, IDS, CLUSTERS), expected, atol=1e-5,
+                               rtol=1e-5)
     # and not from the start-of-training values PEFT would otherwise keep
     fresh = upcycle_model(AutoModelForCausalLM.from_pretrained(moce.meta["base_model"]), CFG)
     assert not torch.equal(_logits(fresh, IDS, CLUSTERS), expected)
@@ -338,11 +341,24 @@ def test_usage_cli_names_a_damaged_data_file(tmp_path, base_dir, capsys):
     assert "give every row" in _one_error_line(capsys)
 
 
-def test_lm_eval_device_falls_back_like_hf(monkeypatch):
-    from moce_plugin.outputs.lm_eval import pick_device
+def test_lm_eval_device_falls_back_like_hf(monkeypatch, tmp_path, base_dir):
+    from moce_plugin.outputs.lm_eval import MoCELM, pick_device
+
+    _full_output(base_dir, tmp_path / "out")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lm = MoCELM(path=str(tmp_path / "out"), device="cuda:0")  # what lm-eval's CLI passes
+    assert lm.device.type == "cpu" and next(lm.model.parameters()).device.type == "cpu"
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # lm-eval's CLI passes cuda:0 unless --device is given
     assert [pick_device(d) for d in (None, "cuda:0", "cuda", "cpu")] == ["cpu"] * 4
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [pick_device(d) for d in (None, "cuda:1", "cpu")] == ["cuda", "cuda:1", "cpu"]
+
+
+def test_routing_log_cut_by_a_killed_run_skips_the_plot(tmp_path):
+    from moce_plugin.outputs.plots import plot_routing_log
+
+    (tmp_path / "moce_routing.jsonl").write_text('{"step": 1, "layers": {"0": {"expert_lo')
+    with pytest.warns(UserWarning, match="routing log .*moce_routing.jsonl is damaged at line 1"):
+        assert plot_routing_log(tmp_path) is None
