@@ -92,6 +92,15 @@ MUTANTS = [
      "        rows = [__import__('json').loads(x)\n"
      "                for x in Path(args.data).read_text().splitlines() if x.strip()]",
      "tests/test_output_safety.py", "usage_cli"),
+    ("load: load-time key renaming reversed on save", "moce_plugin/outputs/load.py",
+     "        _forget_base_mlp_mapping(model)\n", "",
+     "tests/test_output_safety.py", "checkpoint_without"),
+    # slow: a real axolotl train each (about a minute)
+    ("plugin: nothing written when training starts", "moce_plugin/integration/plugin.py",
+     "MoCECheckpointCallback(moce, self._meta), MoCEOutputDirCallback(moce, self._meta)]",
+     "MoCECheckpointCallback(moce, self._meta)]", "tests/test_e2e_interrupt.py", "SIGINT"),
+    ("plugin: SIGINT snapshot not stamped", "moce_plugin/integration/plugin.py",
+     "        self._chain_sigint(out)\n", "", "tests/test_e2e_interrupt.py", "SIGINT"),
 ]
 
 only = sys.argv[1:]

@@ -18,6 +18,7 @@ import torch
 import yaml
 from axolotl_helpers import base_config, env, sample_rows
 from safetensors.torch import load_file
+from tiny_models import save_tiny_model_dir
 
 from moce_plugin.clustering import ClusteringOptions, rows_from_examples, run_clustering
 from moce_plugin.outputs.folder import ARTIFACT_DIR_NAME, MOCE_WEIGHTS_NAME, read_meta
@@ -93,6 +94,13 @@ def test_interrupted_run_is_loadable_and_generates(tmp_path, model_dir, clustere
         assert proc.returncode == 0, proc.stdout[-4000:]
         meta = read_meta(out)
         assert meta["saved"] == "interrupted" and meta["step"] >= 2
+        assert sorted(meta["base_fingerprint"]["tensors"]) == [
+            "model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.mlp.down_proj.weight"]
+        texts = [t for r in sample_rows() for t in (r["instruction"], r["input"], r["output"])]
+        other = save_tiny_model_dir(tmp_path / "other_base", texts, seed=1)  # same config
+        with pytest.raises(MoCELoadError, match="other weights"):
+            load_moce_model(out, base_model=str(other))
         moce = load_moce_model(out)  # MoCE tensors come from model.safetensors
         saved = load_file(str(out / "model.safetensors"))
         up = next(m for n, m in moce.model.named_modules() if n.endswith("0.mlp.moce_experts")).up

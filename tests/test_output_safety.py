@@ -13,6 +13,7 @@ import pytest
 import torch
 from axolotl_helpers import sample_rows
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from test_inference import CFG, CLUSTERS, IDS, _full_output, _logits, _perturb, base_dir
 from tiny_models import save_tiny_model_dir
 from transformers import AutoModelForCausalLM
@@ -180,9 +181,10 @@ def test_merge_lora_route_refuses_foreign_files_and_replaces_a_previous_merge(lo
         merge(cfg=cfg)
     (merged / "notes.txt").unlink()
     merge(cfg=cfg)  # empty merged/ (axolotl's layout: inside the run) is fine
-    first = (merged / "moce_weights.safetensors").read_bytes()
-    merge(cfg=cfg)  # a previous merge is replaced, as axolotl does
-    assert (merged / "moce_weights.safetensors").read_bytes() == first
+    (merged / "stale.txt").write_text("from the first merge")
+    (merged / "moce_export.json").touch()  # still a previous merge: replaced, as axolotl does
+    merge(cfg=cfg)
+    assert not (merged / "stale.txt").exists() and (merged / "moce_export.json").is_file()
     torch.testing.assert_close(_logits(load_moce_model(merged).model, IDS, CLUSTERS), expected,
                                atol=1e-5, rtol=1e-5)
 
@@ -220,7 +222,15 @@ def test_checkpoint_without_moce_files_uses_the_runs_config(tmp_path, base_dir):
     trained = _full_output(base_dir, out)
     trained.save_pretrained(out / "checkpoint-4")  # stopped before our on_save ran
     moce = load_moce_model(out / "checkpoint-4")
-    assert torch.equal(_logits(moce.model, IDS, CLUSTERS), _logits(trained, IDS, CLUSTERS))
+    expected = _logits(trained, IDS, CLUSTERS)
+    assert torch.equal(_logits(moce.model, IDS, CLUSTERS), expected)
+    export_model(out / "checkpoint-4", tmp_path / "exported")
+    # a full model re-saved keeps its key names (transformers reverses load-time renamings)
+    keys = load_file(str(tmp_path / "exported" / "model.safetensors")).keys()
+    assert "model.layers.0.mlp.moce_experts.up" in keys and all(k.startswith(
+        ("model.", "lm_head.")) for k in keys), sorted(keys)[:3]
+    exported = _logits(load_moce_model(tmp_path / "exported").model, IDS, CLUSTERS)
+    assert torch.equal(exported, expected)
 
 
 def test_start_of_training_weights_are_refused_naming_the_newest_checkpoint(tmp_path, base_dir):

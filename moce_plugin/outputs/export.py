@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..utils import atomic_dir, cli_errors
-from .folder import ARTIFACT_DIR_NAME, read_meta, save_moce_files
+from .folder import ARTIFACT_DIR_NAME, save_moce_files
 from .load import load_moce_model
 
 CARD = """---
@@ -113,7 +113,7 @@ def export_model(
     check_export_paths(source, dest, overwrite, allow_inside_source)
     moce = load_moce_model(source, base_model=base_model, merge_lora=True, dtype=dtype,
                            allow_different_base=allow_different_base)
-    meta = dict(read_meta(source))
+    meta = dict(moce.meta)  # the folder's, or for a bare checkpoint its run's
     meta["adapter"] = None
     meta["exported_from"] = str(source)
     meta["saved"] = "export"

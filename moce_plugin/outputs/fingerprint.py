@@ -45,8 +45,10 @@ def _chosen(model: Any) -> list[tuple[str, torch.Tensor]]:
     params = [(_canonical(n), p) for n, p in model.named_parameters()
               if "moce_experts" not in n and "lora_" not in n and "modules_to_save" not in n]
     chosen = []
-    emb = model.get_input_embeddings()
-    emb_weight = getattr(emb, "weight", None)
+    try:
+        emb_weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):  # architectures without the accessor
+        emb_weight = None
     for name, p in params:
         if p is emb_weight:
             chosen.append((name, p))

@@ -46,6 +46,18 @@ LOG = logging.getLogger(__name__)
 BASE_MLP_KEY_MAPPING = {r"\.base_mlp\.": "."}
 
 
+def _forget_base_mlp_mapping(model: Any) -> None:
+    """transformers reverses load-time renamings when the model is saved again; ours has no
+    reverse (export wrote keys like ``.base_mlp.odel.layers.0...``), and once upcycled the
+    model's own names are the ones to save."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [
+            c for c in conversions
+            if getattr(c, "_original_source_patterns", None) != list(BASE_MLP_KEY_MAPPING)
+        ]
+
+
 class MoCELoadError(ValueError):
     """The directory can't be loaded as a MoCE model (message says why and what to do)."""
 
@@ -319,6 +331,7 @@ def load_moce_model(
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING
             )
+        _forget_base_mlp_mapping(model)
         # The folder's own (possibly trained) base weights are not checked, another base is.
         check_base(model, source, from_folder=base_model is None)
         upcycle_model(model, config, dtype=dtype)
