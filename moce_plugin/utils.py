@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,25 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
             f"{what} {path} is damaged (not valid JSON: {exc.msg} at line {exc.lineno}); "
             "restore it from a copy or re-create it."
         ) from exc
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[Any]:
+    """One JSON value per non-empty line of ``path``; a bad line is reported with the file
+    name and line number."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise FileFormatError(
+                    f"{what} {path} is damaged at line {lineno} (not valid JSON: {exc.msg}); "
+                    "restore it from a copy or re-create it."
+                ) from exc
+    return rows
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -71,6 +93,21 @@ def atomic_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+@contextmanager
+def cli_errors(debug: bool = False, prog: str = "moce") -> Iterator[None]:
+    """For command-line entry points: an expected error (bad input, damaged or missing file:
+    ValueError / OSError, whose messages name the problem and the fix) is printed as one line
+    and exits with status 2; ``debug=True`` (the ``--debug`` flag) adds the traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def pyplot() -> Any:

@@ -124,9 +124,12 @@ def test_axolotl_preprocess_clusters_then_prepares(tmp_path, model_dir):
 def test_generate_cli_reports_bad_inputs_in_one_line(tmp_path, capsys):
     from moce_plugin.outputs.generate import main as generate_main
 
-    assert generate_main([str(tmp_path), "--prompt", "hi"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main([str(tmp_path), "--prompt", "hi"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("moce_plugin.generate: error: ") and err.count("\n") == 1
     assert "not the output of a MoCE training" in err
-    with pytest.raises(Exception, match="not the output of a MoCE training"):
+    with pytest.raises(SystemExit):
         generate_main([str(tmp_path), "--prompt", "hi", "--debug"])
+    assert "Traceback" in capsys.readouterr().err

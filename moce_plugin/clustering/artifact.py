@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..utils import read_json
 from .encode import SentenceTransformerEncoder, embed_texts, l2_normalize
 from .errors import ClusterArtifactError, ClusteringError
 from .kmeans import nearest_centroid
@@ -47,6 +48,45 @@ def data_fingerprint(keys: Iterable[str], labels: Iterable[int] | None = None) -
     return h.hexdigest()
 
 
+def _digest(path: Path) -> tuple[str, int]:
+    """(sha256, number of lines) of a file, read in blocks."""
+    h, lines = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            lines += block.count(b"\n")
+    return h.hexdigest(), lines
+
+
+def file_checksums(directory: Path) -> dict[str, dict[str, Any]]:
+    """metadata.json's ``files``: sha256 (and row count) of the files training and inference
+    read, so :meth:`ClusterModel.load` reports a damaged file as damage."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in (CENTROIDS_FILE, ASSIGNMENTS_FILE):
+        digest, lines = _digest(directory / name)
+        out[name] = {"sha256": digest, **({"rows": lines} if name == ASSIGNMENTS_FILE else {})}
+    return out
+
+
+def check_files(path: Path, metadata: dict) -> None:
+    """Compare the files with metadata.json's checksums; artifacts written before checksums
+    were recorded are checked by assignments.jsonl's row count (``num_rows``) only."""
+    recorded = metadata.get("files") or {
+        ASSIGNMENTS_FILE: {"rows": metadata.get("num_rows")}}
+    for name, want in recorded.items():
+        digest, rows = _digest(path / name)
+        if want.get("rows") is not None and rows != want["rows"]:
+            raise ClusterArtifactError(
+                f"cluster artifact {path}: {name} is damaged: it has {rows} rows, "
+                f"{METADATA_FILE} records {want['rows']} (cut short or edited)."
+            )
+        if want.get("sha256") and digest != want["sha256"]:
+            raise ClusterArtifactError(
+                f"cluster artifact {path}: {name} is damaged: its sha256 differs from the one "
+                f"in {METADATA_FILE} (changed after clustering)."
+            )
+
+
 class ClusterModel:
     """A cluster artifact: how training looks rows up and how inference assigns new texts."""
 
@@ -72,8 +112,11 @@ class ClusterModel:
                 f"cluster artifact {path} is incomplete (missing {', '.join(missing)}). {rerun}"
             )
         try:
-            metadata = json.loads((path / METADATA_FILE).read_text())
+            metadata = read_json(path / METADATA_FILE, "cluster artifact metadata")
+            check_files(path, metadata)
             centroids = np.load(path / CENTROIDS_FILE)
+        except ClusterArtifactError as exc:
+            raise ClusterArtifactError(f"{exc} {rerun}") from exc
         except (OSError, ValueError) as exc:
             raise ClusterArtifactError(
                 f"cluster artifact {path} is unreadable ({exc}). {rerun}"
@@ -106,9 +149,16 @@ class ClusterModel:
         if self._assignments is None:
             table: dict[str, int] = {}
             with open(self.path / ASSIGNMENTS_FILE, encoding="utf-8") as f:
-                for line in f:
-                    rec = json.loads(line)
-                    table[rec["key"]] = int(rec["cluster"])
+                for lineno, line in enumerate(f, 1):
+                    try:
+                        rec = json.loads(line)
+                        table[rec["key"]] = int(rec["cluster"])
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise ClusterArtifactError(
+                            f"cluster artifact {self.path}: {ASSIGNMENTS_FILE} is damaged at "
+                            f"line {lineno} ({type(exc).__name__}). Re-run `python "
+                            "preprocess/cluster.py <your.yml>` to re-create it."
+                        ) from exc
             self._assignments = table
         return self._assignments
 

@@ -26,6 +26,7 @@ from .artifact import (
     METADATA_FILE,
     ClusterModel,
     data_fingerprint,
+    file_checksums,
 )
 from .encode import (
     EmbeddingCache,
@@ -213,6 +214,7 @@ def run_clustering(
             plot_elbow(elbow, tmp / ELBOW_PLOT)
         if options.report:
             write_report(tmp, metadata, rows, x, fit, options)
+        metadata["files"] = file_checksums(tmp)  # checked by ClusterModel.load
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
     atomic_dir(output, fill)
@@ -244,9 +246,13 @@ def load_yaml_datasets(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
         dc = DictDefault(dict(entry))
         if not dc.path:
             raise ClusteringError(f"a `datasets:` entry has no `path`: {dict(entry)}")
+        if _is_empty_file(Path(str(dc.path))):
+            raise _empty_dataset(dc.path)
         try:
             ds = load_dataset_with_config(dc, cfg.get("hf_use_auth_token"), streaming=False)
         except Exception as exc:  # noqa: BLE001 - surface as one clean line
+            if "corresponds to no data" in str(exc):  # datasets' words for zero rows
+                raise _empty_dataset(dc.path) from exc
             raise ClusteringError(
                 f"cannot load dataset '{dc.path}' ({type(exc).__name__}: {str(exc)[:200]}). "
                 "Relative paths are relative to the current directory, as in axolotl."
@@ -258,8 +264,28 @@ def load_yaml_datasets(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
                     f"dataset '{dc.path}' has no split '{split}' (has {list(ds)}); set `split:`."
                 )
             ds = ds[split]
+        if len(ds) == 0:
+            raise _empty_dataset(dc.path)
         loaded.append((str(dc.path), ds))
     return loaded
+
+
+def _is_empty_file(path: Path) -> bool:
+    """A local data file with no rows: zero bytes, blank, or an empty JSON list/object
+    (without this check the loaders fail with StopIteration or "corresponds to no data")."""
+    if not path.is_file():
+        return False
+    size = path.stat().st_size
+    if size > 64:
+        return False
+    return path.read_text(encoding="utf-8", errors="replace").strip() in ("", "[]", "{}")
+
+
+def _empty_dataset(path: Any) -> ClusteringError:
+    return ClusteringError(
+        f"the data set '{path}' is empty (no rows): add rows to it or remove it from "
+        "`datasets:`."
+    )
 
 
 def rows_from_yaml(cfg: Mapping[str, Any], template: str) -> list[Row]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, model_validator
 from ..clustering import ClusteringOptions, ClusterModel
 from ..model.architectures import get_architecture
 from ..model.config import MoCEConfig
+from ..utils import read_json
 
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
 
@@ -99,7 +100,7 @@ def _check_local_architecture(data: dict) -> None:
     config_file = Path(str(source)) / "config.json" if source else None
     if config_file is None or not config_file.is_file():
         return
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = read_json(config_file, "model config").get("model_type")
     get_architecture(model_type)
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
+from transformers import TrainerCallback
 
 from ..model.architectures import get_architecture
 from ..model.config import MoCEConfig
@@ -24,7 +28,14 @@ from ..model.upcycle import (
     moce_experts_modules,
     upcycle_model,
 )
-from ..outputs.folder import copy_cluster_artifact, output_meta, save_moce_files
+from ..outputs.folder import (
+    MOCE_WEIGHTS_NAME,
+    copy_cluster_artifact,
+    output_meta,
+    save_moce_files,
+    saved_meta,
+    write_moce_config,
+)
 from .args import moce_config_from_cfg
 from .datasets import check_prepared_dataset
 from .patches import install_patches
@@ -149,7 +160,7 @@ class MoCEPlugin(BasePlugin):
     @_moce_only(default=list)
     def add_callbacks_pre_trainer(self, cfg: Any, moce: MoCEConfig, model: Any) -> list:
         self._meta = output_meta(cfg, model)
-        return [MoCECheckpointCallback(moce, self._meta)]
+        return [MoCECheckpointCallback(moce, self._meta), MoCEOutputDirCallback(moce, self._meta)]
 
     @_moce_only()
     def post_train(self, cfg: Any, moce: MoCEConfig, model: Any) -> None:
@@ -160,7 +171,7 @@ class MoCEPlugin(BasePlugin):
         is_main = int(os.environ.get("RANK", "0")) == 0
         if self._saved_final and not torch.distributed.is_initialized():
             return
-        meta = self._meta or output_meta(cfg, model)
+        meta = saved_meta(self._meta or output_meta(cfg, model), "final")
         save_moce_files(model, moce, cfg.output_dir, meta, write=is_main)
         self._saved_final = True
         if is_main:
@@ -180,6 +191,55 @@ def _artifact_missing(cfg: Any) -> bool:
     return bool(artifact) and not os.path.exists(str(artifact))
 
 
+class MoCEOutputDirCallback(TrainerCallback):
+    """Keeps ``output_dir`` loadable whenever the run stops.
+
+    When training starts (after axolotl pre-saved the model config and weights there) the
+    MoCE config, its meta and the cluster artifact are written into ``output_dir``, as
+    axolotl pre-saves the model config, so checkpoints and interrupted runs find them; a
+    ``moce_weights.safetensors`` left by an earlier run is removed (axolotl has just replaced
+    the model weights beside it). On SIGINT axolotl's handler saves the model and exits 0:
+    ours runs first and stamps the meta "interrupted" (the loader then reads the MoCE tensors
+    from the saved model). A folder still stamped "start" (SIGTERM) is refused by the loader.
+    """
+
+    def __init__(self, config: MoCEConfig, meta: dict) -> None:
+        self.config = config
+        self.meta = meta
+        self.step = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        self.step = state.global_step
+        if not state.is_world_process_zero:
+            return control
+        out = Path(args.output_dir)
+        write_moce_config(out, self.config, saved_meta(self.meta, "start", state.global_step))
+        (out / MOCE_WEIGHTS_NAME).unlink(missing_ok=True)
+        copy_cluster_artifact(self.config.cluster_artifact, out)
+        self._chain_sigint(out)
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        self.step = state.global_step
+        return control
+
+    def _chain_sigint(self, out: Path) -> None:
+        previous = signal.getsignal(signal.SIGINT)
+        # Only axolotl's saving handler (a Python callable) leaves weights to stamp.
+        if threading.current_thread() is not threading.main_thread() or not callable(
+                previous) or previous is signal.default_int_handler:
+            return
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            try:
+                write_moce_config(out, self.config,
+                                  saved_meta(self.meta, "interrupted", self.step))
+            finally:
+                previous(signum, frame)
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+
 def wrap_merge_lora(original: Callable) -> Callable:
     """`axolotl merge-lora` for MoCE configs runs moce_plugin.outputs.export instead (same
     destination, <output_dir>/merged); see integration/patches.py."""
@@ -188,13 +248,14 @@ def wrap_merge_lora(original: Callable) -> Callable:
     def do_merge_lora(*, cfg: Any) -> None:
         if not cfg.get("moce"):
             return original(cfg=cfg)
-        from pathlib import Path
-
-        from ..outputs.export import export_model
+        from ..outputs.export import EXPORT_RECORD, export_model
 
         dest = Path(cfg.output_dir) / "merged"
         LOG.info("MoCE: merging %s into %s with moce_plugin.export", cfg.lora_model_dir, dest)
-        export_model(cfg.lora_model_dir, dest, base_model=cfg.base_model)
+        # axolotl's layout puts merged/ inside the run; a previous merge (our export record
+        # inside) is replaced like axolotl does, anything else in merged/ is refused.
+        export_model(cfg.lora_model_dir, dest, base_model=cfg.base_model,
+                     overwrite=(dest / EXPORT_RECORD).is_file(), allow_inside_source=True)
 
     return do_merge_lora
 

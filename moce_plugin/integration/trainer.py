@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from ..model.config import MoCEConfig
 from ..model.routing import CLUSTER_IDS_KWARG
 from ..model.upcycle import aux_loss_of, metrics_of, pop_last_routing
-from ..outputs.folder import ROUTING_LOG_NAME, save_moce_files
+from ..outputs.folder import ROUTING_LOG_NAME, save_moce_files, saved_meta
 from .datasets import MoCEDataCollator
 
 
@@ -209,6 +209,7 @@ class MoCECheckpointCallback(TrainerCallback):
             return control
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         # every rank gathers (sharded setups), the main process writes
-        save_moce_files(model, self.config, checkpoint, self.meta,
+        save_moce_files(model, self.config, checkpoint,
+                        saved_meta(self.meta, "checkpoint", state.global_step),
                         write=state.is_world_process_zero)
         return control

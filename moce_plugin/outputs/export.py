@@ -1,6 +1,11 @@
 """Merge LoRA into the base and write one self-contained MoCE directory.
 
     python -m moce_plugin.export OUTPUT_DIR DEST [--base-model PATH] [--dtype bfloat16]
+        [--overwrite] [--allow-different-base] [--debug]
+
+DEST must be new or empty (``--overwrite`` replaces a non-empty one) and may not be, contain
+or lie inside OUTPUT_DIR; these checks run before anything is loaded, the folder is built
+beside DEST and swapped in at the end, and a failure leaves DEST as it was.
 
 DEST holds the merged weights (safetensors, with the MoCE parameters), config, tokenizer,
 ``moce_config.json`` / ``moce_weights.safetensors``, the cluster artifact and a README card;
@@ -12,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from .folder import ARTIFACT_DIR_NAME, read_meta, save_moce_files
+from ..utils import atomic_dir, cli_errors
+from .folder import ARTIFACT_DIR_NAME, save_moce_files
 from .load import load_moce_model
 
 CARD = """---
@@ -38,45 +46,116 @@ print(moce.generate(["your prompt"])[0])
 """
 
 
+EXPORT_RECORD = "moce_export.json"
+
+
+class ExportError(ValueError):
+    """DEST cannot be written safely (message says why and what to do)."""
+
+
+def _writable_ancestor(dest: Path) -> Path:
+    """The nearest existing folder above ``dest``: where the build folder goes."""
+    parent = dest.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def check_export_paths(
+    source: str | Path, dest: str | Path, overwrite: bool = False,
+    allow_inside_source: bool = False,
+) -> None:
+    """Refuse every DEST whose writing could destroy data, before anything is loaded.
+
+    DEST may not be SRC, contain SRC (replacing it would delete the training run) or, unless
+    ``allow_inside_source`` (axolotl merge-lora's fixed ``<output_dir>/merged``), lie inside
+    SRC; a non-empty DEST is replaced only with ``overwrite``; DEST's parent must be writable.
+    """
+    src, dst = Path(source).resolve(), Path(dest).resolve()
+    if dst == src:
+        raise ExportError(f"DEST {dest} is the folder being exported: choose a new folder.")
+    if dst in src.parents:
+        raise ExportError(
+            f"DEST {dest} contains the folder being exported ({source}): replacing it would "
+            "delete the source (also with --overwrite). Choose a folder outside it."
+        )
+    if src in dst.parents and not allow_inside_source:
+        raise ExportError(
+            f"DEST {dest} is inside the folder being exported ({source}): choose a folder "
+            "outside it."
+        )
+    if dst.exists() and not dst.is_dir():
+        raise ExportError(f"DEST {dest} exists and is not a folder: choose a new folder.")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ExportError(
+            f"DEST {dest} is not empty: pass --overwrite (overwrite=True) to replace its "
+            "contents, or choose a new folder."
+        )
+    parent = _writable_ancestor(dst)
+    try:  # os.access is not enough (root, read-only mounts): try to create what export will
+        probe = Path(tempfile.mkdtemp(dir=parent, prefix=f".{dst.name}.probe-"))
+        probe.rmdir()
+    except OSError as exc:
+        raise ExportError(
+            f"cannot write to {parent} (the parent of DEST {dest}): {exc.strerror or exc}. "
+            "Choose a writable location."
+        ) from exc
+
+
 def export_model(
     source: str | Path, dest: str | Path, base_model: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, overwrite: bool = False,
+    allow_different_base: bool = False, allow_inside_source: bool = False,
 ) -> Path:
+    """Write the merged model to ``dest``; see :func:`check_export_paths` for what is refused.
+    The folder is built beside ``dest`` and swapped in at the end, removed on any failure."""
     source, dest = Path(source), Path(dest)
-    moce = load_moce_model(source, base_model=base_model, merge_lora=True, dtype=dtype)
-    meta = dict(read_meta(source))
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    moce.model.save_pretrained(tmp)
-    moce.tokenizer.save_pretrained(tmp)
+    check_export_paths(source, dest, overwrite, allow_inside_source)
+    moce = load_moce_model(source, base_model=base_model, merge_lora=True, dtype=dtype,
+                           allow_different_base=allow_different_base)
+    meta = dict(moce.meta)  # the folder's, or for a bare checkpoint its run's
     meta["adapter"] = None
     meta["exported_from"] = str(source)
-    save_moce_files(moce.model, moce.config, tmp, meta)
-    if moce.cluster_model is not None:
-        shutil.copytree(moce.cluster_model.path, tmp / ARTIFACT_DIR_NAME)
-    cfg = moce.config
-    (tmp / "README.md").write_text(CARD.format(
-        base_model=meta.get("base_model"), groups=cfg.groups, experts=cfg.experts_per_group,
-        top_k=cfg.top_k, general=cfg.num_general_experts, dim=cfg.adapter_dim,
-        artifact=ARTIFACT_DIR_NAME if moce.cluster_model is not None else "a cluster_id column",
-    ))
-    (tmp / "moce_export.json").write_text(json.dumps({"source": str(source)}, indent=2))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
+    meta["saved"] = "export"
+
+    def fill(tmp: Path) -> None:
+        moce.model.save_pretrained(tmp)
+        moce.tokenizer.save_pretrained(tmp)
+        save_moce_files(moce.model, moce.config, tmp, meta)
+        if moce.cluster_model is not None:
+            shutil.copytree(moce.cluster_model.path, tmp / ARTIFACT_DIR_NAME)
+        cfg = moce.config
+        (tmp / "README.md").write_text(CARD.format(
+            base_model=meta.get("base_model"), groups=cfg.groups,
+            experts=cfg.experts_per_group, top_k=cfg.top_k, general=cfg.num_general_experts,
+            dim=cfg.adapter_dim,
+            artifact=ARTIFACT_DIR_NAME if moce.cluster_model is not None
+            else "a cluster_id column",
+        ))
+        (tmp / EXPORT_RECORD).write_text(json.dumps({"source": str(source)}, indent=2))
+
+    return atomic_dir(dest, fill)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="MoCE output directory (axolotl output_dir or checkpoint)")
-    parser.add_argument("dest", help="directory to write")
+    parser.add_argument("dest", help="directory to write (new or empty; see --overwrite)")
     parser.add_argument("--base-model", help="base model for LoRA outputs (default: recorded)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty DEST (never one that is or holds SOURCE)")
+    parser.add_argument("--allow-different-base", action="store_true",
+                        help="accept a base model whose weights differ from training's")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
-    out = export_model(args.source, args.dest, args.base_model, getattr(torch, args.dtype))
+    with cli_errors(args.debug, "moce_plugin.export"):
+        out = export_model(args.source, args.dest, args.base_model, getattr(torch, args.dtype),
+                           overwrite=args.overwrite,
+                           allow_different_base=args.allow_different_base)
     print(f"exported to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

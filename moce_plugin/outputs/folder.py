@@ -4,10 +4,15 @@ A MoCE output folder (a training's ``output_dir``, one of its ``checkpoint-*`` f
 an export) holds, besides whatever transformers/PEFT wrote:
 
 * ``moce_config.json``: the ``moce:`` block (:class:`~moce_plugin.model.config.MoCEConfig`)
-  plus ``_meta`` (base model, its config summary, adapter, prompt format);
+  plus ``_meta`` (base model, its config summary and weight fingerprint, adapter, prompt
+  format, and ``saved``: when the folder was written: start / checkpoint / interrupted /
+  final / export, with the ``step``);
 * ``moce_weights.safetensors``: the MoCE parameters and buffers only, keyed
-  ``layers.<i>.<name>`` (:func:`~moce_plugin.model.upcycle.moce_state_dict`);
-* ``cluster_artifact/``: a copy of the stage-1 artifact, so the folder assigns clusters alone;
+  ``layers.<i>.<name>`` (:func:`~moce_plugin.model.upcycle.moce_state_dict`); when it is
+  missing (a run interrupted by SIGINT), the same tensors are read from the model's own
+  weights (:func:`read_moce_weights`);
+* ``cluster_artifact/``: a copy of the stage-1 artifact (written when training starts), so
+  the folder and its checkpoints assign clusters alone;
 * ``moce_routing.jsonl`` / ``moce_expert_usage.png``: the training-time routing log and plot.
 
 Every file is written to a temporary name and renamed into place, so a reader or an
@@ -18,12 +23,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..model.config import MoCEConfig
 from ..utils import FileFormatError, atomic_write_text, atomic_write_with, read_json
+
+if TYPE_CHECKING:
+    import torch
 
 MOCE_CONFIG_NAME = "moce_config.json"
 MOCE_WEIGHTS_NAME = "moce_weights.safetensors"
@@ -74,15 +83,28 @@ def base_config_summary(model_config: Any) -> dict:
 
 def output_meta(cfg: Any, model: Any) -> dict:
     """Recorded next to the MoCE weights so inference can rebuild and check the model."""
+    from .fingerprint import base_fingerprint
+
     datasets = cfg.get("datasets") or []
     first_type = str((datasets[0] or {}).get("type", "")) if datasets else ""
     prompt_format = {"alpaca": "alpaca", "chat_template": "chat"}.get(first_type, "raw")
     return {
         "base_model": cfg.get("base_model"),
         "base_config": base_config_summary(model.config),
+        "base_fingerprint": base_fingerprint(model),
         "adapter": cfg.get("adapter"),
         "prompt_format": prompt_format,
     }
+
+
+def saved_meta(meta: dict | None, saved: str, step: int | None = None) -> dict:
+    """``meta`` stamped with when the folder was written (start / checkpoint / interrupted /
+    final); the loader refuses a folder whose model weights are the start-of-training ones."""
+    out = dict(meta or {})
+    out["saved"] = saved
+    if step is not None:
+        out["step"] = int(step)
+    return out
 
 
 def save_moce_files(
@@ -120,3 +142,71 @@ def copy_cluster_artifact(artifact: str | os.PathLike | None, output_dir: str | 
     from ..utils import atomic_dir
 
     return atomic_dir(dest, lambda tmp: shutil.copytree(artifact, tmp, dirs_exist_ok=True))
+
+
+# ---- MoCE tensors inside the model's own weights ------------------------------------------
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_WEIGHTS_INDEX = "model.safetensors.index.json"
+_MOCE_MODULE = ".moce_experts."
+_PEFT_PREFIX = "base_model.model."
+_PEFT_COPY = re.compile(r"^modules_to_save\.[^.]+\.")
+
+
+def model_weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files holding the model (PEFT adapter, single or sharded full save)."""
+    directory = Path(directory)
+    if (directory / ADAPTER_WEIGHTS).is_file():
+        return [directory / ADAPTER_WEIGHTS]
+    if (directory / MODEL_WEIGHTS).is_file():
+        return [directory / MODEL_WEIGHTS]
+    index = directory / MODEL_WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = read_json(index, "safetensors index").get("weight_map", {})
+        shards = {f for k, f in weight_map.items() if _MOCE_MODULE in k}
+        return [directory / f for f in sorted(shards)]
+    return []
+
+
+def _module_path(name: str) -> str:
+    """A module's name in a full save: PEFT's wrapper prefix and modules_to_save copy removed."""
+    name = name.removeprefix(_PEFT_PREFIX)
+    return re.sub(r"\.modules_to_save\.[^.]+$", "", name)
+
+
+def moce_weights_from_model_files(directory: str | os.PathLike, model: Any
+                                  ) -> dict[str, torch.Tensor]:
+    """The MoCE tensors of ``model``'s layout (keys ``layers.<i>.<name>``, as
+    moce_weights.safetensors) read from the folder's model or adapter safetensors, where a
+    full save names them ``<layers path>.<i>.<mlp>.moce_experts.<name>`` and PEFT's adapter
+    file ``base_model.model.<same>``. Empty when the folder has none."""
+    from safetensors import safe_open
+
+    from ..model.upcycle import moce_experts_modules
+
+    layer_of = {_module_path(n).removesuffix(".moce_experts"): m.layer_index
+                for n, m in moce_experts_modules(model)}
+    out: dict[str, torch.Tensor] = {}
+    for file in model_weight_files(directory):
+        with safe_open(str(file), framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if _MOCE_MODULE not in key:
+                    continue
+                module, rest = key.split(_MOCE_MODULE, 1)
+                layer = layer_of.get(_module_path(module))
+                if layer is not None:
+                    out[f"layers.{layer}.{_PEFT_COPY.sub('', rest)}"] = st.get_tensor(key)
+    return out
+
+
+def read_moce_weights(directory: str | os.PathLike, model: Any
+                      ) -> tuple[dict[str, torch.Tensor], str]:
+    """(MoCE state dict, the file it came from): moce_weights.safetensors when present,
+    else the model's own weights (an output_dir or checkpoint whose run was interrupted)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if (directory / MOCE_WEIGHTS_NAME).is_file():
+        return load_file(str(directory / MOCE_WEIGHTS_NAME)), MOCE_WEIGHTS_NAME
+    files = model_weight_files(directory)
+    return moce_weights_from_model_files(directory, model), ", ".join(f.name for f in files)

@@ -3,6 +3,9 @@
     python -m moce_plugin.generate OUTPUT_DIR --prompt "Write a haiku about rain"
     python -m moce_plugin.generate OUTPUT_DIR --prompts-file prompts.txt   # one prompt a line
     python -m moce_plugin.generate OUTPUT_DIR --interactive
+
+Errors (a folder that is not a MoCE output, a damaged file, a different base model) are
+printed as one line that says what to do, exit status 2; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -10,24 +13,29 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..clustering.errors import ClusteringError
-from .load import MoCELoadError, load_moce_model
+from ..utils import cli_errors
+from .load import MoCEInferenceModel, MoCELoadError, load_moce_model
+
+PROG = "moce_plugin.generate"
+
+
+def _check_clusters_assignable(moce: MoCEInferenceModel, cluster: int | None) -> None:
+    """Without a cluster artifact the CLI user must say which cluster (the Python API's
+    message names ``cluster=``; this one names the flags)."""
+    groups = moce.config.groups
+    if cluster is not None:
+        if not 0 <= cluster < groups:
+            raise MoCELoadError(f"--cluster {cluster} is out of range: use 0..{groups - 1}.")
+        return
+    if moce.cluster_model is None and groups > 1:
+        raise MoCELoadError(
+            "this model has no cluster artifact (it was trained on a cluster_id column), so "
+            f"prompts can't be assigned a cluster: pass --cluster <0..{groups - 1}> or "
+            "--cluster-artifact <dir written by preprocess/cluster.py>."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return _run(argv)
-    except (MoCELoadError, ClusteringError, FileNotFoundError) as exc:
-        # A problem with the inputs (folder, artifact, a prompt the template can't take): one
-        # line with the fix; the traceback only with --debug.
-        if "--debug" in argv:
-            raise
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-
-
-def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="MoCE output directory (or an exported one)")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -43,12 +51,20 @@ def _run(argv: list[str]) -> int:
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-stream", action="store_true", help="print only finished outputs")
+    parser.add_argument("--allow-different-base", action="store_true",
+                        help="accept a base model whose weights differ from training's")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
+    with cli_errors(args.debug, PROG):
+        return _run(args)
 
+
+def _run(args: argparse.Namespace) -> int:
     moce = load_moce_model(args.model, base_model=args.base_model,
                            cluster_artifact=args.cluster_artifact, device=args.device,
-                           prompt_format=args.prompt_format)
+                           prompt_format=args.prompt_format,
+                           allow_different_base=args.allow_different_base)
+    _check_clusters_assignable(moce, args.cluster)
 
     def run_one(prompt: str) -> None:
         cluster = args.cluster if args.cluster is not None else moce.assign_clusters([prompt])[0]

@@ -13,6 +13,7 @@ Command line (registers the model as `moce`, then runs lm_eval's own CLI):
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -26,6 +27,19 @@ from ..clustering.text import Request
 from ..model.routing import CLUSTER_IDS_KWARG
 from .load import MoCEInferenceModel, load_moce_model
 
+eval_logger = logging.getLogger("lm_eval.moce")
+
+
+def pick_device(device: str | None) -> str:
+    """As lm-eval's ``hf`` model: the requested device when it exists, else CUDA when there
+    is one, else the CPU (lm-eval's CLI passes ``cuda:0`` unless ``--device`` is given)."""
+    if device and not (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        return str(device)
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    if device:
+        eval_logger.warning("device %r is not available; using %s", device, chosen)
+    return chosen
+
 
 @register_model("moce")
 class MoCELM(HFLM):
@@ -35,10 +49,11 @@ class MoCELM(HFLM):
         moce: MoCEInferenceModel | None = None,
         cluster: int | None = None,
         base_model: str | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         batch_size: int | str = 8,
         **kwargs: Any,
     ) -> None:
+        device = pick_device(device)
         if moce is None:
             if path is None:
                 raise ValueError("MoCELM needs path=<MoCE output dir> (or moce=)")

@@ -5,15 +5,17 @@
     print(moce.generate(["Write a python function that reverses a list."])[0])
 
 An output directory is what ``axolotl train`` wrote with the plugin enabled (or what
-:func:`moce_plugin.export.export_model` wrote): ``moce_config.json`` and
-``moce_weights.safetensors`` always; the full model (``config.json`` + safetensors) when no
-adapter was used, or ``adapter_config.json`` + ``adapter_model.safetensors`` for LoRA/QLoRA;
-and the cluster artifact (``cluster_artifact/``, copied at the end of training).
+:func:`moce_plugin.export.export_model` wrote): ``moce_config.json`` (written when training
+starts) and ``moce_weights.safetensors`` (at every checkpoint and the end); the full model
+(``config.json`` + safetensors) when no adapter was used, or ``adapter_config.json`` +
+``adapter_model.safetensors`` for LoRA/QLoRA; and the cluster artifact (``cluster_artifact/``,
+copied when training starts). A folder left by an interrupted run (SIGINT: axolotl saves the
+model, but not our files) loads its MoCE tensors from the model/adapter weights instead.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,52 +23,97 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from ..clustering.text import Request
 from ..model.config import MoCEConfig
 from ..model.routers import LEGACY_PEFT_KEY_MAPPING
 from ..model.routing import CLUSTER_IDS_KWARG
 from ..model.upcycle import config_of, load_moce_state_dict, upcycle_model
+from ..utils import read_json
+from .fingerprint import fingerprint_checked, fingerprint_difference
 from .folder import (
     ARTIFACT_DIR_NAME,
     MOCE_CONFIG_NAME,
     MOCE_WEIGHTS_NAME,
-    base_config_summary,
+    model_weight_files,
     read_meta,
     read_moce_config,
+    read_moce_weights,
 )
+
+LOG = logging.getLogger(__name__)
 
 # A full save of an upcycled model names the frozen MLP "mlp.base_mlp"; loading it into the
 # plain architecture first maps it back.
 BASE_MLP_KEY_MAPPING = {r"\.base_mlp\.": "."}
 
 
+def _forget_base_mlp_mapping(model: Any) -> None:
+    """transformers reverses load-time renamings when the model is saved again; ours has no
+    reverse (export wrote keys like ``.base_mlp.odel.layers.0...``), and once upcycled the
+    model's own names are the ones to save."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [
+            c for c in conversions
+            if getattr(c, "_original_source_patterns", None) != list(BASE_MLP_KEY_MAPPING)
+        ]
+
+
 class MoCELoadError(ValueError):
     """The directory can't be loaded as a MoCE model (message says why and what to do)."""
 
 
-def _check_output_dir(path: Path) -> None:
+def _config_dir(path: Path) -> Path:
+    """Where moce_config.json is: the folder itself, or for a checkpoint written without it
+    (the run was stopped between the trainer's save and ours) the run's output_dir."""
     if not path.is_dir():
         raise MoCELoadError(f"{path} is not a directory")
-    missing = [n for n in (MOCE_CONFIG_NAME, MOCE_WEIGHTS_NAME) if not (path / n).is_file()]
-    if missing:
+    if (path / MOCE_CONFIG_NAME).is_file():
+        return path
+    if path.name.startswith("checkpoint-") and (path.parent / MOCE_CONFIG_NAME).is_file():
+        return path.parent
+    raise MoCELoadError(
+        f"{path} is missing {MOCE_CONFIG_NAME}: it is not the output of a MoCE training "
+        "(axolotl train with plugins: [moce_plugin.MoCEPlugin]) or of moce_plugin.export. "
+        "Use the training's output_dir or one of its checkpoint-* folders."
+    )
+
+
+def _newest_checkpoint(path: Path) -> Path | None:
+    steps = [(int(p.name.split("-")[1]), p) for p in path.glob("checkpoint-*")
+             if p.name.split("-")[1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def _check_weights_present(path: Path, meta: dict, own_config: bool) -> None:
+    if (path / MOCE_WEIGHTS_NAME).is_file():
+        return
+    newest = _newest_checkpoint(path)
+    use = (f"its newest checkpoint is {newest}: load that, or resume training "
+           "(resume_from_checkpoint) and let it finish." if newest else
+           "it has no checkpoint yet: train again.")
+    if not model_weight_files(path):
         raise MoCELoadError(
-            f"{path} is missing {', '.join(missing)}: it is not the output of a MoCE training "
-            "(axolotl train with plugins: [moce_plugin.MoCEPlugin]) or of moce_plugin.export. "
-            "Use the training's output_dir or one of its checkpoint-* folders."
+            f"{path} has neither {MOCE_WEIGHTS_NAME} nor model/adapter weights: the run "
+            f"stopped before it saved anything here (e.g. SIGTERM); {use}"
+        )
+    if own_config and meta.get("saved") == "start":
+        raise MoCELoadError(
+            f"{path} holds the weights axolotl saved when training started, not trained ones: "
+            f"the run stopped (e.g. SIGTERM) before it finished; {use}"
         )
 
 
-def _check_base_matches(model: Any, meta: dict) -> None:
-    """The MoCE weights only fit the base they were trained on."""
+def _check_base_matches(model: Any, meta: dict, given: str | None = None,
+                        allow_different_base: bool = False, check_weights: bool = True) -> None:
+    """The MoCE weights only fit the base they were trained on: same config, and (when the
+    base weights come from elsewhere than the folder) the same weights by fingerprint."""
     expected = meta.get("base_config")
-    if not expected:
-        return
     cfg = model.config
     diffs = {
         k: (v, getattr(cfg, k, None))
-        for k, v in expected.items()
+        for k, v in (expected or {}).items()
         if getattr(cfg, k, None) != v
     }
     if diffs:
@@ -75,6 +122,22 @@ def _check_base_matches(model: Any, meta: dict) -> None:
             f"The base model differs from the one MoCE was trained on ({details}). Pass the "
             f"training's base model (recorded: {meta.get('base_model')!r}) as base_model=."
         )
+    if not check_weights:
+        return
+    recorded = meta.get("base_fingerprint")
+    difference = fingerprint_difference(recorded, model)
+    if difference and not allow_different_base:
+        raise MoCELoadError(
+            f"The base model {given!r} has the same shape as the one MoCE was trained on "
+            f"(recorded: {meta.get('base_model')!r}) but other weights: {difference}. Pass "
+            "the training's base model, or allow_different_base=True "
+            "(--allow-different-base) if you mean to use another one."
+        )
+    if difference:
+        LOG.warning("base model %s differs from training's (%s); allowed", given, difference)
+    elif not fingerprint_checked(recorded):
+        LOG.info("base weights not checked: no usable fingerprint recorded (%s)",
+                 (recorded or {}).get("skipped") or "older output")
 
 
 @dataclass
@@ -225,6 +288,7 @@ def load_moce_model(
     dtype: torch.dtype | None = None,
     merge_lora: bool = False,
     prompt_format: str | None = None,
+    allow_different_base: bool = False,
 ) -> MoCEInferenceModel:
     """Load a MoCE output directory (see module docstring) for inference.
 
@@ -233,23 +297,32 @@ def load_moce_model(
         cluster_artifact: override where the cluster artifact is read from.
         merge_lora: merge LoRA into the base weights (faster generation).
         prompt_format: 'alpaca', 'chat' or 'raw'; default: what the training data used.
+        allow_different_base: accept a base whose weights differ from the fingerprint
+            recorded at training (same config); by default that is an error.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    _check_output_dir(path)
-    config = read_moce_config(path)
-    meta = read_meta(path)
+    config_dir = _config_dir(path)
+    config = read_moce_config(config_dir)
+    meta = read_meta(config_dir)
+    _check_weights_present(path, meta, own_config=config_dir == path)
     dtype = dtype or torch.float32
     adapter_cfg = path / "adapter_config.json"
+
+    def check_base(model: Any, given: str | Path, from_folder: bool = False) -> None:
+        _check_base_matches(model, meta, str(given), allow_different_base,
+                            check_weights=not from_folder)
+
     if adapter_cfg.is_file():
         from peft import PeftModel
 
-        base = base_model or json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+        base = base_model or read_json(adapter_cfg, "adapter config").get(
+            "base_model_name_or_path")
         if not base:
             raise MoCELoadError(f"{adapter_cfg} names no base model: pass base_model=")
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-        _check_base_matches(model, meta)
+        check_base(model, base)
         upcycle_model(model, config, dtype=dtype)
         # Adapters saved before the router module had other MoCE key names.
         key_mapping = {**(getattr(model, "_checkpoint_conversion_mapping", None) or {}),
@@ -266,7 +339,9 @@ def load_moce_model(
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING
             )
-        _check_base_matches(model, meta)
+        _forget_base_mlp_mapping(model)
+        # The folder's own (possibly trained) base weights are not checked, another base is.
+        check_base(model, source, from_folder=base_model is None)
         upcycle_model(model, config, dtype=dtype)
         tokenizer_source = path if (path / "tokenizer_config.json").is_file() else (
             base_model or meta.get("base_model") or path)
@@ -277,11 +352,18 @@ def load_moce_model(
                 f"{path} holds MoCE weights but no model: pass base_model= (the training's base)."
             )
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-        _check_base_matches(model, meta)
+        check_base(model, base)
         upcycle_model(model, config, dtype=dtype)
         tokenizer_source = base
-    # moce_weights.safetensors is authoritative for MoCE (also under PEFT's modules_to_save).
-    load_moce_state_dict(model, load_file(str(path / MOCE_WEIGHTS_NAME)))
+    # moce_weights.safetensors is authoritative for MoCE (also under PEFT's modules_to_save);
+    # without it (interrupted run) the MoCE tensors inside the model/adapter weights are.
+    state, source_file = read_moce_weights(path, model)
+    if not state:
+        raise MoCELoadError(
+            f"{path}: {source_file} holds no MoCE tensors (moce_experts): these weights were "
+            "not saved from a MoCE model. Use the training's output_dir or a checkpoint-*."
+        )
+    load_moce_state_dict(model, state)
     if device is not None:
         model.to(device)
     model.eval()

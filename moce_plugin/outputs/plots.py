@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..utils import pyplot
+from ..utils import FileFormatError, pyplot, read_jsonl
 from .folder import EXPERT_USAGE_PNG, ROUTING_LOG_NAME
 
 
@@ -45,7 +45,11 @@ def plot_routing_log(output_dir: str | Path) -> Path | None:
     path = Path(output_dir) / ROUTING_LOG_NAME
     if not path.is_file():
         return None
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        entries = read_jsonl(path, "routing log")
+    except FileFormatError as exc:  # e.g. a line cut by a killed run: no plot, no crash
+        warnings.warn(f"{exc} No expert-usage plot.", stacklevel=2)
+        return None
     if not entries:
         return None
     layers = sorted(entries[-1]["layers"], key=int)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from ..clustering.text import CHAT_KEYS, request_text
 from ..model.routing import CLUSTER_IDS_KWARG, routing_stats
 from ..model.upcycle import pop_last_routing
-from .load import MoCEInferenceModel, load_moce_model
+from ..utils import cli_errors, read_json, read_jsonl
+from .load import MoCEInferenceModel, MoCELoadError, load_moce_model
 from .plots import plot_usage
 
 
@@ -138,15 +139,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-model", help="base model for LoRA outputs (default: recorded)")
     parser.add_argument("--out", default="moce_usage", help="output path without extension")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--allow-different-base", action="store_true",
+                        help="accept a base model whose weights differ from training's")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
-    text = Path(args.data).read_text()
-    rows = json.loads(text) if text.lstrip().startswith("[") else [
-        json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = rows[: args.max_rows] if args.max_rows else rows
-    moce = load_moce_model(args.model, base_model=args.base_model, device=args.device)
-    json_path, png = write_usage(measure_usage(moce, rows, args.batch_size, args.max_length),
-                                 args.out)
+    with cli_errors(args.debug, "moce_plugin.usage"):
+        rows = read_rows(Path(args.data))
+        rows = rows[: args.max_rows] if args.max_rows else rows
+        moce = load_moce_model(args.model, base_model=args.base_model, device=args.device,
+                               allow_different_base=args.allow_different_base)
+        if moce.cluster_model is None and moce.config.groups > 1 and not all(
+                "cluster_id" in r for r in rows):
+            raise MoCELoadError(
+                "this model has no cluster artifact, so rows can't be assigned a cluster: "
+                f"give every row of {args.data} a cluster_id column."
+            )
+        json_path, png = write_usage(
+            measure_usage(moce, rows, args.batch_size, args.max_length), args.out)
     print(f"wrote {json_path} and {png}")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSON list or JSONL file; damage and emptiness are reported with the name."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    rows = read_json(path, "data file") if head.startswith("[") else read_jsonl(
+        path, "data file")
+    if not rows:
+        raise ValueError(f"the data file {path} is empty: give it at least one row.")
+    return rows
 
 
 if __name__ == "__main__":

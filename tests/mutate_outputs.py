@@ -1,0 +1,124 @@
+"""Mutation check of the output-safety tests: plant one bug at a time in the source tree and
+expect the named tests to fail (``python tests/mutate_outputs.py [name-substring ...]`` from
+the repository root; each mutant is reverted after its run, also on Ctrl-C)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+MUTANTS = [
+    ("export: non-empty DEST accepted", "moce_plugin/outputs/export.py",
+     "and not overwrite:\n        raise ExportError", "and False:\n        raise ExportError",
+     "tests/test_output_safety.py", "non_empty"),
+    ("export: DEST containing SRC accepted", "moce_plugin/outputs/export.py",
+     "if dst in src.parents:", "if False:", "tests/test_output_safety.py", "related_to_source"),
+    ("export: DEST inside SRC accepted", "moce_plugin/outputs/export.py",
+     "if src in dst.parents and not allow_inside_source:", "if False:",
+     "tests/test_output_safety.py", "related_to_source"),
+    ("export: no writability probe", "moce_plugin/outputs/export.py",
+     "mkdtemp(dir=parent, prefix=", "mkdtemp(dir=tempfile.gettempdir(), prefix=",
+     "tests/test_output_safety.py", "unwritable"),
+    ("export: rmtree DEST like main", "moce_plugin/outputs/export.py",
+     "    return atomic_dir(dest, fill)",
+     "    tmp = Path(tempfile.mkdtemp(dir=dest.parent))\n    fill(tmp)\n"
+     "    shutil.rmtree(dest, ignore_errors=True)\n    tmp.rename(dest)\n    return dest",
+     "tests/test_output_safety.py", "midway"),
+    ("merge-lora: overwrites foreign merged/", "moce_plugin/integration/plugin.py",
+     "overwrite=(dest / EXPORT_RECORD).is_file()", "overwrite=True",
+     "tests/test_output_safety.py", "merge_lora"),
+    ("load: no fallback to model weights", "moce_plugin/outputs/folder.py",
+     "    return moce_weights_from_model_files(directory, model)",
+     "    return {}",
+     "tests/test_output_safety.py", "without_moce_weights"),
+    ("load: sharded index ignored", "moce_plugin/outputs/folder.py",
+     "        return [directory / f for f in sorted(shards)]", "        return []",
+     "tests/test_output_safety.py", "without_moce_weights"),
+    ("load: PEFT prefix not stripped", "moce_plugin/outputs/folder.py",
+     "    name = name.removeprefix(_PEFT_PREFIX)", "    pass",
+     "tests/test_output_safety.py", "adapter"),
+    ("load: checkpoint needs its own config", "moce_plugin/outputs/load.py",
+     "    if path.name.startswith(\"checkpoint-\") and", "    if False and",
+     "tests/test_output_safety.py", "checkpoint_without"),
+    ("load: start-of-training weights accepted", "moce_plugin/outputs/load.py",
+     "if own_config and meta.get(\"saved\") == \"start\":", "if False:",
+     "tests/test_output_safety.py", "start_of_training"),
+    ("load: fingerprint not checked", "moce_plugin/outputs/load.py",
+     "if difference and not allow_different_base:", "if False:",
+     "tests/test_output_safety.py", "other_base or different_base"),
+    ("fingerprint: exact compare", "moce_plugin/outputs/fingerprint.py",
+     "RTOL, ATOL = 2e-2, 1e-5", "RTOL, ATOL = 0.0, 0.0",
+     "tests/test_output_safety.py", "another_dtype"),
+    ("fingerprint: quantized not skipped", "moce_plugin/outputs/fingerprint.py",
+     "        return f\"quantized ({p.dtype})\"", "        return None",
+     "tests/test_output_safety.py", "quantized"),
+    ("artifact: checksums not checked", "moce_plugin/clustering/artifact.py",
+     "            check_files(path, metadata)\n", "",
+     "tests/test_artifact_integrity.py", "cut or edited"),
+    ("artifact: checksums not written", "moce_plugin/clustering/pipeline.py",
+     "        metadata[\"files\"] = file_checksums(tmp)", "        pass",
+     "tests/test_artifact_integrity.py", "records or edited"),
+    ("artifact: bare JSONDecodeError on a bad line", "moce_plugin/clustering/artifact.py",
+     "except (ValueError, KeyError, TypeError) as exc:", "except KeyError as exc:",
+     "tests/test_artifact_integrity.py", "oldest"),
+    ("artifact: metadata read without the file name", "moce_plugin/clustering/artifact.py",
+     "metadata = read_json(path / METADATA_FILE, \"cluster artifact metadata\")",
+     "metadata = json.loads((path / METADATA_FILE).read_text())",
+     "tests/test_artifact_integrity.py", "metadata_names"),
+    ("data: empty-file check removed", "moce_plugin/clustering/pipeline.py",
+     "        if _is_empty_file(Path(str(dc.path))):", "        if False:",
+     "tests/test_artifact_integrity.py", "says_empty"),
+    ("data: no check after loading", "moce_plugin/clustering/pipeline.py",
+     "        if len(ds) == 0:", "        if False:",
+     "tests/test_artifact_integrity.py", "empty_split"),
+    ("data: loader's no-data error not mapped", "moce_plugin/clustering/pipeline.py",
+     "            if \"corresponds to no data\" in str(exc):", "            if False:",
+     "tests/test_artifact_integrity.py", "found_when"),
+    ("lm-eval: device passed through", "moce_plugin/outputs/lm_eval.py",
+     "        device = pick_device(device)", "        pass",
+     "tests/test_output_safety.py", "lm_eval_device"),
+    ("lm-eval: pick_device keeps cuda", "moce_plugin/outputs/lm_eval.py",
+     "    if device and not (str(device).startswith(\"cuda\") and not torch.cuda.is_available()):",
+     "    if device:", "tests/test_output_safety.py", "lm_eval_device"),
+    ("cli: tracebacks", "moce_plugin/utils.py",
+     "    except (ValueError, OSError) as exc:", "    except KeyError as exc:",
+     "tests/test_output_safety.py", "cli"),
+    ("generate: no --cluster check", "moce_plugin/outputs/generate.py",
+     "    _check_clusters_assignable(moce, args.cluster)\n", "",
+     "tests/test_output_safety.py", "generate_cli_errors"),
+    ("usage: json.loads of the data file", "moce_plugin/outputs/usage.py",
+     "        rows = read_rows(Path(args.data))",
+     "        rows = [__import__('json').loads(x)\n"
+     "                for x in Path(args.data).read_text().splitlines() if x.strip()]",
+     "tests/test_output_safety.py", "usage_cli"),
+    ("load: load-time key renaming reversed on save", "moce_plugin/outputs/load.py",
+     "        _forget_base_mlp_mapping(model)\n", "",
+     "tests/test_output_safety.py", "checkpoint_without"),
+    # slow: a real axolotl train each (about a minute)
+    ("plugin: nothing written when training starts", "moce_plugin/integration/plugin.py",
+     "MoCECheckpointCallback(moce, self._meta), MoCEOutputDirCallback(moce, self._meta)]",
+     "MoCECheckpointCallback(moce, self._meta)]", "tests/test_e2e_interrupt.py", "SIGINT"),
+    ("plugin: SIGINT snapshot not stamped", "moce_plugin/integration/plugin.py",
+     "        self._chain_sigint(out)\n", "", "tests/test_e2e_interrupt.py", "SIGINT"),
+]
+
+only = sys.argv[1:]
+caught = 0
+for name, file, old, new, test, k in MUTANTS:
+    if only and not any(o in name for o in only):
+        continue
+    path = Path(file)
+    original = path.read_text()
+    assert original.count(old) == 1, (name, original.count(old))
+    path.write_text(original.replace(old, new))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:warnings",
+                               test, "-k", k], capture_output=True, text=True)
+    finally:
+        path.write_text(original)
+    ok = proc.returncode == 1
+    caught += ok
+    print(f"{'CAUGHT  ' if ok else 'MISSED  '}{name}  (rc {proc.returncode}: "
+          f"{proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ''})", flush=True)
+print(f"{caught} caught")
