@@ -12,6 +12,7 @@ from axolotl.utils.logging import get_logger
 from .architectures import get_architecture
 from .args import moce_config_from_cfg
 from .config import MoCEConfig
+from .cpu_dist import install_cpu_distributed_patches
 from .data import check_prepared_dataset, install_dataset_patches
 from .model import cast_moce_parameters, is_moce_model, moce_experts_modules, upcycle_model
 from .trainer import MoCECheckpointCallback, attach_moce_to_trainer, save_moce_files
@@ -48,6 +49,7 @@ class MoCEPlugin(BasePlugin):
         # Datasets are prepared before the model loads: hook cluster ids in now.
         install_dataset_patches()
         install_merge_lora_patch()
+        install_cpu_distributed_patches()
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
         # Runs after axolotl normalised the config and before the model loader reads it;
@@ -199,18 +201,24 @@ def install_merge_lora_patch() -> None:
 
 
 def mark_zero3_leaf_modules(model: Any) -> None:
-    """Under DeepSpeed ZeRO-3, gather each MoCE layer's experts as one unit: its forward reads
-    the stacked expert tensors directly (every rank, every step, whatever the routing), so
-    ZeRO must not try to fetch per-expert submodules lazily."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover
-        return
-    if not is_deepspeed_zero3_enabled():
-        return
-    from deepspeed.utils import set_z3_leaf_modules
+    """Under DeepSpeed ZeRO-3, MoCE needs no leaf-module marking, and must not get one.
 
+    ``MoCEExperts`` owns its routers and stacked expert tensors directly (no child module holds
+    a parameter), so ZeRO-3's pre-forward hook gathers all of them at once on every call, on
+    every rank, whatever the routing: nothing is fetched lazily and ranks cannot hang.
+    Marking it a leaf (``deepspeed.utils.set_z3_leaf_modules``) was harmful: DeepSpeed 0.19
+    then reduces the leaf's gradients from a module backward hook and re-partitions its
+    parameters before autograd accumulates the expert gradient, and the first backward fails
+    in ``torch::autograd::AccumulateGrad`` with ``The size of tensor a (0) must match the size
+    of tensor b (32) at non-singleton dimension 2`` (seen with 2 gloo ranks, docs/scaling.md).
+    This only checks the property that makes the marking unnecessary."""
     from .layer import MoCEExperts
 
-    set_z3_leaf_modules(model, [MoCEExperts])
-    LOG.info("MoCE: MoCEExperts marked as ZeRO-3 leaf modules")
+    for module in model.modules():
+        if isinstance(module, MoCEExperts) and any(
+            True for child in module.children() for _ in child.parameters()
+        ):
+            raise RuntimeError(
+                "MoCEExperts has a child module with parameters; ZeRO-3 would fetch it lazily "
+                "per call. Keep expert parameters directly on MoCEExperts."
+            )
