@@ -107,9 +107,10 @@ def make_config(mode: str, tmp: Path, data: Path, steps: int, seq: int) -> dict:
         datasets=[{"path": str(data), "type": "alpaca", "ds_type": "json"}],
         dataset_prepared_path=str(tmp / "prepared"), output_dir=str(tmp / "model"),
         val_set_size=0, sequence_len=seq, max_steps=steps, save_strategy="no",
-        lr_scheduler="constant", warmup_steps=0, micro_batch_size=1,
+        lr_scheduler="constant", warmup_steps=0, micro_batch_size=1, save_steps=None,
         gradient_accumulation_steps=4 if mode == "single" else 2,
     )
+    cfg = {k: v for k, v in cfg.items() if v is not None}
     if mode == "fsdp2":
         example = yaml.safe_load((ROOT / "examples" / "llama2-moce-fsdp.yml").read_text())
         cfg["fsdp_version"] = example["fsdp_version"]

@@ -14,6 +14,7 @@ from .args import moce_config_from_cfg
 from .config import MoCEConfig
 from .cpu_dist import install_cpu_distributed_patches
 from .data import check_prepared_dataset, install_dataset_patches
+from .fsdp_save import install_fsdp2_adapter_save_patch
 from .model import cast_moce_parameters, is_moce_model, moce_experts_modules, upcycle_model
 from .trainer import MoCECheckpointCallback, attach_moce_to_trainer, save_moce_files
 
@@ -50,6 +51,7 @@ class MoCEPlugin(BasePlugin):
         install_dataset_patches()
         install_merge_lora_patch()
         install_cpu_distributed_patches()
+        install_fsdp2_adapter_save_patch()
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
         # Runs after axolotl normalised the config and before the model loader reads it;

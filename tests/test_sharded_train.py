@@ -96,10 +96,9 @@ def data(tmp_path_factory):
 
 
 def sharded_config(model_dir: Path, data: Path, out: Path, mode: str, **overrides) -> dict:
-    cfg = base_config(model_dir, data, out, max_steps=4, save_steps=2,
-                      gradient_accumulation_steps=2,
-                      plugins=["moce_plugin.MoCEPlugin", "rank_dump_plugin.RankDumpPlugin"],
-                      **overrides)
+    settings = dict(max_steps=4, save_steps=2, gradient_accumulation_steps=2,
+                    plugins=["moce_plugin.MoCEPlugin", "rank_dump_plugin.RankDumpPlugin"])
+    cfg = base_config(model_dir, data, out, **{**settings, **overrides})
     cfg.update(sharding_settings(mode))
     return cfg
 
