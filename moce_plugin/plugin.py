@@ -33,6 +33,10 @@ def _compute_dtype(cfg: Any) -> torch.dtype:
     if cfg.get("fp16"):
         return torch.float16
     dtype = cfg.get("torch_dtype")
+    if dtype == torch.float16 and cfg.get("load_in_8bit") and not cfg.get("float16"):
+        # axolotl loads int8 bases with torch_dtype float16 even without fp16 training; MoCE
+        # trained in pure fp16 (no loss scaling) turns NaN within steps (tiny llama, CPU).
+        return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     return torch.float32

@@ -26,7 +26,11 @@ class QuantCheckPlugin(BasePlugin):
         mlps[0].base_mlp.register_forward_hook(count)
         self.info = {
             "ffn_classes": sorted({type(m.base_mlp.gate_proj).__name__ for m in mlps}),
-            "ffn_weight_dtypes": sorted({str(m.base_mlp.gate_proj.weight.dtype) for m in mlps}),
+            # storage bytes per weight: 0.5 for 4-bit (packed into any storage dtype), 1 for int8
+            "ffn_bytes_per_weight": sorted({
+                m.base_mlp.gate_proj.weight.numel() * m.base_mlp.gate_proj.weight.element_size()
+                / (m.base_mlp.gate_proj.in_features * m.base_mlp.gate_proj.out_features)
+                for m in mlps}),
             "moce_dtypes": sorted({str(p.dtype) for _, m in moce_experts_modules(model)
                                    for p in m.parameters()}),
             "moce_trainable": all(p.requires_grad for _, m in moce_experts_modules(model)
