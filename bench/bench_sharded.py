@@ -94,9 +94,10 @@ def write_data(path: Path) -> None:
             dst.write(json.dumps(row) + "\n")
 
 
-def make_config(mode: str, tmp: Path, data: Path, steps: int, seq: int) -> dict:
+def make_config(mode: str, tmp: Path, data: Path, steps: int, seq: int,
+                model: Path = MODEL) -> dict:
     cfg = yaml.safe_load(EXAMPLE.read_text())
-    cfg["base_model"] = str(MODEL)
+    cfg["base_model"] = str(model)
     cfg["plugins"] = ["moce_plugin.MoCEPlugin", "bench_sharded.RankStepTimerPlugin"]
     moce = dict(cfg["moce"])
     moce.update(num_clusters=3)
@@ -123,11 +124,12 @@ def make_config(mode: str, tmp: Path, data: Path, steps: int, seq: int) -> dict:
     return cfg
 
 
-def run_mode(mode: str, steps: int, seq: int, threads: int, keep: Path | None) -> dict:
+def run_mode(mode: str, steps: int, seq: int, threads: int, keep: Path | None,
+             model: Path = MODEL) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"moce_bench_sharded_{mode}_"))
     data = tmp / "data.jsonl"
     write_data(data)
-    cfg = make_config(mode, tmp, data, steps, seq)
+    cfg = make_config(mode, tmp, data, steps, seq, model)
     cfg_path = tmp / "config.yml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     nproc = 1 if mode == "single" else 2
@@ -174,11 +176,14 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads in total (one process: all; 2 ranks: half each)")
+    p.add_argument("--model", default=str(MODEL),
+                   help="base model folder (default: SmolLM2; a tiny llama for a smoke run)")
     p.add_argument("--json", default=None, help="raw per-step times")
     p.add_argument("--keep-logs", default=None, help="folder for configs + train logs")
     args = p.parse_args()
 
-    if not (MODEL / "config.json").exists():
+    model = Path(args.model)
+    if model == MODEL and not (MODEL / "config.json").exists():
         subprocess.check_call([sys.executable, str(ROOT / "examples" / "prepare_smollm2.py")],
                               cwd=ROOT)
     import torch
@@ -187,13 +192,14 @@ def main() -> None:
     from machine_info import cpu_model
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"sequence_len {args.seq}, global batch 4 sequences, {args.steps} timed steps "
-          f"(+{args.warmup} warm-up), load avg {os.getloadavg()[0]:.1f}", flush=True)
+          f"model {model.name}, sequence_len {args.seq}, global batch 4 sequences, "
+          f"{args.steps} timed steps (+{args.warmup} warm-up), "
+          f"load avg {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for mode in args.modes.split(","):
         print(f"running {mode} ...", flush=True)
         r = run_mode(mode, args.warmup + args.steps, args.seq, args.threads,
-                     Path(args.keep_logs) if args.keep_logs else None)
+                     Path(args.keep_logs) if args.keep_logs else None, model)
         for rank in r["ranks"]:
             kept = rank["step_times"][args.warmup:]
             rank["median_step_s"] = statistics.median(kept)
