@@ -212,9 +212,10 @@ def mark_zero3_leaf_modules(model: Any) -> None:
     ``MoCEExperts`` owns its routers and stacked expert tensors directly (no child module holds
     a parameter), so ZeRO-3's pre-forward hook gathers all of them at once on every call, on
     every rank, whatever the routing: nothing is fetched lazily and ranks cannot hang.
-    Marking it a leaf (``deepspeed.utils.set_z3_leaf_modules``) was harmful: DeepSpeed 0.19
-    then reduces the leaf's gradients from a module backward hook and re-partitions its
-    parameters before autograd accumulates the expert gradient, and the first backward fails
+    Marking it a leaf (``deepspeed.utils.set_z3_leaf_modules``) was harmful: with DeepSpeed
+    0.19 the expert parameter is already re-partitioned (size 0) when autograd accumulates its
+    gradient (likely: leaf gradients are reduced from a module backward hook), and the first
+    backward fails
     in ``torch::autograd::AccumulateGrad`` with ``The size of tensor a (0) must match the size
     of tensor b (32) at non-singleton dimension 2`` (seen with 2 gloo ranks, docs/scaling.md).
     This only checks the property that makes the marking unnecessary."""
