@@ -18,20 +18,26 @@ CFG = MoCEConfig(num_clusters=3, experts_per_group=2, top_k=2, adapter_dim=8)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
-def test_zero3_marks_moce_experts_as_leaf_modules():
+def test_zero3_gathers_moce_experts_as_one_unit_without_leaf_marking():
+    """ZeRO-3 fetches a module's own parameters in its pre-forward hook. MoCEExperts holds its
+    expert tensors directly and calls its router module on every forward, so every rank gathers
+    the same parameters every step; it is not marked a ZeRO-3 leaf (that broke the backward,
+    docs/scaling.md)."""
     from transformers.integrations import HfDeepSpeedConfig
 
-    from moce_plugin.integration.plugin import mark_zero3_leaf_modules
-
     model = upcycle_model(tiny_causal_lm("llama"), CFG)
-    mark_zero3_leaf_modules(model)  # ZeRO-3 not enabled: nothing happens
-    assert not any(getattr(m, "_z3_leaf", False) for m in model.modules())
     ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
     keep = HfDeepSpeedConfig(ds_config)  # noqa: F841  (global weakref read by transformers)
-    mark_zero3_leaf_modules(model)
-    leaves = [m for m in model.modules() if getattr(m, "_z3_leaf", False)]
-    assert leaves and all(isinstance(m, MoCEExperts) for m in leaves)
-    assert len(leaves) == model.config.num_hidden_layers
+    from moce_plugin.integration.plugin import MoCEPlugin
+
+    MoCEPlugin().post_model_load({"moce": {"num_clusters": 3}}, model)
+    assert not any(getattr(m, "_z3_leaf", False) for m in model.modules())
+    experts = [m for m in model.modules() if isinstance(m, MoCEExperts)]
+    assert experts
+    for m in experts:
+        assert {n for n, _ in m.named_parameters(recurse=False)} >= {"down", "up"}
+        holders = {n for n, c in m.named_children() if any(True for _ in c.parameters())}
+        assert holders == {"router"}  # called as a module in forward: gathered by its hook
     del keep
 
 

@@ -22,6 +22,7 @@ class Patch:
     replacement: str  # "module:factory"; factory(original) -> replacement
     why: str
     also_in: tuple[str, ...] = ()  # modules that imported the target by name
+    only_without_cuda: bool = False  # CPU-only (gloo) work-arounds: no change on CUDA machines
 
 
 PATCHES: tuple[Patch, ...] = (
@@ -49,6 +50,31 @@ PATCHES: tuple[Patch, ...] = (
         "moce_plugin.integration.plugin:wrap_merge_lora",
         "axolotl merges LoRA shard by shard without building the model, which would drop the "
         "MoCE layers; for MoCE configs moce_plugin.outputs.export does the merge.",
+    ),
+    Patch(
+        "axolotl.integrations.expert_parallel.shard", "save_fsdp2_lora_adapter",
+        "moce_plugin.integration.fsdp_save:wrap_save_fsdp2_lora_adapter",
+        "FSDP2 + LoRA: axolotl gathers only lora_* parameters for the final adapter save and "
+        "fails on PEFT's modules_to_save copy of MoCE (KeyError ...router).",
+    ),
+    Patch(
+        "accelerate.parallelism_config", "ParallelismConfig.build_device_mesh",
+        "moce_plugin.integration.cpu_dist:wrap_build_device_mesh",
+        "FSDP2 on CPU: axolotl builds the device mesh with device_type 'cuda'.",
+        only_without_cuda=True,
+    ),
+    Patch(
+        "accelerate.state", "PartialState._prepare_backend",
+        "moce_plugin.integration.cpu_dist:wrap_prepare_backend",
+        "several CPU ranks get no backend (one process) unless ACCELERATE_USE_CPU, which in "
+        "turn switches DeepSpeed off: use gloo.",
+        only_without_cuda=True,
+    ),
+    Patch(
+        "accelerate.state", "AcceleratorState.__init__",
+        "moce_plugin.integration.cpu_dist:wrap_accelerator_state_init",
+        "accelerate enables FSDP only for GPU-like distributed types; FSDP2 runs on gloo.",
+        only_without_cuda=True,
     ),
 )
 
@@ -97,7 +123,11 @@ def check_targets() -> list[str]:
 
 def install_patches() -> None:
     """Install every module-level patch once (idempotent)."""
+    import torch
+
     for patch in PATCHES:
+        if patch.only_without_cuda and torch.cuda.is_available():
+            continue
         owner, name, original = _resolve(patch.module, patch.attribute)
         if getattr(original, _PATCHED_FLAG, False):
             continue

@@ -56,6 +56,10 @@ def _compute_dtype(cfg: Any) -> torch.dtype:
     if cfg.get("fp16"):
         return torch.float16
     dtype = cfg.get("torch_dtype")
+    if dtype == torch.float16 and cfg.get("load_in_8bit") and not cfg.get("float16"):
+        # axolotl loads int8 bases with torch_dtype float16 even without fp16 training; MoCE
+        # trained in pure fp16 (no loss scaling) turns NaN within steps (tiny llama, CPU).
+        return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     return torch.float32
@@ -141,7 +145,6 @@ class MoCEPlugin(BasePlugin):
         modules = list(moce_experts_modules(model))
         for _, module in modules:
             module.requires_grad_(True)
-        mark_zero3_leaf_modules(model)
         moce_params = sum(p.numel() for _, m in modules for p in m.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -258,21 +261,3 @@ def wrap_merge_lora(original: Callable) -> Callable:
                      overwrite=(dest / EXPORT_RECORD).is_file(), allow_inside_source=True)
 
     return do_merge_lora
-
-
-def mark_zero3_leaf_modules(model: Any) -> None:
-    """Under DeepSpeed ZeRO-3, gather each MoCE layer's experts as one unit: its forward reads
-    the stacked expert tensors directly (every rank, every step, whatever the routing), so
-    ZeRO must not try to fetch per-expert submodules lazily."""
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover
-        return
-    if not is_deepspeed_zero3_enabled():
-        return
-    from deepspeed.utils import set_z3_leaf_modules
-
-    from ..model.layer import MoCEExperts
-
-    set_z3_leaf_modules(model, [MoCEExperts])
-    LOG.info("MoCE: MoCEExperts marked as ZeRO-3 leaf modules")
