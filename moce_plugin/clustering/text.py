@@ -7,6 +7,7 @@ the training lookup, generation, lm-eval, usage reports), so one request gets on
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -114,3 +115,27 @@ def request_text(request: Request, template: str = "auto") -> str:
     else:
         row = {"messages": list(request)}
     return example_text(row, template)
+
+
+# axolotl's alpaca prompt (AlpacaPrompter), with and without an input.
+_ALPACA_PROMPT = re.compile(
+    r"### Instruction:\n(?P<instruction>.*?)\n\n(?:### Input:\n(?P<input>.*?)\n\n)?### Response:",
+    re.S,
+)
+
+
+def prompt_request(prompt: str, user_turn: tuple[str, str] | None = None) -> Request:
+    """The request behind a prompt already formatted for the model (e.g. decoded input ids),
+    to pass to :func:`request_text`: the user turns when ``user_turn`` = (header, end) of the
+    chat template's user message occurs, else the instruction/input of an alpaca prompt, else
+    the prompt itself."""
+    if user_turn is not None:
+        header, end = user_turn
+        pattern = re.escape(header) + "(.*?)" + (re.escape(end) if end else "$")
+        turns = re.findall(pattern, prompt, re.S)
+        if turns:
+            return [{"role": "user", "content": t} for t in turns]
+    match = _ALPACA_PROMPT.search(prompt)
+    if match:
+        return {"instruction": match["instruction"], "input": match["input"] or ""}
+    return prompt

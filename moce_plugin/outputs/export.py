@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .folder import ARTIFACT_DIR_NAME, read_meta, save_moce_files
+from .hf_export import write_hf_native
 from .load import load_moce_model
 
 CARD = """---
@@ -61,6 +62,7 @@ def export_model(
         top_k=cfg.top_k, general=cfg.num_general_experts, dim=cfg.adapter_dim,
         artifact=ARTIFACT_DIR_NAME if moce.cluster_model is not None else "a cluster_id column",
     ))
+    write_hf_native(tmp, moce, source)  # config/auto_map, remote code, model card
     (tmp / "moce_export.json").write_text(json.dumps({"source": str(source)}, indent=2))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from ..model.config import MoCEConfig
 from ..model.routing import CLUSTER_IDS_KWARG
 from ..model.upcycle import config_of, load_moce_state_dict, upcycle_model
+from .hf_native import plain_base_config
 from .folder import (
     ARTIFACT_DIR_NAME,
     MOCE_CONFIG_NAME,
@@ -256,8 +257,11 @@ def load_moce_model(
         # reports as "unexpected"; they are loaded from moce_weights below, so keep it quiet.
         with _transformers_errors_only():
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING
+                source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING, **plain_base_config(source)
             )
+        # save_pretrained reverses the load-time key mapping, and the reverse of "." ->
+        # ".base_mlp." is a regex that mangles every key: save with the defaults instead.
+        model._weight_conversions = None
         _check_base_matches(model, meta)
         upcycle_model(model, config, dtype=dtype)
         tokenizer_source = path if (path / "tokenizer_config.json").is_file() else (
@@ -277,7 +281,8 @@ def load_moce_model(
     if device is not None:
         model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source,
+                                              **plain_base_config(tokenizer_source))
     cluster_model = _load_cluster_model(path, config, cluster_artifact)
     assert config_of(model) is not None
     return MoCEInferenceModel(
