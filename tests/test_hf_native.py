@@ -12,6 +12,7 @@ import torch
 from hf_native_helpers import (
     CFG,
     PROMPTS,
+    ROOT,
     build_artifact,
     build_output,
     last_json,
@@ -255,3 +256,103 @@ def test_fresh_process_automodel_and_pipeline_match_load_moce_model(exported, tm
     chat = result["chat"]
     assert chat[0] == {"role": "user", "content": PROMPTS[1]} and chat[-1]["role"] == "assistant"
     assert result["cls"] == "MoCELlamaForCausalLM"
+
+
+LM_EVAL_SCRIPT = """
+import json, lm_eval
+from lm_eval.tasks import TaskManager
+from moce_plugin.lm_eval_model import MoCELM
+tasks = ["moce_tiny_mc", "moce_tiny_gen"]
+manager = TaskManager(include_path="tests/data/lm_eval_tasks")
+out = {{}}
+for name, model, args in [("hf", "hf", "pretrained={dest},trust_remote_code=True"),
+                          ("moce", MoCELM(path={dest!r}, batch_size=4), None)]:
+    res = lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, batch_size=4,
+                                  device="cpu", task_manager=manager, log_samples=True)
+    out[name] = {{t: {{"metrics": {{k: v for k, v in res["results"][t].items()
+                                  if k != "alias"}},
+                      "resps": [s["filtered_resps"] for s in res["samples"][t]]}}
+                 for t in tasks}}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_stock_hf_model_scores_like_the_moce_class(exported, tmp_path):
+    _, dest = exported
+    result = last_json(run_fresh(LM_EVAL_SCRIPT.format(dest=str(dest)), ROOT).stdout)
+    hf, moce = result["hf"], result["moce"]
+    assert hf["moce_tiny_gen"] == moce["moce_tiny_gen"]  # generations identical
+    assert hf["moce_tiny_mc"]["metrics"] == moce["moce_tiny_mc"]["metrics"]
+    for a, b in zip(hf["moce_tiny_mc"]["resps"], moce["moce_tiny_mc"]["resps"]):
+        got = [float(x[0]) for x in a]
+        want = [float(x[0]) for x in b]
+        assert got == pytest.approx(want, abs=1e-4)  # same clusters, same log-likelihoods
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_transformers_serve_answers_the_openai_client_with_per_domain_clusters(exported,
+                                                                               tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from openai import OpenAI
+
+    from moce_plugin.clustering import ClusterModel
+
+    _, dest = exported
+    expected = ClusterModel.load(dest / "cluster_artifact").assign_requests(PROMPTS).tolist()
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "MOCE_LOG_CLUSTERS": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "transformers.cli.transformers", "serve", str(dest),
+             "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
+             "--device", "cpu", "--dtype", "float32"],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(120):  # the server loads the model before it listens
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(1)
+        else:
+            raise AssertionError("transformers serve did not start: " + log_path.read_text())
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120,
+                        max_retries=0)
+        for prompt in PROMPTS:
+            reply = client.chat.completions.create(
+                model=str(dest), messages=[{"role": "user", "content": prompt}], max_tokens=4)
+            assert reply.choices[0].message.role == "assistant"
+            assert reply.usage.completion_tokens == 4
+        stream = client.chat.completions.create(
+            model=str(dest), messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=4,
+            stream=True)
+        pieces = [c.choices[0].delta.content for c in stream if c.choices]
+        assert "".join(p for p in pieces if p)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    log = log_path.read_text()
+    for prompt, cluster in zip(PROMPTS + PROMPTS[:1], expected + expected[:1]):
+        assert f"moce cluster {cluster} <- {prompt[:80]!r}" in log, log[-3000:]
+    assert log.count(f"moce cluster {expected[0]} <- {PROMPTS[0][:80]!r}") == 2  # + streamed

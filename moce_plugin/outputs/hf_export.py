@@ -21,7 +21,13 @@ from typing import Any
 
 from ..utils import atomic_write_text, read_json
 from .folder import ARTIFACT_DIR_NAME, EXPERT_USAGE_PNG
-from .hf_native import BASE_TYPE_KEY, ENCODER_DIR_NAME, HAS_ARTIFACT_KEY, MODEL_TYPE, MOCE_KEY
+from .hf_native import (
+    BASE_TYPE_KEY,
+    ENCODER_DIR_NAME,
+    HAS_ARTIFACT_KEY,
+    MODEL_TYPE,
+    MOCE_KEY,
+)
 
 CONFIG_CODE = '''"""MoCE (moce-plugin) configuration; base family: {base}. Needs `pip install moce-plugin`."""
 
@@ -142,7 +148,10 @@ def write_hf_native(dest: str | Path, moce: Any, source: str | Path | None = Non
         BASE_TYPE_KEY: base_type,
         MOCE_KEY: moce_block,
         HAS_ARTIFACT_KEY: has_artifact,
-        "architectures": ["MoCEForCausalLM"],
+        # `transformers serve` loads getattr(transformers, architectures[0]): name the Auto
+        # class so it goes through auto_map like everything else (a class of ours is not
+        # in transformers' namespace and fails with "has no attribute").
+        "architectures": ["AutoModelForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_moce.MoCEConfig",
                      "AutoModelForCausalLM": "modeling_moce.MoCEForCausalLM"},
     })

@@ -84,14 +84,15 @@ def _folder_of(config: Any) -> Path | None:
 class ClusterAssigner:
     """Tokenizer + cluster artifact of an exported folder, loaded on first use."""
 
-    def __init__(self, folder: Path | None, num_groups: int, has_artifact: bool) -> None:
+    def __init__(self, folder: Path | None, num_groups: int, has_artifact: bool,
+                 tokenizer: Any = None, cluster_model: Any = None) -> None:
         self.folder = folder
         self.num_groups = num_groups
         self.has_artifact = has_artifact
-        self._tokenizer: Any = None
-        self._cluster_model: Any = None
-        self._user_turn: tuple[str, str] | None = None
-        if folder is not None and has_artifact:
+        self._tokenizer: Any = tokenizer
+        self._cluster_model: Any = cluster_model
+        self._user_turn = chat_user_turn(tokenizer) if tokenizer is not None else None
+        if folder is not None and has_artifact and cluster_model is None:
             self.check_files()
 
     def check_files(self) -> None:
@@ -166,8 +167,11 @@ class ClusterAssigner:
         requests = self.requests_of(input_ids, attention_mask)
         ids = [int(c) for c in self._cluster_model.assign_requests(requests)]
         if log.isEnabledFor(logging.INFO):
+            from ..clustering.text import request_text
+
             for request, cluster in zip(requests, ids):
-                log.info("moce cluster %d <- %r", cluster, str(request)[:80])
+                text = request_text(request, self._cluster_model.template)
+                log.info("moce cluster %d <- %r", cluster, text[:80])
         return torch.tensor(ids, dtype=torch.long, device=input_ids.device)
 
 
