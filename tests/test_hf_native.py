@@ -94,7 +94,19 @@ def test_prompt_request_recovers_chat_alpaca_and_raw():
 
 def test_chat_user_turn_is_found_from_the_template(exported):
     _, dest = exported
-    assert chat_user_turn(_tokenizer(dest)) == ("<s>user\n", "</s>\n")
+    tok = _tokenizer(dest)
+    assert chat_user_turn(tok) == ("<s>user\n", "</s>\n")
+    # ChatML with a default system turn (SmolLM2, Qwen): the header is the user's own
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe helpful.<|im_end|>\n"
+        "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}")
+    turn = chat_user_turn(tok)
+    assert turn == ("<|im_start|>user\n", "<|im_end|>\n")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Add 2 and 3"}],
+                                     tokenize=False, add_generation_prompt=True)
+    assert prompt_request(prompt, turn) == [{"role": "user", "content": "Add 2 and 3"}]
 
 
 def test_model_assigns_the_training_cluster_from_templated_tokens(exported):

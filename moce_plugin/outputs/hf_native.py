@@ -199,6 +199,8 @@ def chat_user_turn(tokenizer: Any) -> tuple[str, str] | None:
     header = os.path.commonprefix([before[::-1], between_bc[::-1]])[::-1]
     # The end of a user turn: what follows it with and without an assistant turn after.
     end = os.path.commonprefix([after, between_ab, closed.split(c, 1)[1]])
+    if end.strip() and header.startswith(end):  # a system turn's end came along (ChatML)
+        header = header[len(end):]
     return (header, end) if header.strip() else None
 
 
