@@ -134,13 +134,15 @@ def main() -> None:
     parser.add_argument("--exported", action="store_true",
                         help="also load_moce_model vs the exported folder via AutoModel")
     parser.add_argument("--artifact", help="k=3 cluster artifact (automatic clusters)")
+    parser.add_argument("--skip-lora", action="store_true", help="only the --exported table")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"machine: {machine()}")
-    lora, tok = lora_model()
-    moce, _ = moce_model()
-    print(f"{'batch':>5} {'LoRA tok/s':>11} {'MoCE tok/s':>11} {'MoCE/LoRA':>10}")
-    for batch in args.batch_sizes:
+    moce, tok = moce_model()
+    lora = None if args.skip_lora else lora_model()[0]
+    if lora is not None:
+        print(f"{'batch':>5} {'LoRA tok/s':>11} {'MoCE tok/s':>11} {'MoCE/LoRA':>10}")
+    for batch in args.batch_sizes if lora is not None else []:
         # interleave the two so drifting machine load hits both alike
         lora_tps = tokens_per_second(lora, tok, batch, args.new_tokens, args.repeats, False)
         moce_tps = tokens_per_second(moce, tok, batch, args.new_tokens, args.repeats, True)
