@@ -233,7 +233,7 @@ def upcycle_model(
         base_mlp = getattr(layer, spec.mlp_attr)
         device = _module_device(base_mlp)
         moce_mlp = MoCEMLP(base_mlp, hidden_size, config, index)
-        if moce_mlp.moce_experts.router.is_meta:  # built under from_pretrained's meta device
+        if next(moce_mlp.moce_experts.parameters()).is_meta:  # under from_pretrained's meta
             device = torch.device("meta")
         moce_mlp.moce_experts.to(device=device, dtype=dtype)
         moce_mlp.train(base_mlp.training)  # new modules start in the model's mode
