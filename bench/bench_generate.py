@@ -153,13 +153,18 @@ def main() -> None:
     print(f"{'batch':>5} {'load_moce_model':>15} {'AutoModel':>10} {'ratio':>6} "
           f"{'AutoModel, auto clusters':>24}")
     for batch in args.batch_sizes:
-        ref = tokens_per_second(loaded, tok, batch, args.new_tokens, args.repeats, True)
-        hf = tokens_per_second(auto, tok, batch, args.new_tokens, args.repeats, True)
-        line = f"{batch:>5} {ref:>15.1f} {hf:>10.1f} {hf / ref:>6.2f}"
-        if args.artifact:  # cluster ids from the prompts: encoder cost included
-            auto_tps = tokens_per_second(auto, tok, batch, args.new_tokens, args.repeats, False)
-            line += f" {auto_tps:>24.1f}"
-        print(line)
+        # one repeat of each in turn, best of the repeats: drifting load hits all alike
+        best = {"ref": 0.0, "hf": 0.0, "auto": 0.0}
+        for _ in range(args.repeats):
+            runs = {"ref": (loaded, True), "hf": (auto, True)}
+            if args.artifact:  # cluster ids from the prompts: encoder cost included
+                runs["auto"] = (auto, False)
+            for key, (model, forced) in runs.items():
+                tps = tokens_per_second(model, tok, batch, args.new_tokens, 1, forced)
+                best[key] = max(best[key], tps)
+        ref, hf = best["ref"], best["hf"]
+        auto_col = f"{best['auto']:>24.1f}" if args.artifact else ""
+        print(f"{batch:>5} {ref:>15.1f} {hf:>10.1f} {hf / ref:>6.2f} {auto_col}", flush=True)
 
 
 if __name__ == "__main__":
