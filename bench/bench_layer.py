@@ -20,6 +20,12 @@ so every number is the full MLP cost of one decoder layer:
 - ``ffn``:      the frozen FFN alone (x still requires grad), to split off the experts' cost:
                 the "experts-only" ratio is (loop - ffn) / (moce - ffn).
 - ``moce_compiled`` (``--compile``): ``torch.compile(MoCEMLP)``.
+- ``moce_routed``: MoCEMLP with every expert slot through the routed (token, expert) path,
+                as before the dense block path (soft / (V) before/after in one run).
+- ``moce_base`` (``--baseline-src DIR``): the MoCEMLP of another checkout (the code before a
+                change), same weights, timed interleaved with the others.
+- ``moce@G+V``: MoCEMLP forced to one execution plan (``MoCEExperts.plan``), G in
+                slots/blocks, V in slots/blocks/fold, e.g. ``moce@blocks+fold``.
 
 Time: wall clock (or process CPU time with ``--cpu-time``, for a shared CPU with
 ``--threads 1``), median over ``--reps`` fwd+bwd iterations after ``--warmup``, the implementations
@@ -47,6 +53,7 @@ import argparse
 import csv
 import functools
 import json
+import math
 import os
 import resource
 import statistics
@@ -64,9 +71,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path)
 from masked_loop_baseline import MaskedLoopMLP, MaskedLoopMoCE  # noqa: E402
 
+from moce_plugin.model import routing as moce_routing  # noqa: E402
 from moce_plugin.model.config import MoCEConfig  # noqa: E402
 from moce_plugin.model.layer import MoCEMLP  # noqa: E402
-from moce_plugin.model.routing import cluster_ids_context, collector_stack  # noqa: E402
 
 RANK = 64
 AUX_COEF = 0.01
@@ -166,6 +173,9 @@ def default_configs(args) -> list[dict]:
     if args.tokens:
         keep = {int(t) for t in args.tokens.split(",")}
         cfgs = [c for c in cfgs if c["tokens"] in keep]
+    if args.only:
+        wanted = args.only.split(",")
+        cfgs = [c for c in cfgs if any(w in cfg_name(c) for w in wanted)]
     seen, out = set(), []
     for c in cfgs:  # de-duplicate, keep order
         key = json.dumps(c, sort_keys=True)
@@ -181,6 +191,51 @@ def cfg_name(c: dict) -> str:
 
 
 # --------------------------------------------------------------------------- build / run
+def _forced_plan(impl: str, c: dict) -> tuple[str, str | None]:
+    """``moce_routed``: every expert slot through routed_adapter_sum (the layer before the
+    dense block path); ``moce@<group>+<general>``: that execution plan of MoCEExperts."""
+    if impl == "moce_routed":
+        return ("slots", "slots" if c["V"] else None)
+    group, _, general = impl[len("moce@"):].partition("+")
+    return (group, (general or "slots") if c["V"] else None)
+
+
+_BASELINE: dict = {}
+
+
+def load_baseline(src: str) -> None:
+    """Import ``moce_plugin`` of another checkout (e.g. a worktree of the previous commit)
+    beside this one, for the ``moce_base`` implementation (before/after in one run)."""
+    import importlib
+
+    def ours() -> dict:
+        return {k: sys.modules.pop(k) for k in list(sys.modules)
+                if k == "moce_plugin" or k.startswith("moce_plugin.")}
+
+    current = ours()
+    sys.path.insert(0, str(Path(src).resolve()))
+    try:
+        # Checkouts before the package restructure have flat modules.
+        flat = (Path(src) / "moce_plugin" / "layer.py").is_file()
+        prefix = "moce_plugin." if flat else "moce_plugin.model."
+        for name in ("layer", "config", "routing"):
+            _BASELINE[name] = importlib.import_module(prefix + name)
+    finally:
+        sys.path.pop(0)
+        ours()  # drop the baseline's modules from sys.modules (still referenced above)
+        sys.modules.update(current)
+
+
+def _baseline_mlp(ffn: nn.Module, d: int, cfg: MoCEConfig, moce: MoCEMLP) -> nn.Module:
+    """The baseline checkout's MoCEMLP with the same weights as ``moce`` (old key names)."""
+    old_cfg = _BASELINE["config"].MoCEConfig(**cfg.model_dump())
+    old = _BASELINE["layer"].MoCEMLP(ffn, d, old_cfg, layer_index=0)
+    state = {k.replace("router.weight", "router"): v
+             for k, v in moce.moce_experts.state_dict().items()}
+    old.moce_experts.load_state_dict(state)
+    return old
+
+
 def build(c: dict, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
     """(module, run_fn, x, g): run_fn() does one fwd+bwd and returns nothing."""
     torch.manual_seed(seed)
@@ -199,6 +254,11 @@ def build(c: dict, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
         moce.moce_experts.up.normal_(0, 0.02, generator=gen)
     if impl in ("moce", "moce_compiled"):
         mod = moce
+    elif impl == "moce_base":
+        mod = _baseline_mlp(ffn, d, cfg, moce)
+    elif impl == "moce_routed" or impl.startswith("moce@"):
+        mod = moce
+        mod.moce_experts.plan = _forced_plan(impl, c)
     elif impl in ("loop", "loop_dense"):
         mod = MaskedLoopMLP(ffn, MaskedLoopMoCE.from_fast(moce.moce_experts,
                                                           dense=impl == "loop_dense"))
@@ -217,11 +277,14 @@ def build(c: dict, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
     fwd = torch.compile(mod) if impl == "moce_compiled" else mod
 
     if impl.startswith("moce"):
+        # The baseline checkout has its own thread-local routing state.
+        routing = _BASELINE["routing"] if impl == "moce_base" else moce_routing
+
         def run():
-            stack = collector_stack()
+            stack = routing.collector_stack()
             stack.append([])
             try:
-                with cluster_ids_context(groups):
+                with routing.cluster_ids_context(groups):
                     out = fwd(x)
             finally:
                 recs = stack.pop()
@@ -266,6 +329,8 @@ def mem_child(spec: dict) -> None:
     """Fresh process: build, one warm-up fwd+bwd (lazy library init), reset the RSS
     high-water mark, then the peak RSS of one fwd+bwd above the RSS just before it."""
     torch.set_num_threads(spec["threads"])
+    if spec.get("baseline_src"):
+        load_baseline(spec["baseline_src"])
     _, step = build(spec["cfg"], spec["impl"], "cpu", getattr(torch, spec["dtype"]))
     step()
     try:
@@ -291,6 +356,7 @@ def measure_memory(c: dict, impl: str, dtype: str, device: str) -> float:
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     spec = json.dumps({"cfg": c, "impl": impl, "dtype": dtype,
+                       "baseline_src": _BASELINE.get("src"),
                        "threads": torch.get_num_threads()})
     out = subprocess.run([sys.executable, __file__, "--_mem-child", spec], env=env,
                          capture_output=True, text=True)
@@ -369,6 +435,8 @@ def main() -> None:
     p.add_argument("--part", default=None,
                    help="parts of the default sweep: tokens,groups,routing (default all)")
     p.add_argument("--tokens", default=None, help="only these token counts, e.g. 512,8192")
+    p.add_argument("--only", default=None,
+                   help="only configs whose name contains one of these, e.g. 'soft V0,top2 V2'")
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -376,6 +444,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--impls", default="moce,loop,loop_dense,adapter,lora,ffn")
+    p.add_argument("--baseline-src", default=None,
+                   help="another checkout (e.g. `git worktree add /tmp/base HEAD~1`): adds "
+                   "`moce_base`, its MoCEMLP with the same weights (before/after in one run)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--cpu-time", action="store_true",
                    help="time with process CPU time (use with --threads 1 on a shared CPU)")
@@ -396,6 +467,10 @@ def main() -> None:
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     impls = args.impls.split(",")
+    if args.baseline_src:
+        load_baseline(args.baseline_src)
+        _BASELINE["src"] = args.baseline_src
+        impls.append("moce_base")
     if args.compile:
         impls.append("moce_compiled")
     configs = default_configs(args)
@@ -406,8 +481,12 @@ def main() -> None:
     hdr = (f"{'config':34s} " + " ".join(f"{i + ' ms':>12s}" for i in impls)
            + f" {'loop/moce':>9s} {'dense/moce':>10s} {'moce/adptr':>10s} {'moce/lora':>9s}"
            + f" {'us/token':>8s} {'xp loop/moce':>12s}")
+    # Every other MoCE variant (moce_routed, moce@...) against the FFN + one adapter layer.
+    variants = [i for i in impls if i.startswith("moce") and i != "moce"]
+    hdr += "".join(f" {i[:12] + '/a':>14s}" for i in variants)
     if not args.no_memory:
         hdr += " " + " ".join(f"{i + ' MB':>11s}" for i in impls) + f" {'mem m/a':>7s}"
+        hdr += "".join(f" {'mem ' + i[:12] + '/a':>18s}" for i in variants)
     print(hdr, flush=True)
     rows = []
     for c in configs:
@@ -421,11 +500,15 @@ def main() -> None:
         row["moce_over_lora"] = round(ratio("moce", "lora"), 3)
         line += (f" {row['loop_over_moce']:9.2f} {row['loop_dense_over_moce']:10.2f}"
                  f" {row['moce_over_adapter']:10.2f}"
-                 f" {row['moce_over_lora']:9.2f} {t['moce'] / c['tokens'] * 1e3:8.2f}")
+                 f" {row['moce_over_lora']:9.2f}"
+                 f" {t.get('moce', math.nan) / c['tokens'] * 1e3:8.2f}")
         xp = ((t["loop"] - t["ffn"]) / (t["moce"] - t["ffn"])
               if {"loop", "ffn", "moce"} <= t.keys() else float("nan"))
         row["experts_only_loop_over_moce"] = round(xp, 3)
         line += f" {xp:12.2f}"
+        for i in variants:
+            row[f"{i}_over_adapter"] = round(ratio(i, "adapter"), 3)
+            line += f" {row[f'{i}_over_adapter']:14.2f}"
         if not args.no_memory:
             mem = {}
             for i in impls:
@@ -435,9 +518,14 @@ def main() -> None:
                     print(f"  memory of {i} failed: {str(e)[-300:]}", flush=True)
                     mem[i] = float("nan")
                 row[f"{i}_peak_mb"] = round(mem[i], 1)
-            ma = mem["moce"] / mem["adapter"] if "adapter" in mem else float("nan")
+            ma = (mem["moce"] / mem["adapter"] if {"moce", "adapter"} <= mem.keys()
+                  else float("nan"))
             row["mem_moce_over_adapter"] = round(ma, 3)
             line += " " + " ".join(f"{mem[i]:11.1f}" for i in impls) + f" {ma:7.2f}"
+            for i in variants:
+                mv = mem[i] / mem["adapter"] if "adapter" in mem else float("nan")
+                row[f"mem_{i}_over_adapter"] = round(mv, 3)
+                line += f" {mv:18.2f}"
         print(line, flush=True)
         if args.count_ops:
             ops = {i: count_ops(c, i, args.device, dtype) for i in impls}

@@ -73,7 +73,7 @@ class MaskedLoopMoCE(nn.Module):
         m = m.to(fast.down.dtype).to(fast.down.device)
         E = fast.experts_per_group
         for c in range(fast.num_groups):
-            m.routers[c].weight.copy_(fast.router[c * E:(c + 1) * E])
+            m.routers[c].weight.copy_(fast.router.weight[c * E:(c + 1) * E])
             for e in range(E):
                 m.experts[c][e].down.weight.copy_(fast.down[c * E + e].T)
                 m.experts[c][e].up.weight.copy_(fast.up[c * E + e].T)

@@ -1,10 +1,15 @@
 """Naive reference of a MoCE layer: masked double loop over groups x experts, written
-directly from the paper's equations (eq. 5 and Sec. 3.4), for equality tests only."""
+directly from the paper's equations (eq. 5 and Sec. 3.4), for equality tests only.
+
+Every hyper-parameter comes from the :class:`MoCEConfig`; only the weight tensors are
+read from the module under test, so a wrong attribute in the layer can't hide here."""
 
 from __future__ import annotations
 
 import torch
+from transformers.activations import ACT2FN
 
+from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.layer import MoCEExperts
 
 
@@ -19,24 +24,29 @@ def _weights(probs: torch.Tensor, top_k: int | str) -> torch.Tensor:
 
 
 def naive_moce(
-    experts: MoCEExperts, x: torch.Tensor, h: torch.Tensor, groups: torch.Tensor,
-    valid: torch.Tensor,
+    config: MoCEConfig, experts: MoCEExperts, x: torch.Tensor, h: torch.Tensor,
+    groups: torch.Tensor, valid: torch.Tensor,
 ) -> torch.Tensor:
-    C, E = experts.num_groups, experts.experts_per_group
+    C, E, G = config.groups, config.experts_per_group, config.num_general_experts
+    act = (lambda t: t) if config.adapter_activation == "identity" else ACT2FN[
+        config.adapter_activation]
+    s = config.adapter_scaling
+    router = experts.router.weight
+    down, up = experts.down, experts.up
     out = h.clone()
     for c in range(C):
         rows = (groups == c) & valid
-        logits = x @ experts.router[c * E:(c + 1) * E].T
-        w = _weights(torch.softmax(logits.float(), -1), experts.top_k)
+        logits = x @ router[c * E:(c + 1) * E].T
+        w = _weights(torch.softmax(logits.float(), -1), config.top_k)
         for e in range(E):
             i = c * E + e
-            adapter = experts.act(h @ experts.down[i]) @ experts.up[i]
-            out = out + experts.scaling * (rows.float() * w[:, e])[:, None] * adapter
-    if experts.general_router is not None:
+            adapter = act(h @ down[i]) @ up[i]
+            out = out + s * (rows.float() * w[:, e])[:, None] * adapter
+    if G:
         g = _weights(torch.softmax((x @ experts.general_router.T).float(), -1),
-                     experts.general_top_k)
-        for j in range(experts.num_general):
+                     config.resolved_general_top_k)
+        for j in range(G):
             i = C * E + j
-            adapter = experts.act(h @ experts.down[i]) @ experts.up[i]
-            out = out + experts.scaling * (valid.float() * g[:, j])[:, None] * adapter
+            adapter = act(h @ down[i]) @ up[i]
+            out = out + s * (valid.float() * g[:, j])[:, None] * adapter
     return out

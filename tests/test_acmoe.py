@@ -73,14 +73,14 @@ def test_routing_uses_the_transformed_input_and_gradients_flow():
     prev = torch.randint(0, 3, (60,), generator=gen)
     out, record = layer(x, h, groups, valid, prev)
     clusters = groups * 3 + prev
-    w = direct_weights(x.detach(), clusters, valid, 6, layer.acmoe_eps, layer.acmoe_clamp)
-    logits = ((x.detach() * w[clusters]) @ layer.router.detach().T).view(60, 2, 3)
+    w = direct_weights(x.detach(), clusters, valid, 6, layer.router.eps, layer.router.clamp)
+    logits = ((x.detach() * w[clusters]) @ layer.router.weight.detach().T).view(60, 2, 3)
     expected_top1 = logits[torch.arange(60), groups].argmax(-1)
     assert torch.equal(record.top1, expected_top1)
     (out.pow(2).sum() + record.aux_loss).backward()
-    assert layer.router.grad.abs().sum() > 0 and layer.down.grad.abs().sum() > 0
+    assert layer.router.weight.grad.abs().sum() > 0 and layer.down.grad.abs().sum() > 0
     assert x.grad is not None and x.grad.abs().sum() > 0
-    assert layer.acmoe_seen.sum() > 0  # running statistics updated in training
+    assert layer.router.seen.sum() > 0  # running statistics updated in training
 
 
 def test_eval_uses_running_statistics_so_one_token_routes_stably():
@@ -111,7 +111,7 @@ def test_first_layer_routes_linearly_later_layers_use_previous_assignment():
     model = _acmoe_model().train()
     ids = torch.randint(0, 128, (2, 8))
     model(input_ids=ids, moce_cluster_ids=torch.tensor([0, 1]))
-    seen = [layer.mlp.moce_experts.acmoe_seen.sum().item() for layer in model.model.layers]
+    seen = [layer.mlp.moce_experts.router.seen.sum().item() for layer in model.model.layers]
     assert seen[0] == 0 and all(s > 0 for s in seen[1:])
 
 
@@ -125,23 +125,23 @@ def test_recompute_reuses_forward_weights_and_updates_statistics_once():
     model.gradient_checkpointing_enable({"use_reentrant": False})
     ids = torch.randint(0, 128, (2, 9))
     out = model(input_ids=ids, labels=ids, moce_cluster_ids=torch.tensor([1, 0]))
-    seen = [m.mlp.moce_experts.acmoe_seen.clone() for m in model.model.layers]
-    disp = [m.mlp.moce_experts.acmoe_dispersion.clone() for m in model.model.layers]
+    seen = [m.mlp.moce_experts.router.seen.clone() for m in model.model.layers]
+    disp = [m.mlp.moce_experts.router.dispersion.clone() for m in model.model.layers]
     out.loss.backward()  # replays every layer
     for layer, s, d in zip(model.model.layers, seen, disp):
-        assert torch.equal(layer.mlp.moce_experts.acmoe_seen, s)
-        assert torch.equal(layer.mlp.moce_experts.acmoe_dispersion, d)
+        assert torch.equal(layer.mlp.moce_experts.router.seen, s)
+        assert torch.equal(layer.mlp.moce_experts.router.dispersion, d)
 
 
 def test_running_statistics_are_saved_and_restored():
     model = _acmoe_model().train()
     model(input_ids=torch.randint(0, 128, (2, 8)), moce_cluster_ids=torch.tensor([0, 1]))
     state = moce_state_dict(model)
-    assert "layers.1.acmoe_dispersion" in state and state["layers.1.acmoe_seen"].sum() > 0
+    assert "layers.1.router.dispersion" in state and state["layers.1.router.seen"].sum() > 0
     fresh = _acmoe_model()
     load_moce_state_dict(fresh, state)
-    assert torch.equal(moce_state_dict(fresh)["layers.2.acmoe_dispersion"],
-                       state["layers.2.acmoe_dispersion"])
+    assert torch.equal(moce_state_dict(fresh)["layers.2.router.dispersion"],
+                       state["layers.2.router.dispersion"])
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -164,3 +164,23 @@ def test_works_with_top1_soft_and_general_experts(top_k, general):
     out = model(input_ids=ids, labels=ids, moce_cluster_ids=torch.tensor([[0] * 6, [1] * 6]))
     (out.loss + aux_loss_of(pop_last_routing(model))).backward()
     assert torch.isfinite(out.loss)
+
+
+def test_weights_saved_with_the_old_key_names_still_load():
+    """moce_weights.safetensors written before the router was a module used
+    ``layers.<i>.router`` / ``acmoe_dispersion`` / ``acmoe_seen``."""
+    model = _acmoe_model().train()
+    model(input_ids=torch.randint(0, 128, (2, 8)), moce_cluster_ids=torch.tensor([0, 1]))
+    state = moce_state_dict(model)
+    old_names = {"router.weight": "router", "router.dispersion": "acmoe_dispersion",
+                 "router.seen": "acmoe_seen"}
+    legacy = {}
+    for key, value in state.items():
+        layer, _, name = key.partition(".")[2].partition(".")
+        legacy[f"layers.{layer}.{old_names.get(name, name)}"] = value
+    assert "layers.1.router" in legacy and "layers.1.acmoe_seen" in legacy
+    assert not any(k.endswith(".router.weight") for k in legacy)
+    fresh = _acmoe_model()
+    load_moce_state_dict(fresh, legacy)
+    for key, value in moce_state_dict(fresh).items():
+        assert torch.equal(value, state[key]), key

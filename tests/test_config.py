@@ -75,3 +75,31 @@ def test_unsupported_axolotl_options_fail_with_reason(key, value):
     with pytest.raises(ValidationError, match=f"{key}.*(not supported|replaces)"):
         MoCEArgs.model_validate({"moce": {"num_clusters": 2}, key: value})
     MoCEArgs.model_validate({"moce": {"num_clusters": 2}, "tensor_parallel_size": 1})
+
+
+@pytest.mark.parametrize("clustering,match", [
+    ({"kmax": 4}, r"unknown moce.clustering option\(s\) \['kmax'\]"),
+    ({"algorithm": "dbscan"}, "algorithm must be one of"),
+    ({"k_max": 0}, "k_max must be a positive integer"),
+    ({"text_template": "no field"}, "names no field"),
+    (["k_max", 4], "must be a mapping"),
+])
+def test_clustering_block_is_validated_at_config_load(clustering, match):
+    with pytest.raises(ValueError, match=match):
+        MoCEArgs.model_validate({"moce": {"num_clusters": 2, "clustering": clustering}})
+    ok = {"moce": {"num_clusters": 2, "clustering": {"k_max": 4, "text_template": "{question}"}}}
+    assert MoCEArgs.model_validate(ok).moce.clustering["k_max"] == 4
+
+
+def test_clustering_typo_fails_axolotl_config_load(tmp_path, model_dir):
+    """Issue 17 case 4: `kmax: 4` passed `axolotl train`; now axolotl's own load_cfg refuses."""
+    import yaml
+    from axolotl.cli.config import load_cfg
+    from axolotl_helpers import base_config, write_cluster_jsonl
+
+    data = write_cluster_jsonl(tmp_path / "d.jsonl", limit=10)
+    cfg = base_config(model_dir, data, tmp_path)
+    cfg["moce"]["clustering"] = {"kmax": 4}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(Exception, match="unknown moce.clustering option.*kmax"):
+        load_cfg(str(tmp_path / "c.yml"))

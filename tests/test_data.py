@@ -96,7 +96,12 @@ def test_missing_column_error_names_dataset_and_fix(tmp_path, model_dir):
     assert {i for row in meta.train_dataset[CLUSTER_IDS_KWARG] for i in row} == {0}
 
 
-@pytest.mark.parametrize("bad,match", [(7, r"outside \[0, 3\)"), ("x", "integer cluster ids")])
+@pytest.mark.parametrize("bad,match", [
+    (7, r"outside \[0, 3\) \(first: row 3 = 7\)"),
+    ("x", r"row 0 has 'cluster_id' = 'x' \(str\)"),
+    # one float makes datasets store the column as float64: name the 1.5, not row 0's 0.0
+    (1.5, r"row 3 has 'cluster_id' = 1\.5"),
+])
 def test_bad_cluster_values_are_clear(tmp_path, model_dir, bad, match):
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
@@ -187,3 +192,27 @@ def test_bad_moce_block_fails_at_config_load(tmp_path, model_dir):
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(Exception, match="larger than moce.experts_per_group"):
         load_cfg(str(tmp_path / "c.yml"))
+
+
+def _json_ids(tmp_path, ids):
+    from datasets import load_dataset
+
+    data = tmp_path / "ids.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"q{i}", "cluster_id": c})
+                              for i, c in enumerate(ids)))
+    return load_dataset("json", data_files=str(data), split="train")
+
+
+def test_string_ids_mixed_with_integers_are_read_as_integers(tmp_path):
+    """Issue 17 case 6, decided: datasets types a mixed int/str JSON column as Json and
+    decodes "2" to 2, which can only mean cluster 2, so it is accepted (documented); a column
+    of strings only is refused with the row named."""
+    from moce_plugin.integration.datasets import attach_cluster_column
+
+    cfg = {"moce": {"num_clusters": 3}}
+    out = attach_cluster_column(_json_ids(tmp_path, [0, "2", 1]), {"path": "ids"}, cfg)
+    assert list(out["cluster_id"]) == [0, 2, 1]
+    with pytest.raises(ClusterIdError, match=r"row 0 has 'cluster_id' = '0' \(str\)"):
+        attach_cluster_column(_json_ids(tmp_path, ["0", "2", "1"]), {"path": "ids"}, cfg)
+    with pytest.raises(ClusterIdError, match=r"row 0 has 'cluster_id' = 0\.0 .*stored as floats"):
+        attach_cluster_column(_json_ids(tmp_path, [0, 2.0, 1]), {"path": "ids"}, cfg)

@@ -47,10 +47,11 @@ def test_cluster_then_train_then_generate(tmp_path, model_dir):
     from moce_plugin.inference import load_moce_model
 
     moce = load_moce_model(out)
-    prompts = [rows[0]["instruction"], rows[1]["instruction"], rows[2]["instruction"]]
-    expected = moce.cluster_model.assign_examples(
-        [{"instruction": p, "input": ""} for p in prompts])
-    assert moce.assign_clusters(prompts) == [int(c) for c in expected]
+    # What the user types for each training row gets the row's training cluster (the id the
+    # artifact recorded for it, which training attached).
+    prompts = [(r["instruction"] + "\n" + r["input"]).strip() for r in rows]
+    assert moce.assign_clusters(prompts) == moce.cluster_model.lookup(rows, str(data))
+    prompts = prompts[:3]
     texts = moce.generate(prompts, max_new_tokens=4)
     assert len(texts) == 3
     # The routing the model saw in training matches the artifact: the plugin attached the

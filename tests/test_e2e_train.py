@@ -34,7 +34,7 @@ def _mean(values):
 def test_train_loss_goes_down_and_checkpoints_hold_moce(tmp_path, model_dir, data, packing):
     cfg = base_config(model_dir, data, tmp_path, sample_packing=packing, max_steps=12,
                       save_steps=6, sequence_len=512, learning_rate=0.1)
-    run_train(cfg, tmp_path)
+    proc = run_train(cfg, tmp_path)
     out = tmp_path / "model"
     losses = train_losses(out / "checkpoint-12")
     steps = sorted(losses)
@@ -51,6 +51,17 @@ def test_train_loss_goes_down_and_checkpoints_hold_moce(tmp_path, model_dir, dat
     assert (out / "moce_routing.jsonl").is_file() and (out / "moce_expert_usage.png").is_file()
     logged = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
     assert any("moce/aux_loss" in h for h in logged)
+    # Per-layer metrics reach the trackers' log (trainer_state) but not the console, which
+    # shows loss, learning rate and the aggregate routing summary each step.
+    assert any("moce/layer_0/load_imbalance" in h for h in logged)
+    console = proc.stdout + proc.stderr
+    step_lines = [ln for ln in console.splitlines() if "'loss'" in ln]
+    assert len(step_lines) >= 12, console[-3000:]
+    for line in step_lines:
+        for key in ("learning_rate", "moce/aux_loss", "moce/load_imbalance",
+                    "moce/router_entropy"):
+            assert key in line, line
+        assert "moce/layer_" not in line, line
     # The base stayed frozen: only MoCE moved.
     base = load_file(str(model_dir / "model.safetensors"))
     for k, v in base.items():

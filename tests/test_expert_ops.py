@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from moce_plugin.model import expert_ops
-from moce_plugin.model.expert_ops import grouped_matmul, grouped_weight_grad, routed_adapter_sum
+from moce_plugin.model.expert_ops import (
+    block_adapter_sum,
+    grouped_matmul,
+    grouped_weight_grad,
+    routed_adapter_sum,
+)
 
 
 def reference(h, expert_ids, weights, down, up, act):
@@ -113,6 +118,108 @@ def test_traces_under_torch_compile(dtype):
     compiled = torch.compile(routed_adapter_sum, backend="aot_eager", fullgraph=False)
     out, grads = _grads(compiled, *inputs, torch.sigmoid)
     ref_out, ref_grads = _grads(routed_adapter_sum, *inputs, torch.sigmoid)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, ref_out, **tol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+# ---- block_adapter_sum: all B experts of a token's group as one rank-B*r adapter ----------
+def block_reference(h, groups, weights, down, up, act):
+    """Token by token, block by block; autograd does the backward."""
+    r = down.shape[-1] // weights.shape[1]
+    rows = []
+    for t in range(h.shape[0]):
+        g = 0 if groups is None else int(groups[t])
+        acc = torch.zeros_like(h[t])
+        for b in range(weights.shape[1]):
+            cols = slice(b * r, (b + 1) * r)
+            acc = acc + weights[t, b] * (act(h[t] @ down[g][:, cols]) @ up[g][cols])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def make_block_inputs(T=23, d=16, r=8, groups=3, blocks=3, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, d, generator=gen, dtype=dtype)
+    # group 1 gets no token: an empty group in the middle
+    group_ids = torch.tensor([0, 2])[torch.randint(0, 2, (T,), generator=gen)]
+    weights = torch.rand(T, blocks, generator=gen, dtype=dtype)
+    weights[0, -1] = 0.0  # a zero weight (unchosen expert) must still give exact gradients
+    down = torch.randn(groups, d, blocks * r, generator=gen, dtype=dtype) / d**0.5
+    up = torch.randn(groups, blocks * r, d, generator=gen, dtype=dtype) / r**0.5
+    return h, (group_ids if groups > 1 else None), weights, down, up
+
+
+def _block_grads(fn, h, groups, weights, down, up, act):
+    leaves = [t.clone().requires_grad_(True) for t in (h, weights, down, up)]
+    out = fn(leaves[0], groups, leaves[1], leaves[2], leaves[3], act)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * g).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("d,force_split", [(16, False), (16, True), (6, False)],
+                         ids=["grouped", "split-forced", "split-unaligned"])
+@pytest.mark.parametrize("groups,blocks", [(3, 3), (3, 1), (1, 4)], ids=["C3B3", "C3B1", "C1B4"])
+@pytest.mark.parametrize("act", [torch.sigmoid, torch.nn.functional.gelu], ids=["sigmoid", "gelu"])
+def test_block_sum_matches_autograd_reference(d, force_split, groups, blocks, act, monkeypatch):
+    if force_split:
+        monkeypatch.setattr(expert_ops, "grouped_mm_supported", lambda a, b: False)
+    inputs = make_block_inputs(d=d, groups=groups, blocks=blocks)
+    out, grads = _block_grads(block_adapter_sum, *inputs, act)
+    ref_out, ref_grads = _block_grads(block_reference, *inputs, act)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(("h", "weights", "down", "up"), grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    if groups > 1:  # the empty group's weights get exactly zero gradient
+        assert grads[2][1].abs().max() == 0 and grads[3][1].abs().max() == 0
+
+
+@pytest.mark.parametrize("groups", [3, 1])
+def test_block_sum_gradcheck_float64(groups):
+    h, group_ids, weights, down, up = make_block_inputs(T=7, d=4, r=3, groups=groups, blocks=2,
+                                                        dtype=torch.float64)
+    if group_ids is not None:
+        group_ids = torch.tensor([0, 2, 1, 0, 2, 2, 0])
+
+    def fn(h_, w_, down_, up_):
+        return block_adapter_sum(h_, group_ids, w_, down_, up_, torch.tanh)
+
+    assert torch.autograd.gradcheck(
+        fn, tuple(t.requires_grad_(True) for t in (h, weights, down, up))
+    )
+
+
+def test_block_sum_saves_h_and_the_bottleneck_only():
+    """Saved activations: one [T, d] copy of h and the [T, B*r] bottleneck (+ [T, B] weights
+    and indices), what routed_adapter_sum saves for B slots per token; never [T, d] outputs."""
+    T, d, r, B = 64, 128, 8, 4
+    h, groups, weights, down, up = make_block_inputs(T=T, d=d, r=r, groups=3, blocks=B)
+    params = {id(down), id(up)}
+    for t in (h, weights, down, up):
+        t.requires_grad_(True)
+    saved = {}
+
+    def pack(t):
+        if id(t) not in params and t.is_floating_point():
+            saved[t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block_adapter_sum(h, groups, weights, down, up, torch.sigmoid)
+    size = h.element_size()
+    assert sum(saved.values()) <= (T * d + T * B * r + T * B) * size, sum(saved.values())
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sum_traces_under_torch_compile(dtype):
+    torch._dynamo.reset()
+    inputs = make_block_inputs(T=32, d=16, r=8, dtype=dtype)
+    compiled = torch.compile(block_adapter_sum, backend="aot_eager", fullgraph=False)
+    out, grads = _block_grads(compiled, *inputs, torch.sigmoid)
+    ref_out, ref_grads = _block_grads(block_adapter_sum, *inputs, torch.sigmoid)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out, ref_out, **tol)
     for got, want in zip(grads, ref_grads, strict=True):

@@ -87,8 +87,8 @@ def test_prompt_request_recovers_chat_alpaca_and_raw():
     from axolotl.prompters import AlpacaPrompter
 
     alpaca = next(AlpacaPrompter().build_prompt("Sum the list.\n\nBe brief.", "[1, 2]"))
-    assert prompt_request(alpaca) == {"instruction": "Sum the list.\n\nBe brief.",
-                                      "input": "[1, 2]"}
+    row = {"instruction": "Sum the list.\n\nBe brief.", "input": "[1, 2]"}
+    assert request_text(prompt_request(alpaca, user_turn)) == request_text(row)
     assert prompt_request("just text", user_turn) == "just text"
 
 

@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import save_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
+from moce_plugin.clustering.text import request_text
 from moce_plugin.export import export_model
 from moce_plugin.generate import main as generate_main
 from moce_plugin.model.config import MoCEConfig
@@ -98,7 +99,7 @@ def test_generate_mixed_clusters_matches_single_prompt_runs(tmp_path, base_dir):
     assert both == alone
     streamed = "".join(moce.stream(prompts[0], cluster=1, max_new_tokens=6))
     assert streamed == alone[0]
-    with pytest.raises(MoCELoadError, match="pass cluster=<id>"):
+    with pytest.raises(MoCELoadError, match="--cluster ID"):
         moce.generate(prompts)  # no artifact: clusters can't be assigned from text
     with pytest.raises(ValueError, match=r"in \[0, 3\)"):
         moce.generate(prompts, cluster=[0, 5])
@@ -132,8 +133,10 @@ class _FakeClusterModel:
     def __init__(self):
         self.seen: list[str] = []
 
-    def assign_examples(self, examples):
-        texts = [e["instruction"] for e in examples]
+    template = "auto"
+
+    def assign_requests(self, requests):
+        texts = [request_text(r) for r in requests]
         self.seen += texts
         return [len(t) % 3 for t in texts]
 

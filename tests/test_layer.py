@@ -8,14 +8,15 @@ from naive_moce import naive_moce
 
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.expert_ops import grouped_matmul
-from moce_plugin.model.layer import MoCEExperts, MoCEMLP
+from moce_plugin.model.layer import GENERAL_PLANS, GROUP_PLANS, MoCEExperts, MoCEMLP, choose_plan
 from moce_plugin.model.routing import cluster_ids_context
 
 D = 32
 
 
-def make_experts(top_k, general=0, groups=3, experts=4, general_top_k=None, seed=0):
-    cfg = MoCEConfig(
+def make_config(top_k, general=0, groups=3, experts=4, general_top_k=None, seed=0,
+                activation="sigmoid"):
+    return MoCEConfig(
         num_clusters=groups,
         experts_per_group=experts,
         top_k=top_k,
@@ -24,7 +25,13 @@ def make_experts(top_k, general=0, groups=3, experts=4, general_top_k=None, seed
         adapter_dim=8,
         adapter_scaling=0.5,
         init_seed=seed,
+        adapter_activation=activation,
     )
+
+
+def make_experts(top_k, general=0, groups=3, experts=4, general_top_k=None, seed=0,
+                 activation="sigmoid"):
+    cfg = make_config(top_k, general, groups, experts, general_top_k, seed, activation)
     layer = MoCEExperts(D, cfg)
     with torch.no_grad():  # non-zero up-projections so the adapters matter
         layer.up.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed + 1))
@@ -45,22 +52,50 @@ CASES = [
     pytest.param(dict(top_k=2), id="top2"),
     pytest.param(dict(top_k=4), id="top4-all"),
     pytest.param(dict(top_k="soft"), id="soft"),
+    pytest.param(dict(top_k="soft", groups=1), id="soft-C1"),
+    pytest.param(dict(top_k="soft", activation="gelu"), id="soft-gelu"),
     pytest.param(dict(top_k=2, general=2), id="V-top2"),
+    pytest.param(dict(top_k=2, general=3, general_top_k=1), id="V-top2-gen1"),
     pytest.param(dict(top_k=1, general=3, general_top_k="soft"), id="V-top1-gensoft"),
+    pytest.param(dict(top_k="soft", general=2), id="V-soft"),
     pytest.param(dict(top_k="soft", general=2, general_top_k=1), id="V-soft-gen1"),
+    pytest.param(dict(top_k="soft", general=2, groups=1, activation="gelu"), id="V-soft-C1"),
 ]
 
 
-@pytest.mark.parametrize("kwargs", CASES)
-def test_fast_equals_naive_forward_and_grad(kwargs):
+def plans(kwargs):
+    """Every execution plan of the layer for this routing mode, then the default choice."""
+    out = [None]
+    for group in GROUP_PLANS:
+        if not kwargs.get("general"):
+            out.append((group, None))
+            continue
+        out += [(group, gen) for gen in GENERAL_PLANS if gen != "fold" or group == "blocks"]
+    return out
+
+
+def _plan_id(plan):
+    return "auto" if plan is None else "+".join(map(str, plan))
+
+
+CASES_X_PLANS = [
+    pytest.param(p.values[0], plan, id=f"{p.id}-{_plan_id(plan)}")
+    for p in CASES for plan in plans(p.values[0])
+]
+
+
+@pytest.mark.parametrize("kwargs,plan", CASES_X_PLANS)
+def test_fast_equals_naive_forward_and_grad(kwargs, plan):
+    cfg = make_config(**kwargs)
     fast = make_experts(**kwargs)
+    fast.plan = plan
     ref = make_experts(**kwargs)
     ref.load_state_dict(fast.state_dict())
-    x, h, g, valid = random_batch()
+    x, h, g, valid = random_batch(groups=cfg.groups)
     xs = [t.clone().requires_grad_(True) for t in (x, h)]
     xr = [t.clone().requires_grad_(True) for t in (x, h)]
     out_fast, _ = fast(xs[0], xs[1], g, valid)
-    out_ref = naive_moce(ref, xr[0], xr[1], g, valid)
+    out_ref = naive_moce(cfg, ref, xr[0], xr[1], g, valid)
     torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
     upstream = torch.randn_like(out_fast)
     (out_fast * upstream).sum().backward()
@@ -71,12 +106,24 @@ def test_fast_equals_naive_forward_and_grad(kwargs):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_default_plan_per_routing_mode():
+    """The measured choice (docs/performance.md): dense blocks wherever a set of experts is
+    used in full, slots for sparse top-k, general experts folded into a block group call."""
+    assert choose_plan(2, 4, 2, 0) == ("slots", None)
+    assert choose_plan("soft", 4, "soft", 0) == ("blocks", None)
+    assert choose_plan(4, 4, 4, 0) == ("blocks", None)
+    assert choose_plan(2, 4, 2, 2) == ("slots", "blocks")
+    assert choose_plan(2, 4, 1, 2) == ("slots", "slots")
+    assert choose_plan("soft", 4, "soft", 2) == ("blocks", "fold")
+    assert choose_plan("soft", 4, 1, 2) == ("blocks", "fold")
+
+
 def test_gradients_reach_routers_and_every_expert():
     layer = make_experts(top_k=2, general=2, groups=2, experts=3)
     x, h, g, valid = random_batch(T=400, groups=2, pad_frac=0.0)
     out, record = layer(x, h, g, valid)
     (out.pow(2).sum() + record.aux_loss).backward()
-    assert layer.router.grad.abs().sum(-1).gt(0).all(), "every group router row gets gradient"
+    assert layer.router.weight.grad.abs().sum(-1).gt(0).all(), "every group router row"
     assert layer.general_router.grad.abs().sum(-1).gt(0).all()
     assert layer.down.grad.flatten(1).abs().sum(-1).gt(0).all(), "every expert's down-proj"
     assert layer.up.grad.flatten(1).abs().sum(-1).gt(0).all(), "every expert's up-proj"
@@ -88,7 +135,7 @@ def test_top1_router_learns_from_lm_loss():
     x, h, g, valid = random_batch(pad_frac=0.0)
     out, _ = layer(x, h, g, valid)
     out.pow(2).sum().backward()
-    assert layer.router.grad.abs().sum() > 0
+    assert layer.router.weight.grad.abs().sum() > 0
 
 
 def test_cluster_tokens_only_touch_their_group():
@@ -103,7 +150,7 @@ def test_cluster_tokens_only_touch_their_group():
     in_group[E:2 * E] = True
     assert per_expert[~in_group].eq(0).all()
     assert per_expert[in_group].gt(0).any()
-    router_rows = layer.router.grad.abs().sum(-1)
+    router_rows = layer.router.weight.grad.abs().sum(-1)
     assert router_rows[~in_group].eq(0).all() and router_rows[in_group].gt(0).all()
 
 

@@ -30,7 +30,7 @@ def test_cuda_bf16_matches_naive(top_k, general):
     valid = torch.rand(T, device="cuda") > 0.1
     assert grouped_mm_supported(h.bfloat16(), fast.down)
     out, _ = fast(x.bfloat16(), h.bfloat16(), g, valid)
-    expected = naive_moce(ref, x.bfloat16().float(), h.bfloat16().float(), g, valid)
+    expected = naive_moce(cfg, ref, x.bfloat16().float(), h.bfloat16().float(), g, valid)
     # bf16 router logits can flip near-tied top-k choices; compare the tokens whose choice
     # is clear (margin between the k-th and next probability), in bf16 tolerance.
     clear = _clear_choice(ref, x, g, top_k) & _clear_choice(ref, x, None, top_k)
@@ -50,7 +50,7 @@ def _clear_choice(ref, x, groups, top_k, margin=0.02):
             logits = x @ ref.general_router.T
         else:
             E = ref.experts_per_group
-            logits = (x @ ref.router.T).view(x.shape[0], -1, E)
+            logits = (x @ ref.router.weight.T).view(x.shape[0], -1, E)
             logits = logits[torch.arange(x.shape[0], device=x.device), groups]
         top = torch.softmax(logits, -1).sort(-1, descending=True).values
         if top_k >= top.shape[-1]:

@@ -9,7 +9,7 @@ from tiny_models import assert_checkpointing_matches_plain_backward, tiny_causal
 from moce_plugin.model.architectures import UnsupportedArchitectureError
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.layer import MoCEMLP
-from moce_plugin.model.routing import MissingClusterIdsError
+from moce_plugin.model.routing import InvalidClusterIdsError, MissingClusterIdsError
 from moce_plugin.model.upcycle import (
     aux_loss_of,
     load_moce_state_dict,
@@ -61,7 +61,7 @@ def test_only_moce_trainable_and_aux_loss_reaches_routers():
     assert len(records) == 2
     aux = aux_loss_of(records)
     (out.loss + aux).backward()
-    routers = [p for n, p in model.named_parameters() if n.endswith("moce_experts.router")]
+    routers = [p for n, p in model.named_parameters() if n.endswith("moce_experts.router.weight")]
     assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in routers)
 
 
@@ -72,7 +72,7 @@ def test_missing_and_out_of_range_cluster_ids_are_clear():
         model(input_ids=ids)
     with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
         model(input_ids=ids, moce_cluster_ids=torch.tensor([0, 3]))
-    with pytest.raises(MissingClusterIdsError, match="integers"):
+    with pytest.raises(InvalidClusterIdsError, match="integers"):
         model(input_ids=ids, moce_cluster_ids=torch.tensor([0.0, 1.0]))
 
 
@@ -144,7 +144,7 @@ def test_failed_forward_leaves_no_context_behind():
     from moce_plugin.model.routing import collector_stack, current_cluster_ids
 
     model = _trained_tiny()
-    with pytest.raises(MissingClusterIdsError, match="covers 2 positions"):
+    with pytest.raises(InvalidClusterIdsError, match="covers 2 positions"):
         model(input_ids=torch.randint(0, 128, (2, 5)), moce_cluster_ids=torch.tensor([[0, 1]] * 2))
     assert current_cluster_ids() is None and collector_stack() == []
 

@@ -60,7 +60,7 @@ def test_quantized_base_with_moce_and_lora_trains(tmp_path, bits):
     mlp = model.base_model.model.model.layers[0].mlp
     assert isinstance(mlp.base_mlp.gate_proj, quant_cls), "frozen FFN stays quantized"
     active = mlp.moce_experts.modules_to_save["default"]
-    assert active.down.dtype == active.router.dtype == torch.bfloat16
+    assert active.down.dtype == active.router.weight.dtype == torch.bfloat16
     assert active.down.is_cuda and active.down.requires_grad
 
     calls = []

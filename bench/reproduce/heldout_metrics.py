@@ -3,19 +3,23 @@
 Per domain: mean loss (and perplexity) on the answer tokens, teacher-forced with the
 training prompt format; for math, exact match of the final answer of greedy generations;
 for MoCE runs, which group each domain's rows go to and how its tokens use the experts.
+Per-row answer losses are kept (``rows``) so that runs can be compared row by row (stats.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from repro_config import DOMAINS, HELDOUT_FILE, RUNS_DIR, Run, Settings, read_jsonl
+from repro_config import DOMAINS, HELDOUT_FILE, Run, Settings, read_jsonl, run_dir
 from tqdm import tqdm
 
 from moce_plugin.model.routing import CLUSTER_IDS_KWARG
@@ -27,6 +31,12 @@ def alpaca_prompt(row: dict) -> str:
     from axolotl.prompters import AlpacaPrompter
 
     return next(iter(AlpacaPrompter().build_prompt(row["instruction"], row.get("input") or None)))
+
+
+def row_id(row: dict) -> str:
+    """A short content hash: pairs rows across runs and catches changed held-out files."""
+    text = json.dumps([row["instruction"], row.get("input") or "", row["output"]])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def final_number(text: str) -> str | None:
@@ -45,12 +55,12 @@ def final_number(text: str) -> str | None:
 class LoadedRun:
     """The trained model of a run with one interface for loss and generation."""
 
-    def __init__(self, run: Run, s: Settings) -> None:
+    def __init__(self, run: Run, s: Settings, model_dir: Path | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.run = run
         self.moce = None
-        out = RUNS_DIR / run.name / "model"
+        out = model_dir or run_dir(run) / "model"  # or one of its checkpoints
         if run.kind == "moce":
             from moce_plugin.inference import load_moce_model
 
@@ -97,15 +107,17 @@ class LoadedRun:
 
 @torch.no_grad()
 def answer_loss(m: LoadedRun, rows: list[dict], clusters: list[int], batch_size: int = 8,
-                max_length: int = 384) -> tuple[dict[str, dict[str, float]], dict | None]:
-    """Token-mean loss on answers (+ EOS), prompt tokens masked, per domain; for MoCE
-    models also the routing of the same forward passes, summed per domain and layer."""
+                max_length: int = 384) -> tuple[dict[str, dict[str, float]], dict, dict | None]:
+    """Token-mean loss on answers (+ EOS), prompt tokens masked, per domain; the summed
+    loss and token count of every row (in ``rows`` order); for MoCE models also the routing
+    of the same forward passes, summed per domain and layer."""
     from moce_plugin.model.routing import routing_stats
     from moce_plugin.model.upcycle import pop_last_routing
 
     tok = m.tokenizer
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
+    row_nll, row_tokens = [0.0] * len(rows), [0] * len(rows)
     # [domain][layer] -> routing slots per (group, expert); batches are single-domain
     slots: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     batches = []
@@ -144,28 +156,33 @@ def answer_loss(m: LoadedRun, rows: list[dict], clusters: list[int], batch_size:
             logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(),
             reduction="none", ignore_index=-100).view(len(seqs), -1)
         valid = target[:, 1:] != -100
-        for row, n, v in zip(chunk, nll, valid):
-            sums[row["source"]] += float(n[v].sum())
-            counts[row["source"]] += int(v.sum())
+        for i, row, n, v in zip(idx, chunk, nll, valid):
+            row_nll[i], row_tokens[i] = float(n[v].sum()), int(v.sum())
+            sums[row["source"]] += row_nll[i]
+            counts[row["source"]] += row_tokens[i]
     loss = {d: {"loss": sums[d] / counts[d], "ppl": math.exp(sums[d] / counts[d]),
                 "tokens": counts[d]} for d in DOMAINS if counts[d]}
-    return loss, (dict(slots) if m.moce is not None else None)
+    per_row = {"id": [row_id(r) for r in rows], "domain": [r["source"] for r in rows],
+               "nll": row_nll, "tokens": row_tokens}
+    return loss, per_row, (dict(slots) if m.moce is not None else None)
 
 
 def gsm8k_exact_match(m: LoadedRun, rows: list[dict], clusters: list[int], max_new_tokens: int,
                       batch_size: int = 20) -> dict[str, Any]:
-    hits, samples = 0, []
+    hits, per_row, samples = 0, [], []
     for start in tqdm(range(0, len(rows), batch_size), desc="gsm8k generation"):
         chunk = rows[start:start + batch_size]
         outs = m.generate([alpaca_prompt(r) for r in chunk], clusters[start:start + batch_size],
                           max_new_tokens)
         for row, out in zip(chunk, outs):
             gold, pred = final_number(row["output"]), final_number(out)
-            hits += int(pred is not None and pred == gold)
+            per_row.append(int(pred is not None and pred == gold))
+            hits += per_row[-1]
             if len(samples) < 3:
                 samples.append({"question": row["instruction"][:200], "output": out[:400],
                                 "gold": gold, "pred": pred})
-    return {"exact_match": hits / max(len(rows), 1), "n": len(rows), "samples": samples}
+    return {"exact_match": hits / max(len(rows), 1), "n": len(rows), "hits": per_row,
+            "ids": [row_id(r) for r in rows], "samples": samples}
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
@@ -215,14 +232,20 @@ def _eval_rows(s: Settings) -> list[dict]:
     return [r for d in DOMAINS for r in [x for x in rows if x["source"] == d][:s.eval_per_domain]]
 
 
-def evaluate(run: Run, s: Settings) -> dict[str, Any]:
+def evaluate(run: Run, s: Settings, model_dir: Path | None = None,
+             loss_only: bool = False) -> dict[str, Any]:
+    """Held-out metrics of the run's model (or of ``model_dir``, e.g. a checkpoint);
+    ``loss_only`` skips routing statistics and generation (checkpoint curves)."""
     torch.manual_seed(0)
     t0 = time.time()
     heldout = _eval_rows(s)
-    m = LoadedRun(run, s)
+    m = LoadedRun(run, s, model_dir)
     clusters = m.clusters(heldout)
     metrics: dict[str, Any] = {"run": run.name, "label": run.label}
-    metrics["loss"], slots = answer_loss(m, heldout, clusters)
+    metrics["loss"], metrics["rows"], slots = answer_loss(m, heldout, clusters)
+    if loss_only:
+        metrics["eval_seconds"] = time.time() - t0
+        return metrics
     if slots is not None:
         metrics["groups"] = m.moce.config.groups
         metrics["usage"] = expert_usage(slots, heldout, clusters, metrics["groups"])

@@ -113,6 +113,15 @@ def main() -> None:
                             default=field.default)
     args = parser.parse_args()
     s = Settings(**vars(args))
+    if s.eval_per_domain > s.heldout_per_domain:
+        raise SystemExit(
+            f"--eval-per-domain {s.eval_per_domain} exceeds --heldout-per-domain "
+            f"{s.heldout_per_domain}: only held-out rows are scored. Lower --eval-per-domain, "
+            "or raise --heldout-per-domain (this moves rows out of training: new "
+            "MOCE_REPRODUCE_DIR).")
+    if s.gsm8k_generate > s.eval_per_domain:
+        raise SystemExit(f"--gsm8k-generate {s.gsm8k_generate} exceeds --eval-per-domain "
+                         f"{s.eval_per_domain}: generation uses the scored GSM8K rows.")
     if SETTINGS_FILE.is_file() and RUNS_DIR.is_dir() and any(RUNS_DIR.iterdir()):
         old = dataclasses.asdict(Settings.load())
         changed = {k: (v, getattr(s, k)) for k, v in old.items() if v != getattr(s, k)}

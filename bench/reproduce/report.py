@@ -2,9 +2,12 @@
 
     python bench/reproduce/report.py
 
-Regenerates the part of docs/results.md between the ``generated`` markers (tables and
-figures) and leaves the hand-written reading around it alone. Figures go to
-docs/img/reproduce/, the metrics of every run to docs/results/metrics.json.
+Regenerates the parts of docs/results.md between the ``generated`` markers (the
+single-seed tables and figures; left as they are when none of those runs is here) and the
+``study`` markers (the seeded study: verdict, intervals, longer runs, hypothesis; or its
+commands and estimated time while its runs are pending), and leaves the hand-written
+reading around them alone. Figures go to docs/img/reproduce/, the metrics of every run to
+docs/results/metrics.json (merged with the runs recorded there before).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from repro_config import (
     ROOT,
     RUNS,
     RUNS_DIR,
+    SETTINGS_FILE,
     TRAIN_FILE,
     Settings,
     read_jsonl,
@@ -60,12 +64,15 @@ def _rounded(value: Any) -> Any:
 
 
 def load_metrics() -> dict[str, dict[str, Any]]:
+    """Every run with metrics: the single-seed runs and the seeded ones (name@sN)."""
     found = {}
-    for name in RUNS:
-        path = RUNS_DIR / name / "metrics.json"
-        if path.is_file():
-            found[name] = json.loads(path.read_text())
+    for path in sorted(RUNS_DIR.glob("*/metrics.json")):
+        found[path.parent.name] = json.loads(path.read_text())
     return found
+
+
+def legacy_runs(m: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {n: r for n, r in m.items() if n in RUNS}
 
 
 def fmt_params(n: int | None) -> str:
@@ -136,7 +143,7 @@ def usage_table(names: list[str], m: dict[str, dict]) -> list[str]:
 def plot_losses(m: dict[str, dict], img: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, r in m.items():
+    for name, r in legacy_runs(m).items():
         hist = r.get("history")
         if not hist:
             continue
@@ -217,15 +224,19 @@ def cluster_section(img: Path) -> list[str]:
     return lines
 
 
-def build(doc: Path) -> str:
-    """The generated part of the results page; figures and raw metrics go beside it."""
-    m = load_metrics()
-    img, raw = doc.parent / "img" / "reproduce", doc.parent / "results" / "metrics.json"
-    img.mkdir(parents=True, exist_ok=True)
+def write_raw(m: dict[str, dict[str, Any]], raw: Path) -> None:
+    """Runs found here replace their entries; runs measured elsewhere stay recorded."""
     raw.parent.mkdir(parents=True, exist_ok=True)
+    kept = json.loads(raw.read_text()) if raw.is_file() else {}
     slim = {name: {**r, "history": [{k: v for k, v in h.items() if "/layer_" not in k}
                                      for h in r.get("history", [])]} for name, r in m.items()}
-    raw.write_text(json.dumps(_rounded(slim), separators=(",", ":")))
+    raw.write_text(json.dumps(_rounded({**kept, **slim}), separators=(",", ":")))
+
+
+def build(doc: Path, m: dict[str, dict[str, Any]]) -> str:
+    """The generated part of the results page (single-seed runs); figures go beside it."""
+    img = doc.parent / "img" / "reproduce"
+    img.mkdir(parents=True, exist_ok=True)
     s = Settings.load()
     any_run = next(iter(m.values()), {})
     out = [START, "",
@@ -264,20 +275,44 @@ def build(doc: Path) -> str:
     return "\n".join(out)
 
 
+def replace_region(text: str, start: str, end: str, body: str, doc: Path) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"{doc} lacks the {start} / {end} markers: add both lines where "
+                         "that part of the page goes")
+    head, rest = text.split(start, 1)
+    return head + start + "\n\n" + body + "\n\n" + end + rest.split(end, 1)[1]
+
+
 def main() -> None:
     import argparse
+
+    from study_report import END as STUDY_END
+    from study_report import START as STUDY_START
+    from study_report import study_section
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--doc", type=Path, default=DOC,
                         help="results page to update; figures and metrics go beside it")
     doc = parser.parse_args().doc
-    generated = build(doc)
-    text = doc.read_text() if doc.is_file() else f"# Results\n\n{START}\n{END}\n"
-    if START not in text or END not in text:
-        raise SystemExit(f"{doc} lacks the {START} / {END} markers")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    doc.write_text(head + generated + tail)
+    m = load_metrics()
+    raw = doc.parent / "results" / "metrics.json"
+    text = doc.read_text() if doc.is_file() else (
+        f"# Results\n\n{STUDY_START}\n{STUDY_END}\n\n{START}\n{END}\n")
+    legacy = legacy_runs(m)
+    if legacy:
+        generated = build(doc, legacy).removeprefix(START).removesuffix(END).strip()
+        text = replace_region(text, START, END, generated, doc)
+    else:
+        print("no single-seed run here: the measured single-seed tables are left as they are")
+    # Before prepare.py has run, the pending section's estimate uses the default settings.
+    s = Settings.load() if SETTINGS_FILE.is_file() else Settings()
+    img = doc.parent / "img" / "reproduce"
+    img.mkdir(parents=True, exist_ok=True)
+    study = study_section(m, s, img, raw)
+    text = replace_region(text, STUDY_START, STUDY_END, "\n".join(study), doc)
+    if m:
+        write_raw(m, raw)
+    doc.write_text(text)
     print(f"wrote {doc}, with figures and metrics beside it")
 
 

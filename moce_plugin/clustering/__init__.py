@@ -6,8 +6,8 @@ encoder (:mod:`.encode`), and clustered with k-means, k from the elbow of the SS
 (:mod:`.artifact`) that training and inference read through :class:`ClusterModel`.
 ``preprocess/cluster.py`` is a thin CLI over :mod:`.pipeline`.
 
-Training and inference need only :class:`ClusterModel` and :func:`example_text`; the rest is
-preprocessing.
+Training and inference need only :class:`ClusterModel` and :func:`request_text` (the one rule
+for the text of a row or a request); the rest is preprocessing.
 """
 
 from .artifact import (
@@ -58,11 +58,22 @@ from .pipeline import (
     write_assignments,
 )
 from .report import purity, report_markdown, top_keywords
-from .text import check_template, content_key, example_text, iter_rows
+from .text import (
+    CHAT_KEYS,
+    Request,
+    check_template,
+    content_key,
+    example_text,
+    iter_rows,
+    request_text,
+    template_fields,
+    unformat_prompt,
+)
 
 __all__ = [
     "ASSIGNMENTS_FILE",
     "BY_SOURCE_PLOT",
+    "CHAT_KEYS",
     "CENTROIDS_FILE",
     "CLUSTER_MAP_PLOT",
     "ClusterArtifactError",
@@ -80,6 +91,7 @@ __all__ = [
     "MINIBATCH_THRESHOLD",
     "REPORT_FILE",
     "REQUIRED_FILES",
+    "Request",
     "Row",
     "SentenceTransformerEncoder",
     "build_metadata",
@@ -101,12 +113,15 @@ __all__ = [
     "nearest_centroid",
     "purity",
     "report_markdown",
+    "request_text",
     "resolve_encoder_path",
     "resolve_num_clusters",
     "rows_from_examples",
     "rows_from_yaml",
     "run_clustering",
     "silhouette",
+    "template_fields",
     "top_keywords",
+    "unformat_prompt",
     "write_assignments",
 ]

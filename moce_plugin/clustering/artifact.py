@@ -2,8 +2,9 @@
 
 Training looks rows up by content key (:meth:`ClusterModel.lookup`), so row order,
 shuffling and sharding do not matter and changed data is detected instead of silently
-mis-assigned; inference embeds new texts with the recorded encoder settings and takes the
-nearest centroid (:meth:`ClusterModel.assign_texts`).
+mis-assigned; inference computes the same request text (:func:`.text.request_text`) for a
+prompt, chat messages or a row, embeds it with the recorded encoder settings and takes the
+nearest centroid (:meth:`ClusterModel.assign_requests`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .encode import SentenceTransformerEncoder, embed_texts, l2_normalize
-from .errors import ClusterArtifactError
+from .errors import ClusterArtifactError, ClusteringError
 from .kmeans import nearest_centroid
-from .text import Request, content_key, example_text, iter_rows, request_text
+from .text import Request, content_key, iter_rows, request_text
 
 if TYPE_CHECKING:
     import datasets
@@ -91,8 +92,10 @@ class ClusterModel:
         return cls(path, metadata, centroids.astype(np.float32))
 
     # -- the text/keys every stage shares
-    def text_of(self, example: Mapping[str, Any]) -> str:
-        return example_text(example, self.template)
+    def text_of(self, request: Request) -> str:
+        """The request text of a training row or an inference request, by the recorded
+        template: the one rule preprocessing, training and inference share."""
+        return request_text(request, self.template)
 
     def key_of(self, example: Mapping[str, Any]) -> str:
         return content_key(self.text_of(example))
@@ -169,13 +172,33 @@ class ClusterModel:
         emb = embed_texts(texts, encoder, None, batch_size=batch_size, progress=False)
         return self.assign_embeddings(emb)
 
-    def assign_examples(self, examples: list[dict]) -> np.ndarray:
-        return self.assign_texts([self.text_of(e) for e in examples])
+    def use_encoder(self, encoder: Any) -> None:
+        """Embed with ``encoder`` instead of the recorded one (tests, or an encoder already
+        loaded elsewhere); it must be the encoder the artifact was built with."""
+        self._encoder = encoder
 
     def assign_requests(self, requests: Sequence[Request]) -> np.ndarray:
         """Cluster of each inference request (plain prompt, chat messages or a row in the
         training format): the inference entry point every serving path uses."""
-        return self.assign_texts([request_text(r, self.template) for r in requests])
+        texts = []
+        for i, request in enumerate(requests):
+            try:
+                text = self.text_of(request)
+            except ClusteringError as exc:
+                raise ClusterArtifactError(f"request {i}: {exc}") from exc
+            if not text:
+                raise ClusterArtifactError(
+                    f"request {i} has an empty request text under the artifact's text template "
+                    f"{self.template!r} ({_preview(request)}): nothing to assign a cluster "
+                    "from. Send the prompt (or a row with the fields the template reads), or "
+                    "pass the cluster explicitly."
+                )
+            texts.append(text)
+        return self.assign_texts(texts)
+
+    def assign_examples(self, examples: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Rows in the training format are requests too (kept for existing callers)."""
+        return self.assign_requests(examples)
 
     def check_num_clusters(self, configured: int | str | None) -> int:
         if configured is None or configured == "auto":
@@ -193,3 +216,7 @@ class ClusterModel:
             )
         return self.num_clusters
 
+
+
+def _preview(request: Request) -> str:
+    return repr(request)[:120]

@@ -38,7 +38,9 @@ class ClusteringOptions:
         "auto",
         "What is embedded per row. 'auto': instruction/question/prompt + input (never the "
         "answer); chat rows (messages/conversations): the user turns. Otherwise a Python format "
-        "string over the row's fields, e.g. '{question}'; missing fields are empty.",
+        "string over the row's fields, e.g. '{question}'; missing fields are empty. At "
+        "inference a plain prompt fills a one-field template; a template of several fields "
+        "needs rows (docs/clustering.md, 'Same cluster everywhere').",
     )
     normalize: bool = _opt(True, "L2-normalise embeddings before k-means (cosine geometry).")
     k_max: int = _opt(10, "Largest k tried by the elbow method (num_clusters: auto); paper: 10.")

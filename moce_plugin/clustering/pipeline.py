@@ -39,7 +39,7 @@ from .errors import ClusteringError
 from .kmeans import ElbowResult, KMeansFit, choose_algorithm, elbow_sweep, fit_kmeans
 from .options import ClusteringOptions, resolve_num_clusters
 from .report import plot_elbow, purity, write_report
-from .text import content_key, example_text, iter_rows
+from .text import content_key, iter_rows, request_text
 
 if TYPE_CHECKING:
     import datasets
@@ -68,7 +68,7 @@ def rows_from_examples(
     rows = []
     for i, ex in enumerate(iter_rows(examples)):
         src = ex.get("source")
-        rows.append(Row(name, i, example_text(ex, template), str(src) if src else name))
+        rows.append(Row(name, i, request_text(ex, template), str(src) if src else name))
     return rows
 
 

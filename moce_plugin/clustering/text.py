@@ -1,7 +1,21 @@
-"""The request text of a row or a prompt: what is embedded and clustered.
+"""The request text of a training row or an inference request: what is embedded and clustered.
 
-Every path that needs a cluster computes the text with :func:`example_text` (preprocessing,
-the training lookup, generation, lm-eval, usage reports), so one request gets one cluster.
+:func:`request_text` is the one function every path calls (preprocessing, the training lookup,
+generation, serving, lm-eval, usage reports), so one request gets one cluster wherever it is
+seen. The rules, per shape of what comes in (docs/clustering.md, "Same cluster everywhere"):
+
+* a **row** (a mapping in a training data format) with ``template="auto"``: the user turns of
+  ``messages`` / ``conversations`` (role/content or from/value); else the first non-empty of
+  instruction/question/prompt/query/text plus input/context. Never the answer.
+* a row with a custom ``text_template`` (e.g. ``"{question}"``): the template over the row's
+  fields, missing fields empty (as preprocessing always did).
+* **chat messages** (a list of turns): their user turns, exactly as the chat row they come from.
+* a **plain prompt** (a string): with ``"auto"`` the prompt itself; with a template of one field
+  the prompt *is* that field (``"Q: {question}"`` -> ``"Q: " + prompt``); a template of several
+  fields cannot be filled from one string, which is an error naming the fields (pass a row).
+* a string already formatted as a prompt (axolotl's alpaca instruct frame, or a ChatML
+  conversation) is read back to its instruction/input or user turns, in rows and plain prompts
+  alike, so ``format_prompt(p)`` and ``p`` get the same text.
 """
 
 from __future__ import annotations
@@ -17,10 +31,29 @@ from .errors import ClusteringError
 if TYPE_CHECKING:
     import datasets
 
-_CHAT_KEYS = ("messages", "conversations", "conversation")
+#: Columns that hold chat turns, in the order they are looked for.
+CHAT_KEYS = ("messages", "conversations", "conversation")
 _USER_ROLES = {"user", "human"}
 _PROMPT_KEYS = ("instruction", "question", "prompt", "query", "text")
 _INPUT_KEYS = ("input", "context")
+
+#: What a request can be: a plain prompt, chat messages, or a row in a training data format.
+Request = str | Sequence[Mapping[str, Any]] | Mapping[str, Any]
+
+# axolotl's AlpacaPrompter (instruct style) frame; tests check it against axolotl's strings.
+ALPACA_SYSTEM_PROMPTS = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.",
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.",
+)
+_SYSTEMS = "|".join(re.escape(s) for s in ALPACA_SYSTEM_PROMPTS)
+_ALPACA = re.compile(
+    rf"\A(?:(?:{_SYSTEMS})\n\n)?### Instruction:\n(?P<instruction>.*?)"
+    r"(?:\n\n### Input:\n(?P<input>.*?))?\n\n### Response:(?:\n.*)?\Z",
+    re.S,
+)
+_CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|\Z)", re.S)
 
 
 class _EmptyMissing(dict):
@@ -28,12 +61,24 @@ class _EmptyMissing(dict):
         return ""
 
 
+def template_fields(template: str) -> list[str]:
+    """The row fields a text template reads, in order, without repeats ('{a.b}' reads 'a')."""
+    names: list[str] = []
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is None:
+            continue
+        name = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def check_template(template: str) -> None:
     """Fail early (not on row 10,000) on a malformed format string."""
     if template == "auto":
         return
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        fields = template_fields(template)
     except ValueError as exc:
         raise ClusteringError(
             f"moce.clustering.text_template {template!r} is not a valid format string ({exc}); "
@@ -44,9 +89,18 @@ def check_template(template: str) -> None:
             f"moce.clustering.text_template {template!r} names no field; every row would embed "
             "the same text. Use e.g. '{instruction}\\n{input}' or 'auto'."
         )
+    if any(not f or f.isdigit() for f in fields):
+        raise ClusteringError(
+            f"moce.clustering.text_template {template!r} has a positional field ('{{}}' or "
+            "'{0}'); name the row's field, e.g. '{question}'."
+        )
 
 
 def _as_text(value: Any) -> str:
+    if isinstance(value, list):  # multimodal content: [{"type": "text", "text": ...}, ...]
+        value = "\n".join(
+            _as_text(p.get("text")) if isinstance(p, Mapping) else _as_text(p) for p in value
+        )
     return "" if value is None else str(value).strip()
 
 
@@ -61,22 +115,86 @@ def _chat_user_text(turns: Sequence[Any]) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def example_text(example: Mapping[str, Any], template: str = "auto") -> str:
-    """The text that represents a row for clustering: the request, never the answer.
+def unformat_prompt(text: str) -> str:
+    """A prompt already put in a prompt frame, read back to its request text; other text as is.
 
-    The paper clusters on the sequence an input *asks*, so that at inference, where no
-    answer exists, the same text (and thus the same cluster) can be computed.
+    Recognised: axolotl's alpaca instruct frame (``### Instruction: ... ### Response:``, with
+    or without input and system line; an answer after the response cue is dropped) ->
+    instruction + input; a ChatML conversation (``<|im_start|>user ...``) -> its user turns.
     """
+    text = text.strip()
+    if "### Instruction:" in text:
+        match = _ALPACA.match(text)
+        if match:
+            parts = (match["instruction"], match["input"] or "")
+            return "\n".join(p.strip() for p in parts if p.strip())
+    if text.startswith("<|im_start|>"):
+        turns = [{"role": r, "content": c} for r, c in _CHATML_TURN.findall(text)]
+        return _chat_user_text(turns)
+    return text
+
+
+def _row_text(row: Mapping[str, Any], template: str) -> str:
     if template != "auto":
-        values = _EmptyMissing({k: _as_text(v) for k, v in example.items()})
-        return template.format_map(values).strip()
-    for key in _CHAT_KEYS:
-        turns = example.get(key)
+        values = _EmptyMissing({k: _as_text(v) for k, v in row.items()})
+        return _format(template, values)
+    for key in CHAT_KEYS:
+        turns = row.get(key)
         if isinstance(turns, list) and turns:
             return _chat_user_text(turns)
-    prompt = next((_as_text(example[k]) for k in _PROMPT_KEYS if _as_text(example.get(k))), "")
-    extra = next((_as_text(example[k]) for k in _INPUT_KEYS if _as_text(example.get(k))), "")
+    prompt = next((_as_text(row[k]) for k in _PROMPT_KEYS if _as_text(row.get(k))), "")
+    extra = next((_as_text(row[k]) for k in _INPUT_KEYS if _as_text(row.get(k))), "")
+    if not extra:
+        prompt = unformat_prompt(prompt)
     return "\n".join(p for p in (prompt, extra) if p)
+
+
+def _format(template: str, values: Mapping[str, Any]) -> str:
+    try:
+        return template.format_map(values).strip()
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise ClusteringError(
+            f"moce.clustering.text_template {template!r} cannot be filled "
+            f"({type(exc).__name__}: {exc}); name plain fields of the row, e.g. '{{question}}'."
+        ) from exc
+
+
+def _fill(prompt: str, template: str) -> str:
+    """A plain prompt (or the user turns of chat messages) under ``template``."""
+    if template == "auto":
+        return prompt
+    fields = template_fields(template)
+    if len(fields) != 1:
+        raise ClusteringError(
+            f"the text template {template!r} reads the fields {fields}; a plain prompt (or "
+            "chat messages) fills only one. Send each request as a row with those fields, "
+            f"e.g. {{{', '.join(repr(f) + ': ...' for f in fields)}}}, the way the training "
+            "data holds them."
+        )
+    return _format(template, {fields[0]: prompt})
+
+
+def request_text(request: Request, template: str = "auto") -> str:
+    """The text a training row or an inference request is clustered by (see module doc).
+
+    May be empty for a row with no request fields: callers report that with the row's place
+    (preprocessing counts them; :meth:`ClusterModel.assign_requests` names the request).
+    """
+    if isinstance(request, str):
+        return _fill(unformat_prompt(request), template)
+    if isinstance(request, Mapping):
+        return _row_text(request, template)
+    if isinstance(request, Sequence):
+        return _fill(_chat_user_text(request), template)
+    raise ClusteringError(
+        f"a request must be a prompt string, a list of chat messages or a row (mapping), "
+        f"got {type(request).__name__}."
+    )
+
+
+def example_text(example: Mapping[str, Any], template: str = "auto") -> str:
+    """The request text of a training row: :func:`request_text` (kept for existing imports)."""
+    return request_text(example, template)
 
 
 def content_key(text: str) -> str:
@@ -95,47 +213,15 @@ def iter_rows(examples: datasets.Dataset | Iterable[Mapping[str, Any]]) -> Itera
         yield from (dict(row) for row in examples)
 
 
-
-#: What a request can be at inference: a plain prompt, chat messages, or a row in the
-#: training data's own format.
-Request = str | Sequence[Mapping[str, Any]] | Mapping[str, Any]
-
-
-def request_text(request: Request, template: str = "auto") -> str:
-    """The request text of an inference request, the same text :func:`example_text` gives the
-    training row it corresponds to.
-
-    Provisional: plain prompts and chat messages map onto the auto template's fields; see the
-    consistency work on custom templates.
-    """
-    if isinstance(request, str):
-        row: Mapping[str, Any] = {"instruction": request}
-    elif isinstance(request, Mapping):
-        row = request
-    else:
-        row = {"messages": list(request)}
-    return example_text(row, template)
-
-
-# axolotl's alpaca prompt (AlpacaPrompter), with and without an input.
-_ALPACA_PROMPT = re.compile(
-    r"### Instruction:\n(?P<instruction>.*?)\n\n(?:### Input:\n(?P<input>.*?)\n\n)?### Response:",
-    re.S,
-)
-
-
 def prompt_request(prompt: str, user_turn: tuple[str, str] | None = None) -> Request:
-    """The request behind a prompt already formatted for the model (e.g. decoded input ids),
-    to pass to :func:`request_text`: the user turns when ``user_turn`` = (header, end) of the
-    chat template's user message occurs, else the instruction/input of an alpaca prompt, else
-    the prompt itself."""
+    """The request behind a prompt rendered by a tokenizer's chat template (e.g. decoded input
+    ids): its user turns as chat messages, given ``user_turn`` = (header, end) that template
+    puts around a user message; else the prompt itself (:func:`request_text` reads the alpaca
+    and ChatML frames back)."""
     if user_turn is not None:
         header, end = user_turn
-        pattern = re.escape(header) + "(.*?)" + (re.escape(end) if end else "$")
+        pattern = re.escape(header) + "(.*?)" + (re.escape(end) if end else r"\Z")
         turns = re.findall(pattern, prompt, re.S)
         if turns:
             return [{"role": "user", "content": t} for t in turns]
-    match = _ALPACA_PROMPT.search(prompt)
-    if match:
-        return {"instruction": match["instruction"], "input": match["input"] or ""}
     return prompt

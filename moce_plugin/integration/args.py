@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, model_validator
 
-from ..clustering import ClusterModel
+from ..clustering import ClusteringOptions, ClusterModel
 from ..model.architectures import get_architecture
 from ..model.config import MoCEConfig
 
@@ -36,7 +36,7 @@ UNSUPPORTED_OPTIONS = (
 
 
 class MoCEArgs(BaseModel):
-    """``moce:`` block of the axolotl YAML (see :class:`moce_plugin.config.MoCEConfig`)."""
+    """``moce:`` block of the axolotl YAML (see :class:`moce_plugin.model.config.MoCEConfig`)."""
 
     moce: MoCEConfig | None = None
 
@@ -48,6 +48,7 @@ class MoCEArgs(BaseModel):
         moce = data["moce"]
         if isinstance(moce, dict):
             moce = dict(moce)
+            _check_clustering(moce.get("clustering"))
             _resolve_num_clusters(moce)
             data["moce"] = moce
         _check_local_architecture(data)
@@ -78,6 +79,17 @@ class MoCEArgs(BaseModel):
                 "per-token cluster ids; use gradient_checkpointing: true instead."
             )
         return data
+
+
+def _check_clustering(block: Any) -> None:
+    """The ``moce.clustering`` options, checked as ``preprocess/cluster.py`` checks them, so a
+    typo (``kmax: 4``) fails ``axolotl train`` / ``preprocess`` at config load, not silently."""
+    if block is not None and not isinstance(block, dict):
+        raise ValueError(
+            f"moce.clustering must be a mapping of options (see docs/clustering.md), got "
+            f"{type(block).__name__}: {block!r}."
+        )
+    ClusteringOptions.from_dict(block)  # ClusteringError is a ValueError: pydantic reports it
 
 
 def _check_local_architecture(data: dict) -> None:

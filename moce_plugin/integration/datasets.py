@@ -43,20 +43,43 @@ def _dataset_name(dataset_config: Any) -> str:
 
 
 def _check_ids(values: Sequence[Any], num_clusters: int, column: str, name: str) -> None:
-    bad_type = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
-    if bad_type:
-        raise ClusterIdError(
-            f"Dataset '{name}': column '{column}' must hold integer cluster ids, found "
-            f"{bad_type[:3]!r}. Write integers in [0, {num_clusters}) or let "
+    """Integer ids in [0, num_clusters); the message names the first bad row and its value.
+
+    What ``datasets`` hands over decides what can be checked: a JSON column mixing integers and
+    strings is typed ``Json`` and each value decoded, so ``"2"`` arrives as the integer 2 and is
+    accepted (it can only mean cluster 2); an all-string column arrives as strings and is
+    refused; one float (``1.5``) makes the whole column float64, so the row named is the first
+    non-integral value, not row 0's ``0.0`` (docs/clustering.md, "Your own cluster ids").
+    """
+
+    def bad(v: Any) -> bool:
+        if isinstance(v, (float, np.floating)):
+            return not float(v).is_integer()
+        return isinstance(v, bool) or not isinstance(v, (int, np.integer))
+
+    def reject(i: int, v: Any, why: str) -> ClusterIdError:
+        return ClusterIdError(
+            f"Dataset '{name}': row {i} has '{column}' = {v!r} ({type(v).__name__}){why}; "
+            f"cluster ids must be integers in [0, {num_clusters}). Fix the data or let "
             "preprocess/cluster.py assign them (moce.cluster_artifact)."
         )
+
+    first_bad = next(((i, v) for i, v in enumerate(values) if bad(v)), None)
+    if first_bad is not None:
+        raise reject(*first_bad, "")
+    first_float = next(
+        ((i, v) for i, v in enumerate(values) if isinstance(v, (float, np.floating))), None
+    )
+    if first_float is not None:
+        raise reject(*first_float, ": the column is stored as floats")
     arr = np.asarray(values, dtype=np.int64)
-    out = arr[(arr < 0) | (arr >= num_clusters)]
+    out = np.flatnonzero((arr < 0) | (arr >= num_clusters))
     if out.size:
+        i = int(out[0])
         raise ClusterIdError(
             f"Dataset '{name}': {out.size} rows have '{column}' outside [0, {num_clusters}) "
-            f"(e.g. {sorted(set(out.tolist()))[:5]}); moce.num_clusters={num_clusters}. Fix "
-            "the column or set moce.num_clusters to the number of clusters in the data."
+            f"(first: row {i} = {int(arr[i])}); moce.num_clusters={num_clusters}. Fix the "
+            "column or set moce.num_clusters to the number of clusters in the data."
         )
 
 

@@ -77,6 +77,15 @@ class MoCEPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         # Datasets are prepared before the model loads: hook cluster ids in now.
         install_patches()
+        if _is_preprocess(cfg) and _artifact_missing(cfg):
+            # `axolotl preprocess CFG` prepares everything: stage 1 first (register runs
+            # before config validation, which needs the artifact to resolve num_clusters).
+            from ..clustering.cli import cluster_config
+
+            LOG.info("MoCE: %s does not exist; clustering the datasets first (stage 1)",
+                     cfg["moce"]["cluster_artifact"])
+            cluster_config(cfg, source=str(cfg.get("axolotl_config_path") or "the config"),
+                           log=LOG.info)
 
     @_moce_only()
     def load_datasets(self, cfg: Any, moce: MoCEConfig, preprocess: bool = False) -> None:
@@ -157,6 +166,18 @@ class MoCEPlugin(BasePlugin):
         if is_main:
             copy_cluster_artifact(moce.cluster_artifact, cfg.output_dir)
             plot_routing_log(cfg.output_dir)
+
+
+def _is_preprocess(cfg: Any) -> bool:
+    # load_cfg(is_preprocess=True) sets cfg.is_preprocess; axolotl's preprocess CLI also sets
+    # the environment variable (cfg keys are dropped when the YAML has `strict: true`).
+    return bool(cfg.get("is_preprocess")) or os.environ.get("AXOLOTL_IS_PREPROCESS") == "1"
+
+
+def _artifact_missing(cfg: Any) -> bool:
+    moce = cfg.get("moce")
+    artifact = moce.get("cluster_artifact") if isinstance(moce, dict) else None
+    return bool(artifact) and not os.path.exists(str(artifact))
 
 
 def wrap_merge_lora(original: Callable) -> Callable:

@@ -35,6 +35,7 @@ def attach_moce_to_trainer(trainer: Any, config: MoCEConfig) -> None:
     trainer._moce_attached = True
     _add_aux_loss(trainer, config.router_aux_loss_coef)
     _add_routing_logs(trainer)
+    _keep_layer_metrics_off_console(trainer)
     _wrap_collators(trainer)
     _keep_cluster_id_column(trainer)
 
@@ -65,6 +66,11 @@ def _add_aux_loss(trainer: Any, coef: float) -> None:
         return result + aux.to(result.dtype)
 
     trainer.compute_loss = types.MethodType(compute_loss, trainer)
+
+
+#: Per-layer metrics go to the trackers (wandb, tensorboard, ...) and trainer_state.json, not
+#: to the console, which shows the aggregate (aux loss, router entropy, load imbalance).
+LAYER_METRIC_PREFIX = "moce/layer_"
 
 
 def _reduce_across_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -112,8 +118,8 @@ def routing_summary(metrics: Any) -> tuple[dict[str, float], dict[str, Any]]:
         entropy = float(ent) / steps
         entropies.append(entropy)
         imbalances.append(imbalance)
-        logs[f"moce/layer_{i}/router_entropy"] = round(entropy, 5)
-        logs[f"moce/layer_{i}/load_imbalance"] = round(imbalance, 5)
+        logs[f"{LAYER_METRIC_PREFIX}{i}/router_entropy"] = round(entropy, 5)
+        logs[f"{LAYER_METRIC_PREFIX}{i}/load_imbalance"] = round(imbalance, 5)
         detail["layers"][str(i)] = {
             "expert_load": load.tolist(),
             "group_tokens": tokens.tolist(),
@@ -138,6 +144,32 @@ def _add_routing_logs(trainer: Any) -> None:
         return original(logs, *args, **kwargs)
 
     trainer.log = types.MethodType(log, trainer)
+
+
+def console_logs(logs: dict) -> dict:
+    """What the console shows of a log entry: everything but the per-layer MoCE metrics."""
+    return {k: v for k, v in logs.items() if not k.startswith(LAYER_METRIC_PREFIX)}
+
+
+def _keep_layer_metrics_off_console(trainer: Any) -> None:
+    """Wrap the callbacks that print logs (transformers' ProgressCallback/PrinterCallback) so
+    they print the aggregate only; tracker callbacks still receive every metric."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    handler = getattr(trainer, "callback_handler", None)
+    for callback in getattr(handler, "callbacks", []):
+        if not isinstance(callback, (ProgressCallback, PrinterCallback)):
+            continue
+        if getattr(callback, "_moce_console", False):
+            continue
+        original = callback.on_log
+
+        def on_log(args: Any, state: Any, control: Any, logs: dict | None = None,
+                   _original: Any = original, **kwargs: Any) -> Any:
+            return _original(args, state, control, logs=console_logs(logs or {}), **kwargs)
+
+        callback.on_log = on_log
+        callback._moce_console = True
 
 
 def _append_routing_detail(output_dir: str, step: int, logs: dict, detail: dict) -> None:

@@ -17,6 +17,11 @@ The products are the ones autograd forms for ``torch._grouped_mm`` (``grad @ W^T
 the input, ``input^T @ grad`` with the same offsets for the weights), with the same
 operand layouts, so a device that runs the forward kernel runs the backward too.
 Everything stays on the device: no host sync on the grouped path.
+
+:func:`block_adapter_sum` runs the same two functions without slots, for routing that
+uses every expert of a set (soft merging, soft or all-k general experts): the set's B
+adapters are one adapter of rank B*r with block-wise weights, tokens are sorted by group
+once (one row per token instead of B), and the combine's weight is [A, B] instead of [A].
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ def grouped_matmul(
     ``use_grouped=None`` decides from the operands; the split loop is correct everywhere
     (one host sync for the split sizes).
     """
+    if weight.shape[0] == 1:  # one group: a plain product, no offsets needed
+        return x @ weight[0]
     if use_grouped is None:
         use_grouped = grouped_mm_supported(x, weight)
     if use_grouped:
@@ -64,10 +71,14 @@ def grouped_matmul(
 
 
 def grouped_weight_grad(
-    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor | None, counts: torch.Tensor | None,
     use_grouped: bool,
 ) -> torch.Tensor:
-    """Per-group ``a_g^T @ b_g`` -> [G, K, N] for a: [A, K], b: [A, N] sorted by group."""
+    """Per-group ``a_g^T @ b_g`` -> [G, K, N] for a: [A, K], b: [A, N] sorted by group.
+
+    ``offsets is None``: one group (all rows)."""
+    if offsets is None:
+        return (a.transpose(-2, -1) @ b)[None]
     if use_grouped:
         return torch._grouped_mm(a.transpose(-2, -1), b, offs=offsets)
     sizes = counts.tolist()
@@ -77,70 +88,110 @@ def grouped_weight_grad(
     ])
 
 
-def _sum_slots(rows: torch.Tensor, order: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
-    """Sorted-slot rows back to (token, slot) order, summed over each token's k slots.
+def _sum_slots(
+    rows: torch.Tensor, position: torch.Tensor | None, num_tokens: int, k: int
+) -> torch.Tensor:
+    """Sorted-slot rows back to token order, summed over each token's k slots.
 
-    A permutation copy plus a reduction: no scatter-add (atomic, non-deterministic on CUDA).
+    ``position[t * k + j]``: the sorted row of token t's slot j (the inverse permutation of
+    the sort); None: the rows are already in token order (one slot per token). k gathers of
+    [T, d] and in-place adds: no scatter-add (atomic, non-deterministic on CUDA) and no
+    [T*k, d] temporary (on the CPU an allocation above glibc's 32 MB mmap threshold is
+    page-faulted afresh on every call, which cost more than the copy itself).
     """
-    unsorted = torch.empty_like(rows).index_copy_(0, order, rows)
-    return unsorted.view(num_tokens, k, rows.shape[-1]).sum(1)
+    if position is None:
+        return rows
+    position = position.view(num_tokens, k)
+    out = rows.index_select(0, position[:, 0])
+    for j in range(1, k):
+        out += rows.index_select(0, position[:, j])
+    return out
+
+
+def _scale_blocks(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Row a of ``z`` [A, B*r] with its b-th block of r columns times ``weight[a, b]``."""
+    rows, blocks = weight.shape
+    return (z.view(rows, blocks, -1) * weight[:, :, None]).view(z.shape)
 
 
 class _GatherGroupedMM(torch.autograd.Function):
-    """``h[token_of_slot] @ down[expert]`` for every sorted slot -> [A, r]."""
+    """``h[token_of_slot] @ down[expert]`` for every sorted slot -> [A, r].
+
+    ``position``/``token_of_slot`` None: no gather (h is already in slot order, one slot
+    per token). ``keep_gathered``: save the gathered rows instead of ``h`` and skip the
+    re-gather in the backward (for one slot per token, when nothing else keeps ``h``: the
+    same bytes, one [T, d] gather less)."""
 
     @staticmethod
-    def forward(ctx, h, down, order, token_of_slot, offsets, counts, k: int, use_grouped: bool):
-        h_sorted = h.index_select(0, token_of_slot)
-        ctx.save_for_backward(h, down, order, token_of_slot, offsets, counts)
-        ctx.k, ctx.use_grouped = k, use_grouped
+    def forward(ctx, h, down, position, token_of_slot, offsets, counts, k: int,
+                use_grouped: bool, keep_gathered: bool = False):
+        h_sorted = h if token_of_slot is None else h.index_select(0, token_of_slot)
+        ctx.regather = token_of_slot is not None and not keep_gathered
+        ctx.num_tokens, ctx.k, ctx.use_grouped = h.shape[0], k, use_grouped
+        ctx.save_for_backward(h if ctx.regather else h_sorted, down, position, token_of_slot,
+                              offsets, counts)
         return grouped_matmul(h_sorted, down, offsets, counts, use_grouped)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z):
-        h, down, order, token_of_slot, offsets, counts = ctx.saved_tensors
+        h_saved, down, position, token_of_slot, offsets, counts = ctx.saved_tensors
         grad_z = grad_z.contiguous()
         grad_h = grad_down = None
         if ctx.needs_input_grad[1]:
-            h_sorted = h.index_select(0, token_of_slot)  # re-gathered, not saved
+            h_sorted = h_saved.index_select(0, token_of_slot) if ctx.regather else h_saved
             grad_down = grouped_weight_grad(h_sorted, grad_z, offsets, counts, ctx.use_grouped)
             del h_sorted  # freed before the [T*k, d] input gradient is allocated
         if ctx.needs_input_grad[0]:
             grad_rows = grouped_matmul(grad_z, down.transpose(-2, -1), offsets, counts,
                                        ctx.use_grouped)
-            grad_h = _sum_slots(grad_rows, order, h.shape[0], ctx.k)
-        return grad_h, grad_down, None, None, None, None, None, None
+            grad_h = _sum_slots(grad_rows, position, ctx.num_tokens, ctx.k)
+        return grad_h, grad_down, None, None, None, None, None, None, None
 
 
 class _WeightedGroupedMMCombine(torch.autograd.Function):
-    """``sum_j w[t, j] * (z[slot] @ up[expert])`` per token t -> [T, d]."""
+    """``sum_j (w[t, j] (x) 1_r) * z[slot] @ up[expert]`` per token t -> [T, d].
+
+    ``weight`` is [A] (one weight per slot) or [A, B]: the slot's bottleneck is B blocks
+    of r columns, block b scaled by ``weight[a, b]`` (B experts merged into one rank-B*r
+    adapter)."""
 
     @staticmethod
-    def forward(ctx, z, weight, up, order, token_of_slot, offsets, counts, k: int,
+    def forward(ctx, z, weight, up, position, token_of_slot, offsets, counts, k: int,
                 use_grouped: bool):
-        rows = grouped_matmul(z * weight[:, None], up, offsets, counts, use_grouped)
+        w = weight.view(z.shape[0], -1)
+        rows = grouped_matmul(_scale_blocks(z, w), up, offsets, counts, use_grouped)
         ctx.save_for_backward(z, weight, up, token_of_slot, offsets, counts)
         ctx.use_grouped = use_grouped
-        return _sum_slots(rows, order, z.shape[0] // k, k)
+        return _sum_slots(rows, position, z.shape[0] // k, k)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         z, weight, up, token_of_slot, offsets, counts = ctx.saved_tensors
+        w = weight.view(z.shape[0], -1)
         # Every slot of token t receives t's output gradient.
-        grad_rows = grad_out.contiguous().index_select(0, token_of_slot)
+        grad_rows = grad_out.contiguous()
+        if token_of_slot is not None:
+            grad_rows = grad_rows.index_select(0, token_of_slot)
         grad_zw = grouped_matmul(grad_rows, up.transpose(-2, -1), offsets, counts,
                                  ctx.use_grouped)
         grad_z = grad_weight = grad_up = None
-        if ctx.needs_input_grad[0]:
-            grad_z = grad_zw * weight[:, None]
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad_zw * z).sum(-1)
         if ctx.needs_input_grad[2]:
-            grad_up = grouped_weight_grad(z * weight[:, None], grad_rows, offsets, counts,
+            grad_up = grouped_weight_grad(_scale_blocks(z, w), grad_rows, offsets, counts,
                                           ctx.use_grouped)
+        del grad_rows
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_zw * z).view(*w.shape, -1).sum(-1).view_as(weight)
+        if ctx.needs_input_grad[0]:
+            grad_z = _scale_blocks(grad_zw, w)
         return grad_z, grad_weight, grad_up, None, None, None, None, None, None
+
+
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``position`` with ``position[order[i]] = i``: where each unsorted row went."""
+    arange = torch.arange(order.shape[0], device=order.device, dtype=order.dtype)
+    return torch.empty_like(order).scatter_(0, order, arange)
 
 
 def routed_adapter_sum(
@@ -160,7 +211,8 @@ def routed_adapter_sum(
     h = h.to(down.dtype)
     flat_ids = expert_ids.reshape(-1)
     sorted_ids, order = torch.sort(flat_ids, stable=True)
-    token_of_slot = order // k
+    token_of_slot = order // k if k > 1 else order
+    position = _inverse_permutation(order)
     # End offset of each expert's rows, from the sorted ids (static shapes: no bincount,
     # so no graph break under torch.compile and no host sync).
     experts = torch.arange(down.shape[0], device=flat_ids.device)
@@ -168,12 +220,55 @@ def routed_adapter_sum(
     offsets = ends.to(torch.int32)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))  # only read by the split loop
     slot_weights = weights.to(down.dtype).reshape(-1).index_select(0, order)
-    z_pre = _GatherGroupedMM.apply(h, down, order, token_of_slot, offsets, counts, k,
-                                   grouped_mm_supported(h, down))
+    # h is saved (and re-gathered in the backward), not the [T*k, d] gathered rows; a
+    # general-expert call beside this one shares that same tensor.
+    z_pre = _GatherGroupedMM.apply(h, down, position, token_of_slot, offsets, counts, k,
+                                   grouped_mm_supported(h, down), False)
     z = act(z_pre)
-    return _WeightedGroupedMMCombine.apply(z, slot_weights, up, order, token_of_slot, offsets,
+    return _WeightedGroupedMMCombine.apply(z, slot_weights, up, position, token_of_slot, offsets,
                                            counts, k, grouped_mm_supported(z, up))
 
 
-__all__ = ["grouped_matmul", "grouped_mm_supported", "grouped_weight_grad",
+def block_adapter_sum(
+    h: torch.Tensor,
+    groups: torch.Tensor | None,
+    weights: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``sum_b weights[t, b] * up_{g,b}(act(down_{g,b}(h[t])))`` with g = groups[t].
+
+    Every token uses all B adapters of its group, so the B adapters of group g are one
+    adapter of rank B*r whose hidden units are scaled block-wise by the token's weights:
+    ``up_g((w (x) 1_r) * act(h down_g))``. No per-(token, expert) slot: tokens are sorted by
+    group once and each group is one grouped product (a plain product with one group).
+
+    h: [T, d]; groups: [T] in [0, G), or None with G = 1; weights: [T, B];
+    down: [G, d, B*r] (block b = columns b*r:(b+1)*r); up: [G, B*r, d] -> [T, d].
+    The backward keeps h and the [T, B*r] bottleneck, like :func:`routed_adapter_sum`.
+    """
+    num_groups = down.shape[0]
+    h = h.to(down.dtype)
+    weights = weights.to(down.dtype)
+    order = position = offsets = counts = None
+    if num_groups > 1:
+        if groups is None:
+            raise ValueError("groups is required with more than one group of adapters")
+        sorted_groups, order = torch.sort(groups, stable=True)
+        ends = torch.searchsorted(sorted_groups, torch.arange(num_groups, device=h.device),
+                                  right=True)
+        offsets = ends.to(torch.int32)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))  # only read by the split loop
+        weights = weights.index_select(0, order)
+        position = _inverse_permutation(order)
+    # The sorted copy of h is saved instead of h (same bytes, no re-gather in the backward).
+    z_pre = _GatherGroupedMM.apply(h, down, position, order, offsets, counts, 1,
+                                   grouped_mm_supported(h, down), True)
+    z = act(z_pre)
+    return _WeightedGroupedMMCombine.apply(z, weights, up, position, order, offsets, counts, 1,
+                                           grouped_mm_supported(z, up))
+
+
+__all__ = ["block_adapter_sum", "grouped_matmul", "grouped_mm_supported", "grouped_weight_grad",
            "routed_adapter_sum"]

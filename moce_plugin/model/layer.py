@@ -10,12 +10,15 @@ because the top-k weights are renormalised to sum to 1 (and soft-merge weights a
 softmax), sum_i w_i A_i(x) = h + sum_i w_i * adapter_i(h). The general experts of the
 (V) variant add their adapter outputs to that; the shared h is counted once.
 
-The router input is the MLP input x; each group has its own linear router, softmax
-over that group's experts only. Experts are stored as stacked tensors
+The router input is the MLP input x; each group has its own router (`routers.py`),
+softmax over that group's experts only. Experts are stored as stacked tensors
 ``down [N, d, r]`` and ``up [N, r, d]`` (N = C*E group experts, then the general
-experts) and run in one grouped matmul over the (token, expert) assignments sorted by
-expert (`expert_ops.routed_adapter_sum`): no Python loop over experts and no host
-synchronisation on the fast path.
+experts). Sparse top-k routing runs one grouped matmul over the (token, expert)
+assignments sorted by expert (`expert_ops.routed_adapter_sum`); where a token uses every
+expert of a set (soft merging, top-E, soft or all-k general experts) the set is one
+adapter of rank E*r with block-wise weights, run per group on the tokens sorted by group
+(`expert_ops.block_adapter_sum`). `choose_plan` picks per routing mode, by measurement.
+No Python loop over experts and no host synchronisation on the fast path.
 ``up`` starts at zero, so an upcycled model reproduces the base model exactly.
 """
 
@@ -29,8 +32,9 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from .config import MoCEConfig
-from .expert_ops import routed_adapter_sum
+from .expert_ops import block_adapter_sum, routed_adapter_sum
 from .losses import grouped_load_balancing_loss, router_entropy
+from .routers import build_router
 from .routing import (
     IGNORE_CLUSTER_ID,
     RoutingRecord,
@@ -44,13 +48,14 @@ from .routing import (
 
 def _route(
     logits: torch.Tensor, top_k: int | str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(probs [T, E] float32, chosen experts [T, k], weights [T, k]; chosen is None for soft)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(probs [T, E] float32, chosen experts [T, k] or None for soft, weights [T, k]).
+
+    Soft merging uses every expert with its probability: weights = probs, chosen None.
+    """
     probs = torch.softmax(logits.float(), dim=-1)
-    num_experts = probs.shape[-1]
     if top_k == "soft":
-        chosen = torch.arange(num_experts, device=probs.device).expand(probs.shape[0], -1)
-        return probs, chosen, probs
+        return probs, None, probs
     weights, chosen = probs.topk(int(top_k), dim=-1)
     if top_k > 1:
         # Renormalised over the chosen k (Mixtral/PESC style), so the k weights sum to 1
@@ -61,8 +66,42 @@ def _route(
     return probs, chosen, weights
 
 
+def _dense_weights(probs: torch.Tensor, chosen: torch.Tensor | None,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """[T, E] weight of every expert: the routing weights at the chosen ones, 0 elsewhere."""
+    if chosen is None:
+        return weights
+    return torch.zeros_like(probs).scatter(-1, chosen, weights)
+
+
+# How the experts run, per routing mode ("slots": (token, expert) slots through
+# routed_adapter_sum; "blocks": all experts of a set as one rank-E*r adapter through
+# block_adapter_sum; "fold": the general experts as extra blocks of the group call).
+# Chosen by measurement (bench/bench_layer.py --part routing, docs/performance.md), not a
+# user option; every plan computes the same function.
+GROUP_PLANS = ("slots", "blocks")
+GENERAL_PLANS = ("slots", "blocks", "fold")
+
+
+def choose_plan(top_k: int | str, experts: int, general_top_k: int | str,
+                general: int) -> tuple[str, str | None]:
+    """(group plan, general plan or None) for a routing mode; see docs/performance.md."""
+    group_dense = top_k == "soft" or top_k == experts
+    group = "blocks" if group_dense else "slots"
+    if not general:
+        return group, None
+    general_dense = general_top_k == "soft" or general_top_k == general
+    if group == "blocks":
+        return group, "fold"
+    return group, "blocks" if general_dense else "slots"
+
+
 class MoCEExperts(nn.Module):
-    """Routers and stacked adapter experts of one MoCE layer (all trainable)."""
+    """Router and stacked adapter experts of one MoCE layer (all trainable)."""
+
+    # Forces an execution plan (group, general) for benchmarks and tests; None = measured
+    # choice of choose_plan. Not a configuration option: every plan gives the same result.
+    plan: tuple[str, str | None] | None = None
 
     def __init__(self, hidden_size: int, config: MoCEConfig, layer_index: int = 0) -> None:
         super().__init__()
@@ -75,27 +114,16 @@ class MoCEExperts(nn.Module):
         self.adapter_dim = config.adapter_dim
         self.scaling = config.adapter_scaling
         self.layer_index = layer_index
-        self.activation_name = config.adapter_activation
         self.act = nn.Identity() if config.adapter_activation == "identity" else ACT2FN[
             config.adapter_activation
         ]
-        num_group_experts = self.num_groups * self.experts_per_group
-        total = num_group_experts + self.num_general
-        self.router = nn.Parameter(torch.empty(num_group_experts, hidden_size))
+        total = self.num_groups * self.experts_per_group + self.num_general
+        self.router = build_router(config, hidden_size)
         self.general_router = (
             nn.Parameter(torch.empty(self.num_general, hidden_size)) if self.num_general else None
         )
         self.down = nn.Parameter(torch.empty(total, hidden_size, self.adapter_dim))
         self.up = nn.Parameter(torch.empty(total, self.adapter_dim, hidden_size))
-        self.router_type = config.router
-        if config.router == "acmoe":
-            self.acmoe_eps = config.acmoe_eps
-            self.acmoe_clamp = config.acmoe_clamp
-            self.acmoe_momentum = config.acmoe_momentum
-            # Running per-(group, expert) feature dispersions: saved with the weights, used
-            # in eval/generation and for clusters too small in a batch.
-            self.register_buffer("acmoe_dispersion", torch.zeros(num_group_experts, hidden_size))
-            self.register_buffer("acmoe_seen", torch.zeros(num_group_experts))
         self.reset_parameters(seed=config.init_seed + 1000 * layer_index)
 
     @torch.no_grad()
@@ -105,104 +133,47 @@ class MoCEExperts(nn.Module):
         def uniform_(t: torch.Tensor, bound: float) -> None:
             t.copy_((torch.rand(t.shape, generator=gen) * 2 - 1) * bound)
 
-        # nn.Linear's default bound (kaiming-uniform, a=sqrt(5)) for routers and down.
+        # nn.Linear's default bound (kaiming-uniform, a=sqrt(5)) for routers and down;
+        # drawn in the same order as before the router was a module (same initial weights).
         bound = 1.0 / math.sqrt(self.hidden_size)
-        uniform_(self.router, bound)
+        self.router.reset_parameters(gen)
         if self.general_router is not None:
             uniform_(self.general_router, bound)
         uniform_(self.down, bound)
         self.up.zero_()  # exact base-model behaviour at step 0
-
-    @property
-    def num_experts_total(self) -> int:
-        return self.down.shape[0]
-
-    @torch.no_grad()
-    def acmoe_weights(
-        self, x: torch.Tensor, clusters: torch.Tensor, valid: torch.Tensor
-    ) -> torch.Tensor:
-        """Feature weights M [C*E, d] from the dispersion of each cluster's tokens (stop-grad).
-
-        Training: this batch's estimate where a cluster has >= 2 real tokens (the running
-        estimate elsewhere), which also updates the running estimate; eval: the running one.
-        """
-        from .acmoe import cluster_mad, feature_weights
-
-        running, seen = self.acmoe_dispersion, self.acmoe_seen
-        if self.training or not bool(seen.any()):
-            batch, counts = cluster_mad(x, clusters, valid, running.shape[0])
-            enough = counts >= 2
-            if self.training:
-                m = self.acmoe_momentum
-                blended = torch.where(seen[:, None] > 0, m * running + (1 - m) * batch, batch)
-                running.copy_(torch.where(enough[:, None], blended.to(running.dtype), running))
-                seen.add_(enough.to(seen.dtype))
-            fallback = torch.where(seen[:, None] > 0, running.float(),
-                                   batch[enough].mean(0, keepdim=True) if bool(enough.any())
-                                   else torch.ones_like(batch))
-            dispersion = torch.where(enough[:, None], batch, fallback)
-        else:
-            dispersion = running.float()
-        return feature_weights(dispersion, self.acmoe_eps, self.acmoe_clamp)
 
     def forward(
         self, x: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
         prev_top1: torch.Tensor | None = None, recompute: bool = False,
     ) -> tuple[torch.Tensor, RoutingRecord]:
         """x: router input [T, d]; h: FFN output [T, d]; groups/valid: [T]; prev_top1: [T]
-        each token's expert (within its group) in the previous MoCE layer (ACMoE only);
-        recompute: a gradient-checkpointing replay, which must reuse the forward's ACMoE
-        weights instead of updating the running statistics a second time."""
-        num_tokens = x.shape[0]
-        E = self.experts_per_group
+        each token's expert (within its group) in the previous MoCE layer, if any;
+        recompute: a gradient-checkpointing replay (see :class:`~.routers.Router`)."""
         safe_groups = torch.where(valid, groups, torch.zeros_like(groups))
-        route_input = x
-        if self.router_type == "acmoe" and prev_top1 is not None:
-            from .acmoe import transform
-
-            clusters = safe_groups * E + prev_top1.to(safe_groups.device)
-            cached = getattr(self, "_acmoe_forward_weights", None)
-            if recompute and cached is not None:
-                weights_m = cached
-            else:
-                weights_m = self.acmoe_weights(x, clusters, valid)
-                self._acmoe_forward_weights = weights_m if self.training else None
-            route_input = transform(x, weights_m, clusters)
-        # Logits of every group's router in one matmul ([T, C*E], C*E is small), then
-        # each token keeps its own group's E logits.
-        all_logits = F.linear(route_input.to(self.router.dtype), self.router)
-        logits = all_logits.view(num_tokens, self.num_groups, E)
-        logits = logits.gather(1, safe_groups.view(-1, 1, 1).expand(-1, 1, E)).squeeze(1)
+        logits = self.router(x, safe_groups, valid, prev_top1, recompute)
         probs, chosen, weights = _route(logits, self.top_k)
-        expert_ids = safe_groups[:, None] * E + chosen
         with_stats = self.training or routing_stats_requested()
         aux = load = tokens = entropy = general_load = None
         if with_stats:
             aux, load, tokens = grouped_load_balancing_loss(
-                probs, None if self.top_k == "soft" else chosen, safe_groups, valid,
-                self.num_groups,
+                probs, chosen, safe_groups, valid, self.num_groups
             )
             entropy = router_entropy(probs, valid)
+        general = None
         if self.general_router is not None:
             g_logits = F.linear(x.to(self.general_router.dtype), self.general_router)
-            g_probs, g_chosen, g_weights = _route(g_logits, self.general_top_k)
+            general = _route(g_logits, self.general_top_k)
             if with_stats:
                 g_aux, g_load, _ = grouped_load_balancing_loss(
-                    g_probs,
-                    None if self.general_top_k == "soft" else g_chosen,
-                    torch.zeros_like(safe_groups),
-                    valid,
-                    1,
+                    general[0], general[1], torch.zeros_like(safe_groups), valid, 1
                 )
                 aux = aux + g_aux
                 general_load = g_load[0]
-            expert_ids = torch.cat([expert_ids, self.num_groups * E + g_chosen], dim=1)
-            weights = torch.cat([weights, g_weights], dim=1)
-        # Padding / packing gaps contribute nothing (and get no gradient).
-        weights = weights * valid[:, None].to(weights.dtype)
-
-        delta = self._expert_outputs(h, expert_ids, weights)
-        out = h + (self.scaling * delta).to(h.dtype)
+        # Padding / packing gaps contribute nothing (and get no gradient); the adapter
+        # scaling rides on the weights (one [T, d] product less than scaling the output).
+        mask = valid[:, None].to(weights.dtype) * self.scaling
+        delta = self._expert_outputs(h, safe_groups, mask, (probs, chosen, weights), general)
+        out = h + delta.to(h.dtype)
         record = RoutingRecord(
             layer_index=self.layer_index,
             aux_loss=aux,
@@ -210,15 +181,60 @@ class MoCEExperts(nn.Module):
             group_tokens=tokens,
             entropy=entropy,
             general_load=general_load,
-            top1=probs.argmax(-1) if self.top_k == "soft" else chosen[:, 0],
+            top1=probs.argmax(-1) if chosen is None else chosen[:, 0],
         )
         return out, record
 
     def _expert_outputs(
-        self, h: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+        self, h: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor,
+        group_route: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
+        general_route: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """sum_j weights[t, j] * adapter_{expert_ids[t, j]}(h[t]) for every token t."""
-        return routed_adapter_sum(h, expert_ids, weights, self.down, self.up, self.act)
+        """sum over each token's experts of weight * adapter(h), weights times ``mask``."""
+        C, E, G = self.num_groups, self.experts_per_group, self.num_general
+        d, r = self.hidden_size, self.adapter_dim
+        group_plan, general_plan = self.plan or choose_plan(
+            self.top_k, E, self.general_top_k, G)
+        n = C * E
+        out = None
+        slot_ids, slot_weights = [], []
+        if group_plan == "slots":
+            probs, chosen, weights = group_route
+            if chosen is None:  # soft as E slots per token
+                chosen = torch.arange(E, device=h.device).expand(h.shape[0], -1)
+            slot_ids.append(groups[:, None] * E + chosen)
+            slot_weights.append(weights * mask)
+        if general_route is not None and general_plan == "slots":
+            g_probs, g_chosen, g_weights = general_route
+            if g_chosen is None:
+                g_chosen = torch.arange(G, device=h.device).expand(h.shape[0], -1)
+            slot_ids.append(n + g_chosen)
+            slot_weights.append(g_weights * mask)
+        if slot_ids:
+            out = routed_adapter_sum(h, torch.cat(slot_ids, 1), torch.cat(slot_weights, 1),
+                                     self.down, self.up, self.act)
+        if group_plan == "blocks":
+            # Group c's E adapters as one [d, E*r] / [E*r, d] pair.
+            down = self.down[:n].view(C, E, d, r)
+            up = self.up[:n].view(C, E, r, d)
+            weights = _dense_weights(*group_route) * mask
+            if general_route is not None and general_plan == "fold":
+                # The general experts as G more blocks of every group's adapter: one call.
+                down = torch.cat([down, self.down[n:].expand(C, G, d, r)], 1)
+                up = torch.cat([up, self.up[n:].expand(C, G, r, d)], 1)
+                weights = torch.cat([weights, _dense_weights(*general_route) * mask], 1)
+            blocks = down.shape[1]
+            down = down.permute(0, 2, 1, 3).reshape(C, d, blocks * r)
+            y = block_adapter_sum(h, groups, weights, down, up.reshape(C, blocks * r, d),
+                                  self.act)
+            out = y if out is None else out + y
+        if general_route is not None and general_plan == "blocks":
+            down = self.down[n:].permute(1, 0, 2).reshape(1, d, G * r)
+            up = self.up[n:].reshape(1, G * r, d)
+            y = block_adapter_sum(h, None, _dense_weights(*general_route) * mask, down, up,
+                                  self.act)
+            out = y if out is None else out + y
+        return out
 
 
 class MoCEMLP(nn.Module):
@@ -231,35 +247,26 @@ class MoCEMLP(nn.Module):
         self.base_mlp = base_mlp
         self.moce_experts = MoCEExperts(hidden_size, config, layer_index)
         self.layer_index = layer_index
-        self.num_groups = config.groups
-        self.router_type = config.router
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_mlp(hidden_states, *args, **kwargs)
         lead_shape = hidden_states.shape[:-1]
         ids = token_cluster_ids(lead_shape, hidden_states.device).reshape(-1)
         valid = ids != IGNORE_CLUSTER_ID
-        prev_top1 = None
+        # A gradient-checkpointing recompute runs after the forward returned: no previous
+        # layer's record then (the router replays what it cached in the forward).
         recompute = not in_forward()
-        if self.router_type == "acmoe":
-            # The previous MoCE layer's assignment in this forward; a gradient-checkpointing
-            # recompute (after the forward returned) reuses the one cached then.
-            if not recompute:
-                prev = previous_record()
-                prev_top1 = None if prev is None else prev.top1
-                self._acmoe_prev_top1 = prev_top1
-            else:
-                prev_top1 = getattr(self, "_acmoe_prev_top1", None)
+        prev = None if recompute else previous_record()
         out, record = self.moce_experts(
             hidden_states.reshape(-1, hidden_states.shape[-1]),
             h.reshape(-1, h.shape[-1]),
             ids,
             valid,
-            prev_top1,
+            None if prev is None else prev.top1,
             recompute,
         )
         record_routing(record)
         return out.view(*lead_shape, -1)
 
 
-__all__ = ["MoCEExperts", "MoCEMLP", "RoutingRecord"]
+__all__ = ["MoCEExperts", "MoCEMLP", "RoutingRecord", "choose_plan"]

@@ -29,8 +29,16 @@ IGNORE_CLUSTER_ID = -1
 _state = threading.local()
 
 
-class MissingClusterIdsError(RuntimeError):
-    pass
+class ClusterIdsError(ValueError):
+    """``moce_cluster_ids`` are missing or do not fit the batch / the model."""
+
+
+class MissingClusterIdsError(ClusterIdsError, RuntimeError):
+    """A MoCE forward ran without ``moce_cluster_ids``."""
+
+
+class InvalidClusterIdsError(ClusterIdsError):
+    """``moce_cluster_ids`` have the wrong dtype, shape or values."""
 
 
 def _stack() -> list[torch.Tensor]:
@@ -76,25 +84,25 @@ def token_cluster_ids(batch_shape: torch.Size, device: torch.device) -> torch.Te
         raise MissingClusterIdsError(
             "A MoCE layer ran without cluster ids. Pass `moce_cluster_ids` (per sequence [B] "
             "or per token [B, S]) to the model's forward/generate, or wrap direct layer calls "
-            "in moce_plugin.routing.cluster_ids_context(...). In training, the MoCE collator "
+            "in moce_plugin.cluster_ids_context(...). In training, the MoCE collator "
             "adds them: check that `plugins: [moce_plugin.MoCEPlugin]` is set."
         )
     ids = ids.to(device=device, dtype=torch.long)
     if len(batch_shape) == 1:  # already flattened tokens
         if ids.shape != batch_shape:
-            raise MissingClusterIdsError(
+            raise InvalidClusterIdsError(
                 f"moce_cluster_ids has shape {tuple(ids.shape)}, expected {tuple(batch_shape)}"
             )
         return ids
     bsz, seq = batch_shape[0], batch_shape[1]
     if ids.dim() == 1:
         if ids.shape[0] != bsz:
-            raise MissingClusterIdsError(
+            raise InvalidClusterIdsError(
                 f"moce_cluster_ids has {ids.shape[0]} per-sequence ids for a batch of {bsz}"
             )
         return ids[:, None].expand(bsz, seq)
     if ids.shape[0] != bsz:
-        raise MissingClusterIdsError(
+        raise InvalidClusterIdsError(
             f"moce_cluster_ids has batch size {ids.shape[0]}, the hidden states {bsz}"
         )
     if ids.shape[1] != seq:
@@ -102,7 +110,7 @@ def token_cluster_ids(batch_shape: torch.Size, device: torch.device) -> torch.Te
             # Generation with a KV cache passes the prompt's ids; later steps see only the
             # newest positions, which inherit the sequence's id (the last real one).
             return ids[:, -seq:]
-        raise MissingClusterIdsError(
+        raise InvalidClusterIdsError(
             f"moce_cluster_ids covers {ids.shape[1]} positions but the sequence has {seq}"
         )
     return ids

@@ -1,14 +1,14 @@
 """Upcycling a loaded decoder model into MoCE, and the hooks that drive routing.
 
 ``upcycle_model`` replaces the MLP of each selected decoder layer by a
-:class:`~moce_plugin.layer.MoCEMLP` (the original MLP kept, frozen, inside it) and
+:class:`~moce_plugin.model.layer.MoCEMLP` (the original MLP kept, frozen, inside it) and
 installs three hooks:
 
 * on the backbone (the module owning the decoder layers): checks the batch's
   ``moce_cluster_ids`` once per forward and collects the routing records of that
   forward (aux loss with grad, detached expert-load statistics);
 * on each converted decoder layer: moves ``moce_cluster_ids`` from the layer's call
-  kwargs into the thread-local routing context (see :mod:`moce_plugin.routing`).
+  kwargs into the thread-local routing context (see :mod:`moce_plugin.model.routing`).
 
 The records of the last forward are kept per thread and per backbone, and read by the
 trainer integration (:mod:`moce_plugin.trainer`) to add the load-balancing loss.
@@ -26,9 +26,11 @@ from torch import nn
 from .architectures import ArchitectureSpec, decoder_layers, get_architecture
 from .config import MoCEConfig
 from .layer import MoCEExperts, MoCEMLP
+from .routers import LEGACY_KEYS
 from .routing import (
     CLUSTER_IDS_KWARG,
     IGNORE_CLUSTER_ID,
+    InvalidClusterIdsError,
     MissingClusterIdsError,
     RoutingRecord,
     collector_stack,
@@ -157,13 +159,13 @@ def validate_cluster_ids(ids: Any, num_groups: int) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         ids = torch.as_tensor(ids)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise MissingClusterIdsError(
+        raise InvalidClusterIdsError(
             f"moce_cluster_ids must be integers, got dtype {ids.dtype}"
         )
     bad = (ids != IGNORE_CLUSTER_ID) & ((ids < 0) | (ids >= num_groups))
     if ids.device.type == "cpu":
         if bool(bad.any()):
-            raise ValueError(
+            raise InvalidClusterIdsError(
                 f"moce_cluster_ids contains {sorted(set(ids[bad].tolist()))[:5]}, outside "
                 f"[0, {num_groups}) (moce.num_clusters={num_groups}). The cluster ids do not "
                 "match the model: re-run preprocess/cluster.py with this k, or fix the data's "
@@ -240,7 +242,6 @@ def upcycle_model(
         setattr(layer, spec.mlp_attr, moce_mlp)
         layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True)
         layer.register_forward_hook(_layer_post_hook, with_kwargs=True, always_call=True)
-    backbone = layers
     # The backbone is the module that owns the layers list (LlamaModel, ...).
     parent_path = spec.layers_path.rsplit(".", 1)[0] if "." in spec.layers_path else ""
     backbone = causal_lm
@@ -325,9 +326,23 @@ def moce_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _remap_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys saved before the router was a module (``layers.<i>.router``,
+    ``layers.<i>.acmoe_dispersion``, ``layers.<i>.acmoe_seen``) -> current names."""
+    out = {}
+    for key, value in state.items():
+        prefix, _, name = key.rpartition(".")
+        if prefix.startswith("layers.") and prefix.count(".") == 1 and name in LEGACY_KEYS:
+            key = f"{prefix}.{LEGACY_KEYS[name]}"
+        out[key] = value
+    return out
+
+
 def load_moce_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`moce_state_dict`; shape mismatches are explained."""
+    """Inverse of :func:`moce_state_dict` (also reads files saved with the pre-router-module
+    key names); shape mismatches are explained."""
     modules = {m.layer_index: m for _, m in moce_experts_modules(model)}
+    state = _remap_legacy_keys(state)
 
     def tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
         return list(m.named_parameters()) + list(m.named_buffers())

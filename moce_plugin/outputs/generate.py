@@ -10,10 +10,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .load import load_moce_model
+from ..clustering.errors import ClusteringError
+from .load import MoCELoadError, load_moce_model
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except (MoCELoadError, ClusteringError, FileNotFoundError) as exc:
+        # A problem with the inputs (folder, artifact, a prompt the template can't take): one
+        # line with the fix; the traceback only with --debug.
+        if "--debug" in argv:
+            raise
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="MoCE output directory (or an exported one)")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -29,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-stream", action="store_true", help="print only finished outputs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
 
     moce = load_moce_model(args.model, base_model=args.base_model,

@@ -1,6 +1,8 @@
 """lm-evaluation-harness model class for MoCE: every request gets its cluster from its
-own context text (through the model's cluster artifact), and requests are scored in
-batches of one cluster at a time.
+own context (through the model's cluster artifact, by the request-text rule of training), and
+requests are scored in batches of one cluster at a time. A context that lm-eval rendered with
+the chat template (``--apply_chat_template``) is clustered by its chat turns (user turns, as a
+chat training row), not by the rendered string.
 
 Python:
     from moce_plugin.lm_eval_model import MoCELM
@@ -20,6 +22,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from ..clustering.text import Request
 from ..model.routing import CLUSTER_IDS_KWARG
 from .load import MoCEInferenceModel, load_moce_model
 
@@ -43,14 +46,22 @@ class MoCELM(HFLM):
         self.moce = moce
         self.forced_cluster = None if cluster is None else int(cluster)
         self._moce_cluster: int | None = None
+        self._chats: dict[str, list[dict]] = {}  # rendered chat context -> its turns
         super().__init__(pretrained=moce.model, tokenizer=moce.tokenizer, device=device,
                          batch_size=batch_size, **kwargs)
 
     # ---- per-request clusters ---------------------------------------------------------
-    def _clusters_of(self, texts: Sequence[str]) -> list[int]:
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        rendered = super().apply_chat_template(chat_history, add_generation_prompt)
+        self._chats[rendered] = [dict(m) for m in chat_history]
+        return rendered
+
+    def _clusters_of(self, contexts: Sequence[str]) -> list[int]:
         if self.forced_cluster is not None:
-            return [self.forced_cluster] * len(texts)
-        return self.moce.assign_clusters(list(texts))
+            return [self.forced_cluster] * len(contexts)
+        requests: list[Request] = [self._chats.get(c, c) for c in contexts]
+        return self.moce.assign_clusters(requests)
 
     def _by_cluster(self, requests: list, text_of: Callable[[Any], str], run: Callable) -> list:
         clusters = self._clusters_of([text_of(r) for r in requests])

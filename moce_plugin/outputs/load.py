@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from ..clustering.text import Request
 from ..model.config import MoCEConfig
+from ..model.routers import LEGACY_PEFT_KEY_MAPPING
 from ..model.routing import CLUSTER_IDS_KWARG
 from ..model.upcycle import config_of, load_moce_state_dict, upcycle_model
 from .hf_native import plain_base_config
@@ -88,16 +90,19 @@ class MoCEInferenceModel:
     meta: dict = field(default_factory=dict)
 
     # ---- clusters --------------------------------------------------------------------
-    def assign_clusters(self, prompts: Sequence[str]) -> list[int]:
+    def assign_clusters(self, requests: Sequence[Request]) -> list[int]:
+        """Cluster of each request: a plain prompt (as given to :meth:`generate`, or already
+        formatted by :meth:`format_prompt`), chat messages, or a row in the training format.
+        The request text is the training rows' (:func:`moce_plugin.clustering.request_text`)."""
         if self.cluster_model is None and self.config.groups == 1:
-            return [0] * len(prompts)  # one group (PESC-style): nothing to assign
+            return [0] * len(requests)  # one group (PESC-style): nothing to assign
         if self.cluster_model is None:
             raise MoCELoadError(
                 "This model has no cluster artifact (it was trained on a cluster_id column), so "
-                "clusters can't be assigned from text: pass cluster=<id> explicitly."
+                "clusters can't be assigned from text: pass the cluster explicitly (--cluster "
+                "ID on the command line, cluster= in Python)."
             )
-        examples = [{"instruction": p, "input": ""} for p in prompts]
-        return [int(c) for c in self.cluster_model.assign_examples(examples)]
+        return [int(c) for c in self.cluster_model.assign_requests(list(requests))]
 
     def _cluster_ids(self, prompts: Sequence[str], cluster: int | Sequence[int] | None):
         if cluster is None:
@@ -247,7 +252,10 @@ def load_moce_model(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         _check_base_matches(model, meta)
         upcycle_model(model, config, dtype=dtype)
-        model = PeftModel.from_pretrained(model, path)
+        # Adapters saved before the router module had other MoCE key names.
+        key_mapping = {**(getattr(model, "_checkpoint_conversion_mapping", None) or {}),
+                       **LEGACY_PEFT_KEY_MAPPING}
+        model = PeftModel.from_pretrained(model, path, key_mapping=key_mapping)
         if merge_lora:
             model = model.merge_and_unload()
         tokenizer_source = path if (path / "tokenizer_config.json").is_file() else base

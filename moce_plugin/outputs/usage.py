@@ -2,8 +2,10 @@
 
     python -m moce_plugin.usage OUTPUT_DIR --data rows.jsonl [--max-rows 200] [--out usage]
 
-Rows are formatted like training (alpaca fields, or a `text` column), assigned their
-cluster by the model's cluster artifact (or a `cluster_id` column), run through the model
+Rows may be in any format training accepts (alpaca, chat ``messages``/``conversations``,
+completion ``text``, user-defined fields); each is assigned its cluster from the row itself by
+the model's cluster artifact (the training rule, so a training row gets its training cluster;
+or a ``cluster_id`` column without an artifact), formatted like training, run through the model
 (teacher forcing, no generation) and the routing of every real token is counted. Writes
 ``<out>.json`` (per layer: expert load [C, E] and tokens per group; rows per cluster and
 source) and ``<out>.png`` (heatmap).
@@ -21,29 +23,64 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..clustering.text import CHAT_KEYS, request_text
 from ..model.routing import CLUSTER_IDS_KWARG, routing_stats
 from ..model.upcycle import pop_last_routing
 from .load import MoCEInferenceModel, load_moce_model
 from .plots import plot_usage
 
 
-def _row_text(moce: MoCEInferenceModel, row: dict) -> tuple[str, str]:
-    """(prompt used for clustering, full text the model reads)."""
-    if "instruction" in row:
-        prompt = (row["instruction"] + ("\n" + row["input"] if row.get("input") else "")).strip()
-        return prompt, moce.format_prompt(prompt) + str(row.get("output", ""))
-    text = str(row.get("text", ""))
-    return text, text
+# Where the answer of a row sits, per training format (alpaca, user-defined, DPO-like).
+_ANSWER_KEYS = ("output", "answer", "response", "completion", "chosen")
+_ROLE_NAMES = {"human": "user", "gpt": "assistant", "model": "assistant"}
+
+
+def _chat_messages(turns: list) -> list[dict]:
+    """role/content or from/value turns as role/content messages for a chat template."""
+    out = []
+    for t in turns:
+        role = str(t.get("role", t.get("from", ""))).lower()
+        out.append({"role": _ROLE_NAMES.get(role, role),
+                    "content": t.get("content", t.get("value", ""))})
+    return out
+
+
+def model_text(moce: MoCEInferenceModel, row: dict) -> str:
+    """The full text the model reads for a row (teacher forcing): chat rows through the
+    tokenizer's chat template, alpaca rows in the alpaca frame, completion rows as they are,
+    other rows as the formatted request text plus their answer."""
+    for key in CHAT_KEYS:
+        turns = row.get(key)
+        if isinstance(turns, list) and turns:
+            messages = _chat_messages(turns)
+            if getattr(moce.tokenizer, "chat_template", None):
+                return moce.tokenizer.apply_chat_template(messages, tokenize=False)
+            return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    answer = next((str(row[k]) for k in _ANSWER_KEYS if row.get(k)), "")
+    if "instruction" in row and moce.prompt_format == "alpaca":
+        from axolotl.prompters import AlpacaPrompter
+
+        return next(iter(AlpacaPrompter().build_prompt(
+            row["instruction"], row.get("input") or None, answer or None)))
+    if "text" in row and not answer:
+        return str(row["text"])
+    return moce.format_prompt(_request_of(moce, row)) + answer
+
+
+def _request_of(moce: MoCEInferenceModel, row: dict) -> str:
+    template = moce.cluster_model.template if moce.cluster_model is not None else "auto"
+    return request_text(row, template)
 
 
 @torch.no_grad()
 def measure_usage(moce: MoCEInferenceModel, rows: list[dict], batch_size: int = 8,
                   max_length: int = 512) -> dict[str, Any]:
-    prompts, texts = zip(*(_row_text(moce, r) for r in rows))
+    texts = [model_text(moce, r) for r in rows]
     if all("cluster_id" in r for r in rows) and moce.cluster_model is None:
         clusters = [int(r["cluster_id"]) for r in rows]
     else:
-        clusters = moce.assign_clusters(list(prompts))
+        # The rows themselves are the requests: the same text (and cluster) as in training.
+        clusters = moce.assign_clusters(rows)
     tok = moce.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -94,7 +131,7 @@ def write_usage(usage: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="MoCE output directory")
-    parser.add_argument("--data", required=True, help="jsonl/json rows (alpaca fields or text)")
+    parser.add_argument("--data", required=True, help="jsonl/json rows in a training data format")
     parser.add_argument("--max-rows", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
