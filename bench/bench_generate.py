@@ -1,12 +1,19 @@
 """Generation throughput: MoCE vs the same base with one plain LoRA, measured side by side.
 
     python bench/bench_generate.py [--new-tokens 64] [--batch-sizes 1 4] [--repeats 3]
+        [--exported [--artifact CLUSTER_ARTIFACT_DIR]]
 
 Model: SmolLM2-135M-Instruct (examples/prepare_smollm2.py converts it). MoCE: 3 groups x 4
 experts, top-2, adapter dim 64 on every layer (the CPU example's setting), with non-zero
 weights so the experts really run. LoRA: r=64 on the MLP projections (gate/up/down), unmerged
 (as trained). Greedy decoding with the KV cache; prints tokens/s and the MoCE/LoRA ratio
 (target: >= 0.8).
+
+``--exported`` also saves that MoCE model as a training output, exports it
+(``moce_plugin.export``) and measures, in the same run, ``load_moce_model``'s model and the
+exported folder loaded with ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)``
+(same cluster ids; target: exported / load_moce_model >= 0.9). With ``--artifact`` (a k=3
+artifact) the exported model also runs with automatic clusters, assignment included.
 """
 
 from __future__ import annotations
@@ -91,22 +98,73 @@ def tokens_per_second(model, tok, batch: int, new_tokens: int, repeats: int, moc
     return batch * new_tokens / best
 
 
+def exported_models(moce, artifact: str | None):
+    """(load_moce_model's model, the exported folder via AutoModelForCausalLM)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from moce_plugin.export import export_model
+    from moce_plugin.outputs.folder import (
+        base_config_summary,
+        copy_cluster_artifact,
+        save_moce_files,
+    )
+    from moce_plugin.outputs.load import load_moce_model
+
+    root = Path(tempfile.mkdtemp(prefix="bench_generate_"))
+    moce.save_pretrained(root / "out")
+    save_moce_files(moce, moce._moce_config, root / "out",
+                    {"base_model": str(MODEL_DIR), "prompt_format": "raw",
+                     "base_config": base_config_summary(moce.config)})
+    if artifact:
+        copy_cluster_artifact(artifact, root / "out")
+    export_model(root / "out", root / "dest")
+    loaded = load_moce_model(root / "out").model
+    auto = AutoModelForCausalLM.from_pretrained(root / "dest", trust_remote_code=True,
+                                                dtype=torch.float32).eval()
+    return loaded, auto
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--exported", action="store_true",
+                        help="also load_moce_model vs the exported folder via AutoModel")
+    parser.add_argument("--artifact", help="k=3 cluster artifact (automatic clusters)")
+    parser.add_argument("--skip-lora", action="store_true", help="only the --exported table")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"machine: {machine()}")
-    lora, tok = lora_model()
-    moce, _ = moce_model()
-    print(f"{'batch':>5} {'LoRA tok/s':>11} {'MoCE tok/s':>11} {'MoCE/LoRA':>10}")
-    for batch in args.batch_sizes:
+    moce, tok = moce_model()
+    lora = None if args.skip_lora else lora_model()[0]
+    if lora is not None:
+        print(f"{'batch':>5} {'LoRA tok/s':>11} {'MoCE tok/s':>11} {'MoCE/LoRA':>10}")
+    for batch in args.batch_sizes if lora is not None else []:
         # interleave the two so drifting machine load hits both alike
         lora_tps = tokens_per_second(lora, tok, batch, args.new_tokens, args.repeats, False)
         moce_tps = tokens_per_second(moce, tok, batch, args.new_tokens, args.repeats, True)
         print(f"{batch:>5} {lora_tps:>11.1f} {moce_tps:>11.1f} {moce_tps / lora_tps:>10.2f}")
+    if not args.exported:
+        return
+    loaded, auto = exported_models(moce, args.artifact)
+    print(f"{'batch':>5} {'load_moce_model':>15} {'AutoModel':>10} {'ratio':>6} "
+          f"{'AutoModel, auto clusters':>24}")
+    for batch in args.batch_sizes:
+        # one repeat of each in turn, best of the repeats: drifting load hits all alike
+        best = {"ref": 0.0, "hf": 0.0, "auto": 0.0}
+        for _ in range(args.repeats):
+            runs = {"ref": (loaded, True), "hf": (auto, True)}
+            if args.artifact:  # cluster ids from the prompts: encoder cost included
+                runs["auto"] = (auto, False)
+            for key, (model, forced) in runs.items():
+                tps = tokens_per_second(model, tok, batch, args.new_tokens, 1, forced)
+                best[key] = max(best[key], tps)
+        ref, hf = best["ref"], best["hf"]
+        auto_col = f"{best['auto']:>24.1f}" if args.artifact else ""
+        print(f"{batch:>5} {ref:>15.1f} {hf:>10.1f} {hf / ref:>6.2f} {auto_col}", flush=True)
 
 
 if __name__ == "__main__":

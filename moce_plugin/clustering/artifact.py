@@ -195,6 +195,12 @@ class ClusterModel:
             )
         return self._encoder
 
+    def set_encoder_path(self, path: str) -> None:
+        """Embed with the recorded encoder's weights found at ``path`` (an exported folder's
+        bundled or installed copy) instead of resolving its recorded name."""
+        emb = self.metadata["embedding"]
+        self._encoder = SentenceTransformerEncoder(path, prefix=emb["prefix"], prompt=emb["prompt"])
+
     def assign_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
         """Nearest centroid of raw encoder outputs (normalised as at clustering time)."""
         x = np.asarray(embeddings, np.float32)

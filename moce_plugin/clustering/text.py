@@ -211,3 +211,17 @@ def iter_rows(examples: datasets.Dataset | Iterable[Mapping[str, Any]]) -> Itera
                 yield dict(zip(names, values))
     else:
         yield from (dict(row) for row in examples)
+
+
+def prompt_request(prompt: str, user_turn: tuple[str, str] | None = None) -> Request:
+    """The request behind a prompt rendered by a tokenizer's chat template (e.g. decoded input
+    ids): its user turns as chat messages, given ``user_turn`` = (header, end) that template
+    puts around a user message; else the prompt itself (:func:`request_text` reads the alpaca
+    and ChatML frames back)."""
+    if user_turn is not None:
+        header, end = user_turn
+        pattern = re.escape(header) + "(.*?)" + (re.escape(end) if end else r"\Z")
+        turns = re.findall(pattern, prompt, re.S)
+        if turns:
+            return [{"role": "user", "content": t} for t in turns]
+    return prompt

@@ -219,7 +219,10 @@ def upcycle_model(
     causal_lm = _unwrap(model)
     if is_moce_model(causal_lm):
         return model
-    spec: ArchitectureSpec = get_architecture(getattr(causal_lm.config, "model_type", None))
+    # An exported MoCE config (model_type "moce") records its base family beside it.
+    model_type = getattr(causal_lm.config, "moce_base_model_type", None) or getattr(
+        causal_lm.config, "model_type", None)
+    spec: ArchitectureSpec = get_architecture(model_type)
     layers = decoder_layers(causal_lm, spec)
     hidden_size = causal_lm.config.hidden_size
     if dtype is None:
@@ -232,6 +235,8 @@ def upcycle_model(
         base_mlp = getattr(layer, spec.mlp_attr)
         device = _module_device(base_mlp)
         moce_mlp = MoCEMLP(base_mlp, hidden_size, config, index)
+        if next(moce_mlp.moce_experts.parameters()).is_meta:  # under from_pretrained's meta
+            device = torch.device("meta")
         moce_mlp.moce_experts.to(device=device, dtype=dtype)
         moce_mlp.train(base_mlp.training)  # new modules start in the model's mode
         setattr(layer, spec.mlp_attr, moce_mlp)

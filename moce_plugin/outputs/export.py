@@ -25,26 +25,8 @@ import torch
 
 from ..utils import atomic_dir, cli_errors
 from .folder import ARTIFACT_DIR_NAME, save_moce_files
+from .hf_export import write_hf_native
 from .load import load_moce_model
-
-CARD = """---
-library_name: transformers
-tags: [moce, mixture-of-experts, axolotl]
-base_model: {base_model}
----
-# MoCE model
-
-Mixture-of-Clustered-Experts adapters (moce-plugin) on `{base_model}`: {groups} expert groups x
-{experts} experts, top-k = {top_k}, {general} general experts, adapter dim {dim}.
-Cluster ids come from `{artifact}` (sequence-level k-means over sentence embeddings).
-
-```python
-from moce_plugin.inference import load_moce_model
-moce = load_moce_model("<this folder>")
-print(moce.generate(["your prompt"])[0])
-```
-"""
-
 
 EXPORT_RECORD = "moce_export.json"
 
@@ -124,14 +106,7 @@ def export_model(
         save_moce_files(moce.model, moce.config, tmp, meta)
         if moce.cluster_model is not None:
             shutil.copytree(moce.cluster_model.path, tmp / ARTIFACT_DIR_NAME)
-        cfg = moce.config
-        (tmp / "README.md").write_text(CARD.format(
-            base_model=meta.get("base_model"), groups=cfg.groups,
-            experts=cfg.experts_per_group, top_k=cfg.top_k, general=cfg.num_general_experts,
-            dim=cfg.adapter_dim,
-            artifact=ARTIFACT_DIR_NAME if moce.cluster_model is not None
-            else "a cluster_id column",
-        ))
+        write_hf_native(tmp, moce, source)  # config/auto_map, remote code, model card
         (tmp / EXPORT_RECORD).write_text(json.dumps({"source": str(source)}, indent=2))
 
     return atomic_dir(dest, fill)

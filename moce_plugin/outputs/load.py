@@ -31,6 +31,7 @@ from ..model.routing import CLUSTER_IDS_KWARG
 from ..model.upcycle import config_of, load_moce_state_dict, upcycle_model
 from ..utils import read_json
 from .fingerprint import fingerprint_checked, fingerprint_difference
+from .hf_native import plain_base_config
 from .folder import (
     ARTIFACT_DIR_NAME,
     MOCE_CONFIG_NAME,
@@ -337,7 +338,7 @@ def load_moce_model(
         # reports as "unexpected"; they are loaded from moce_weights below, so keep it quiet.
         with _transformers_errors_only():
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING
+                source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING, **plain_base_config(source)
             )
         _forget_base_mlp_mapping(model)
         # The folder's own (possibly trained) base weights are not checked, another base is.
@@ -367,7 +368,8 @@ def load_moce_model(
     if device is not None:
         model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source,
+                                              **plain_base_config(tokenizer_source))
     cluster_model = _load_cluster_model(path, config, cluster_artifact)
     assert config_of(model) is not None
     return MoCEInferenceModel(
