@@ -174,7 +174,7 @@ def pending_section(s: Settings, reference: Path) -> list[str]:
              "**Not run yet.** The seeded study answers issue 18 (are the differences real; "
              "the paper's PESC baseline; longer training; the expert-pairs hypothesis). The "
              "machinery is built and unit-tested on synthetic losses "
-             "(tests/test_reproduce_stats.py); the runs need the 2 cores to themselves for "
+             "(tests/unit/test_reproduce_stats.py); the runs need the 2 cores to themselves for "
              "several hours. Commands, from the repository root:", "", "```bash",
              f"python bench/reproduce/prepare.py       # scores all {s.heldout_per_domain} held-out"
              " rows per domain (--eval-per-domain, default now 60)",

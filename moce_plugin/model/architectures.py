@@ -5,7 +5,7 @@ layer is called. Every family registered here has an MLP with signature
 ``mlp(hidden_states) -> hidden_states`` and decoder layers that receive the model's
 ``**kwargs`` (how the cluster ids reach them). To add one, check both in its
 ``modeling_*.py`` and call :func:`register_architecture` (and add it to the tiny-model
-test in ``tests/test_model.py``).
+test in ``tests/unit/test_model.py``).
 """
 
 from __future__ import annotations

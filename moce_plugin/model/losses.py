@@ -11,7 +11,7 @@ weighted by their token counts. Only real tokens count (``valid``): padding and
 packing gaps never enter f or P. No host synchronisation happens here.
 
 The reference implementation used Mixtral's formula on logits that were never
-returned, which made the loss a constant with no gradient; ``tests/test_losses.py``
+returned, which made the loss a constant with no gradient; ``tests/unit/test_losses.py``
 checks this one responds to skew and reaches the routers.
 """
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "reproduce"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "reproduce"))
 
 from stats import (  # noqa: E402
     MEAN,
@@ -169,7 +169,7 @@ def test_study_section_pending(tmp_path):
     from repro_config import GROUPS, Settings
     from study_report import study_section
 
-    ref = Path(__file__).resolve().parents[1] / "docs" / "results" / "metrics.json"
+    ref = Path(__file__).resolve().parents[2] / "docs" / "results" / "metrics.json"
     text = "\n".join(study_section({}, Settings(), tmp_path, ref))
     assert "## Seeds and intervals: machinery ready, runs pending" in text
     assert "**Not run yet.**" in text

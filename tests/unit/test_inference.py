@@ -147,7 +147,7 @@ def test_lm_eval_model_scores_local_tasks_per_cluster(tmp_path, base_dir, monkey
 
     from moce_plugin.lm_eval_model import MoCELM
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)
     _full_output(base_dir, tmp_path / "out")
     moce = load_moce_model(tmp_path / "out")

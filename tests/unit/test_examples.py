@@ -9,7 +9,7 @@ import yaml
 
 from moce_plugin.model.config import MoCEConfig
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yml"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -35,7 +35,7 @@ from moce_plugin.clustering import (
     run_clustering,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "data" / "moce_sample.jsonl"
 TOPICS = ("math", "code", "chat", "poetry")
 

@@ -10,7 +10,7 @@ import torch
 
 from moce_plugin.outputs.load import load_moce_model
 
-LEGACY = Path(__file__).parent / "data" / "legacy_v0_1"
+LEGACY = Path(__file__).parents[1] / "data" / "legacy_v0_1"
 
 
 @pytest.mark.parametrize("name", ["full_acmoe_v", "lora_linear"])
