@@ -26,7 +26,7 @@ import torch
 from ..utils import atomic_dir, cli_errors
 from .folder import ARTIFACT_DIR_NAME, save_moce_files
 from .hf_export import write_hf_native
-from .load import load_moce_model
+from .load import add_loading_arguments, load_moce_model
 
 EXPORT_RECORD = "moce_export.json"
 
@@ -116,13 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="MoCE output directory (axolotl output_dir or checkpoint)")
     parser.add_argument("dest", help="directory to write (new or empty; see --overwrite)")
-    parser.add_argument("--base-model", help="base model for LoRA outputs (default: recorded)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty DEST (never one that is or holds SOURCE)")
-    parser.add_argument("--allow-different-base", action="store_true",
-                        help="accept a base model whose weights differ from training's")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_loading_arguments(parser)
     args = parser.parse_args(argv)
     with cli_errors(args.debug, "moce_plugin.export"):
         out = export_model(args.source, args.dest, args.base_model, getattr(torch, args.dtype),

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ..utils import cli_errors
-from .load import MoCEInferenceModel, MoCELoadError, load_moce_model
+from .load import MoCEInferenceModel, MoCELoadError, add_loading_arguments, load_moce_model
 
 PROG = "moce_plugin.generate"
 
@@ -44,16 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--interactive", action="store_true", help="read prompts from stdin")
     parser.add_argument("--cluster", type=int, help="force this cluster instead of assigning")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--base-model", help="base model for LoRA outputs (default: recorded)")
     parser.add_argument("--cluster-artifact", help="override the cluster artifact directory")
     parser.add_argument("--prompt-format", choices=["alpaca", "chat", "raw"],
                         help="prompt template (default: the training data's)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-stream", action="store_true", help="print only finished outputs")
-    parser.add_argument("--allow-different-base", action="store_true",
-                        help="accept a base model whose weights differ from training's")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_loading_arguments(parser)
     args = parser.parse_args(argv)
     with cli_errors(args.debug, PROG):
         return _run(args)

@@ -29,35 +29,31 @@ from .hf_native import (
     MOCE_KEY,
 )
 
-CONFIG_CODE = '''"""MoCE (moce-plugin) configuration; base family: {base}. Needs `pip install moce-plugin`."""
-
-try:
-    from moce_plugin.outputs.hf_native import moce_config_class
+# Both remote-code files import their class factory from the installed package and fail with
+# this message when it is missing.
+_IMPORT_OR_EXPLAIN = '''try:
+    from moce_plugin.outputs.hf_native import {name}
 except ImportError as exc:  # the classes live in the package, versioned with it
     raise ImportError(
         "This model is a MoCE (Mixture-of-Clustered-Experts) model: its code is in the "
         "moce-plugin package. Run `pip install moce-plugin`, then load it again with "
         "trust_remote_code=True."
     ) from exc
-
-MoCEConfig = moce_config_class("{base}")
 '''
 
-MODELING_CODE = '''"""MoCE (moce-plugin) model; base family: {base}. Needs `pip install moce-plugin`."""
+CONFIG_CODE = ('''"""MoCE (moce-plugin) configuration; base family: {base}. Needs `pip install moce-plugin`."""
+
+''' + _IMPORT_OR_EXPLAIN.replace("{name}", "moce_config_class") + '''
+MoCEConfig = moce_config_class("{base}")
+''')
+
+MODELING_CODE = ('''"""MoCE (moce-plugin) model; base family: {base}. Needs `pip install moce-plugin`."""
 
 from .configuration_moce import MoCEConfig
 
-try:
-    from moce_plugin.outputs.hf_native import moce_causal_lm_class
-except ImportError as exc:
-    raise ImportError(
-        "This model is a MoCE (Mixture-of-Clustered-Experts) model: its code is in the "
-        "moce-plugin package. Run `pip install moce-plugin`, then load it again with "
-        "trust_remote_code=True."
-    ) from exc
-
+''' + _IMPORT_OR_EXPLAIN.replace("{name}", "moce_causal_lm_class") + '''
 MoCEForCausalLM = moce_causal_lm_class(MoCEConfig)
-'''
+''')
 
 CARD = """---
 base_model: {base_model_yaml}

@@ -380,3 +380,11 @@ def load_moce_model(
         prompt_format=prompt_format or meta.get("prompt_format", "raw"),
         meta=meta,
     )
+
+
+def add_loading_arguments(parser: Any) -> None:
+    """The command-line options every CLI that loads an output folder shares."""
+    parser.add_argument("--base-model", help="base model for LoRA outputs (default: recorded)")
+    parser.add_argument("--allow-different-base", action="store_true",
+                        help="accept a base model whose weights differ from training's")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")

@@ -27,7 +27,7 @@ from ..clustering.text import CHAT_KEYS, request_text
 from ..model.routing import CLUSTER_IDS_KWARG, routing_stats
 from ..model.upcycle import pop_last_routing
 from ..utils import cli_errors, read_json, read_jsonl
-from .load import MoCEInferenceModel, MoCELoadError, load_moce_model
+from .load import MoCEInferenceModel, MoCELoadError, add_loading_arguments, load_moce_model
 from .plots import plot_usage
 
 
@@ -136,12 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-rows", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--base-model", help="base model for LoRA outputs (default: recorded)")
     parser.add_argument("--out", default="moce_usage", help="output path without extension")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--allow-different-base", action="store_true",
-                        help="accept a base model whose weights differ from training's")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    add_loading_arguments(parser)
     args = parser.parse_args(argv)
     with cli_errors(args.debug, "moce_plugin.usage"):
         rows = read_rows(Path(args.data))
