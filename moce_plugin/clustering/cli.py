@@ -93,17 +93,12 @@ def resolve_config(
 
 
 def cluster_config(
-    cfg: Any,
-    overrides: Mapping[str, Any] | None = None,
-    num_clusters: int | str | None = None,
-    output: str | None = None,
-    source: str = "the config",
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+    cfg: Any, progress: bool = True, log: Callable[[str], None] = print, **resolve_kwargs: Any
 ) -> ClusterModel:
-    """Stage 1 for an axolotl config (YAML mapping or axolotl's DictDefault)."""
+    """Stage 1 for an axolotl config (YAML mapping or axolotl's DictDefault);
+    ``resolve_kwargs`` are :func:`resolve_config`'s overrides."""
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
-    options, k, out = resolve_config(cfg, overrides, num_clusters, output, source)
+    options, k, out = resolve_config(cfg, **resolve_kwargs)
     rows = rows_from_yaml(cfg, options.text_template)
     return run_clustering(rows, out, k, options, progress=progress, log=log)
 
@@ -117,8 +112,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise ClusteringError(f"cannot read {args.config}: {exc.strerror}") from exc
         overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClusteringOptions)}
         log = (lambda _msg: None) if args.quiet else print
-        cluster_config(cfg, overrides, args.num_clusters, args.output, str(args.config),
-                       progress=not args.quiet, log=log)
+        cluster_config(cfg, progress=not args.quiet, log=log, overrides=overrides,
+                       num_clusters=args.num_clusters, output=args.output,
+                       source=str(args.config))
     except (ClusteringError, yaml.YAMLError) as exc:
         if args.debug:
             traceback.print_exc()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..utils import atomic_dir
+from . import encode
 from .artifact import (
     ASSIGNMENTS_FILE,
     CENTROIDS_FILE,
@@ -27,14 +28,6 @@ from .artifact import (
     ClusterModel,
     data_fingerprint,
     file_checksums,
-)
-from .encode import (
-    EmbeddingCache,
-    Encoder,
-    SentenceTransformerEncoder,
-    embed_texts,
-    encoder_signature,
-    l2_normalize,
 )
 from .errors import ClusteringError
 from .kmeans import ElbowResult, KMeansFit, choose_algorithm, elbow_sweep, fit_kmeans
@@ -116,7 +109,8 @@ def build_metadata(
         "prefix": options.prefix,
         "prompt": options.prompt,
         "normalize": options.normalize,
-        "signature": encoder_signature(options.embedding_model, options.prefix, options.prompt),
+        "signature": encode.encoder_signature(options.embedding_model, options.prefix,
+                                              options.prompt),
     }
     # What training reads from the artifact: which text maps to which id. Float-level centroid
     # differences (e.g. rows fed in another order) that do not change any id keep it stable.
@@ -164,7 +158,7 @@ def run_clustering(
     output: str | os.PathLike,
     num_clusters: int | str = "auto",
     options: ClusteringOptions | None = None,
-    encoder: Encoder | None = None,
+    encoder: encode.Encoder | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> ClusterModel:
@@ -174,7 +168,7 @@ def run_clustering(
     num_clusters = resolve_num_clusters(num_clusters)
     check_rows(rows, num_clusters, options.text_template)
     if encoder is None:
-        encoder = SentenceTransformerEncoder(
+        encoder = encode.SentenceTransformerEncoder(
             options.embedding_model,
             options.prefix,
             options.prompt,
@@ -182,13 +176,14 @@ def run_clustering(
             options.device,
         )
     cache_root = Path(options.cache_dir) if options.cache_dir else output.parent / ".moce_cache"
-    cache = EmbeddingCache(cache_root, encoder.signature)
+    cache = encode.EmbeddingCache(cache_root, encoder.signature)
     texts = [r.text for r in rows]
     t0 = time.perf_counter()
-    x = embed_texts(texts, encoder, cache, options.batch_size, options.cache_shard_rows, progress)
+    x = encode.embed_texts(texts, encoder, cache, options.batch_size, options.cache_shard_rows,
+                           progress)
     log(f"embedded {len(texts)} rows in {time.perf_counter() - t0:.1f}s (cache: {cache.dir})")
     if options.normalize:
-        x = l2_normalize(x)
+        x = encode.l2_normalize(x)
     algorithm = choose_algorithm(len(x), options.algorithm)
     elbow = None
     if num_clusters == "auto":

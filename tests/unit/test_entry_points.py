@@ -35,7 +35,7 @@ def test_console_scripts_resolve_to_main_functions():
 @pytest.fixture
 def bag_encoder(monkeypatch):
     """Stage 1 without loading a sentence encoder (the CLI builds it from the options)."""
-    monkeypatch.setattr("moce_plugin.clustering.pipeline.SentenceTransformerEncoder",
+    monkeypatch.setattr("moce_plugin.clustering.encode.SentenceTransformerEncoder",
                         lambda *a, **k: BagEncoder())
 
 
