@@ -98,6 +98,10 @@ class RoutingMetrics:
             if r.general_load is not None:
                 self.general_load_sum[i] = self.general_load_sum.get(i, 0) + r.general_load
 
+    def expert_load(self, layer: int) -> torch.Tensor:
+        """Token-weighted mean expert load [C, E] of ``layer`` since the last reset."""
+        return self.load_sum[layer] / self.tokens_sum[layer].clamp(min=1)[:, None]
+
 
 # ---- finding things ---------------------------------------------------------------------
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..clustering.text import CHAT_KEYS, request_text
 from ..model.routing import CLUSTER_IDS_KWARG, routing_stats
-from ..model.upcycle import pop_last_routing
+from ..model.upcycle import RoutingMetrics, pop_last_routing
 from ..utils import cli_errors, read_json, read_jsonl
 from .load import MoCEInferenceModel, MoCELoadError, add_loading_arguments, load_moce_model
 from .plots import plot_usage
@@ -86,8 +86,7 @@ def measure_usage(moce: MoCEInferenceModel, rows: list[dict], batch_size: int = 
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    load_sum: dict[int, np.ndarray] = {}
-    tokens_sum: dict[int, np.ndarray] = {}
+    metrics = RoutingMetrics()  # the same accumulation as the training logs
     device = next(moce.model.parameters()).device
     for start in tqdm(range(0, len(rows), batch_size), desc="expert usage"):
         chunk = list(texts[start:start + batch_size])
@@ -98,15 +97,11 @@ def measure_usage(moce: MoCEInferenceModel, rows: list[dict], batch_size: int = 
         per_token[batch["attention_mask"] == 0] = -1  # padding is not counted
         with routing_stats():
             moce.model(**batch, **{CLUSTER_IDS_KWARG: per_token})
-        for record in pop_last_routing(moce.model):
-            i = record.layer_index
-            weighted = (record.expert_load * record.group_tokens[:, None]).cpu().numpy()
-            load_sum[i] = load_sum.get(i, 0) + weighted
-            tokens_sum[i] = tokens_sum.get(i, 0) + record.group_tokens.cpu().numpy()
+        metrics.update(pop_last_routing(moce.model))
     layers = {
-        str(i): {"expert_load": (load_sum[i] / np.maximum(tokens_sum[i], 1)[:, None]).tolist(),
-                 "group_tokens": tokens_sum[i].tolist()}
-        for i in sorted(load_sum)
+        str(i): {"expert_load": metrics.expert_load(i).cpu().tolist(),
+                 "group_tokens": metrics.tokens_sum[i].cpu().tolist()}
+        for i in sorted(metrics.load_sum)
     }
     by_source: dict[str, list[int]] = defaultdict(lambda: [0] * moce.config.groups)
     for row, c in zip(rows, clusters):
