@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Activations accepted for the adapter bottleneck; anything in transformers' ACT2FN works,
 # these are the ones we test.
@@ -92,18 +99,13 @@ class MoCEConfig(BaseModel):
     )
     init_seed: int = Field(default=0, description="Seed of the adapter/router initialisation.")
 
-    @field_validator("num_clusters")
+    @field_validator("num_clusters", "top_k", "general_top_k")
     @classmethod
-    def _positive_clusters(cls, v: int | str | None) -> int | str | None:
+    def _positive_count(cls, v: int | str | None, info: ValidationInfo) -> int | str | None:
+        # The one non-integer value each field accepts, named in the message.
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"moce.num_clusters must be >= 1 or 'auto', got {v}")
-        return v
-
-    @field_validator("top_k", "general_top_k")
-    @classmethod
-    def _positive_k(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"top-k must be >= 1 or 'soft', got {v}")
+            word = "'auto'" if info.field_name == "num_clusters" else "'soft'"
+            raise ValueError(f"moce.{info.field_name} must be >= 1 or {word}, got {v}")
         return v
 
     @model_validator(mode="after")

@@ -41,11 +41,17 @@ class InvalidClusterIdsError(ClusterIdsError):
     """``moce_cluster_ids`` have the wrong dtype, shape or values."""
 
 
+def _thread_list(name: str) -> list:
+    """A list attribute of this thread's routing state, created on first use."""
+    value = getattr(_state, name, None)
+    if value is None:
+        value = []
+        setattr(_state, name, value)
+    return value
+
+
 def _stack() -> list[torch.Tensor]:
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    return stack
+    return _thread_list("stack")
 
 
 def push_cluster_ids(cluster_ids: torch.Tensor) -> None:
@@ -132,10 +138,7 @@ class RoutingRecord:
 
 
 def collector_stack() -> list[list[RoutingRecord]]:
-    stack = getattr(_state, "collectors", None)
-    if stack is None:
-        stack = _state.collectors = []
-    return stack
+    return _thread_list("collectors")
 
 
 @contextmanager

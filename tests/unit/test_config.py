@@ -18,7 +18,7 @@ def test_paper_defaults():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_clusters=0), "num_clusters must be >= 1"),
     (dict(num_clusters=2, top_k=5), "larger than moce.experts_per_group"),
-    (dict(num_clusters=2, top_k=0), "top-k must be >= 1"),
+    (dict(num_clusters=2, top_k=0), "top_k must be >= 1"),
     (dict(num_clusters=2, general_top_k=1), "num_general_experts is 0"),
     (dict(num_clusters=2, num_general_experts=1), "general top-k 2 exceeds"),
     (dict(), "num_clusters is required"),
