@@ -50,3 +50,38 @@ def naive_moce(
             adapter = act(h @ down[i]) @ up[i]
             out = out + s * (valid.float() * g[:, j])[:, None] * adapter
     return out
+
+
+def naive_aux_loss(
+    config: MoCEConfig, experts: MoCEExperts, x: torch.Tensor, groups: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Switch load-balancing loss written out per group from the paper's Sec. 3.4 setting:
+    for group c over its real tokens only, E * sum_i f_i * P_i (f_i: share of the group's
+    routing slots on expert i, P_i: mean router probability), averaged over groups weighted
+    by their real-token counts; plus the general router's loss over all real tokens."""
+    C, E, G = config.groups, config.experts_per_group, config.num_general_experts
+
+    def switch(probs: torch.Tensor, top_k: int | str) -> torch.Tensor:
+        if top_k == "soft":
+            dispatch = probs
+        else:
+            idx = probs.topk(top_k, dim=-1).indices
+            dispatch = torch.zeros_like(probs).scatter(-1, idx, 1.0 / top_k)
+        return probs.shape[-1] * (dispatch.mean(0) * probs.mean(0)).sum()
+
+    router = experts.router.weight
+    per_group, counts = [], []
+    for c in range(C):
+        rows = (groups == c) & valid
+        if not rows.any():
+            continue
+        probs = torch.softmax((x[rows] @ router[c * E:(c + 1) * E].T).float(), -1)
+        per_group.append(switch(probs, config.top_k))
+        counts.append(float(rows.sum()))
+    weights = torch.tensor(counts)
+    aux = (torch.stack(per_group) * weights).sum() / weights.sum()
+    if G:
+        probs = torch.softmax((x[valid] @ experts.general_router.T).float(), -1)
+        aux = aux + switch(probs, config.resolved_general_top_k)
+    return aux

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from naive_moce import naive_moce
+from naive_moce import naive_aux_loss, naive_moce
 
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.expert_ops import grouped_matmul
@@ -217,3 +217,30 @@ def test_layer_traces_under_torch_compile(kwargs):
         results.append([out.detach()] + [p.grad.clone() for p in layer.parameters()])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(top_k=1), id="top1"),
+    pytest.param(dict(top_k=2), id="top2"),
+    pytest.param(dict(top_k="soft"), id="soft"),
+    pytest.param(dict(top_k=2, general=2, general_top_k=1), id="V"),
+])
+def test_layer_aux_loss_value_with_padding_and_unequal_groups(kwargs):
+    """The layer's balancing loss equals the per-group formula over real tokens only, with
+    groups weighted by their token counts (40 / 12 / 3 real tokens; padding rows carry huge
+    router inputs that would dominate if they were counted)."""
+    cfg = make_config(**kwargs)
+    layer = make_experts(**kwargs)
+    gen = torch.Generator().manual_seed(5)
+    counts, pad = (40, 12, 3), 30
+    g = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)] + [torch.zeros(pad)]).long()
+    valid = torch.cat([torch.ones(sum(counts)), torch.zeros(pad)]).bool()
+    x = torch.randn(len(g), D, generator=gen)
+    x[~valid] = 50 * torch.randn(pad, D, generator=gen)
+    h = torch.randn(len(g), D, generator=gen)
+    layer.train()
+    _, record = layer(x, h, g, valid)
+    expected = naive_aux_loss(cfg, layer, x, g, valid)
+    torch.testing.assert_close(record.aux_loss, expected, atol=1e-5, rtol=1e-5)
+    # Group weighting matters here: the plain mean over groups is a different number.
+    assert not torch.isclose(record.group_tokens.sum(), torch.tensor(float(len(g))))
