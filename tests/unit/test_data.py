@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from axolotl_helpers import base_config, sample_rows, write_cluster_jsonl
+from axolotl_helpers import SOURCE_TO_CLUSTER, base_config, sample_rows, write_cluster_jsonl
 
 from moce_plugin.integration.datasets import ClusterIdError, MoCEDataCollator
 from moce_plugin.model.routing import CLUSTER_IDS_KWARG
@@ -35,16 +35,19 @@ def load_prepared(tmp_path, model_dir, fmt="alpaca", **overrides):
 @pytest.mark.parametrize("fmt", ["alpaca", "chat", "completion"])
 def test_prompt_strategies_keep_per_token_cluster_ids(tmp_path, model_dir, fmt):
     meta = load_prepared(tmp_path, model_dir, fmt=fmt)
+    seen: list[int] = []
     for split in (meta.train_dataset, meta.eval_dataset):
         assert CLUSTER_IDS_KWARG in split.column_names
-        seen = set()
         for row in split:
             ids = row[CLUSTER_IDS_KWARG]
             assert len(ids) == len(row["input_ids"])
             assert len(set(ids)) == 1  # one example = one cluster
-            seen.add(ids[0])
-        assert seen <= {0, 1, 2}
-    assert len(meta.train_dataset) + len(meta.eval_dataset) == 90
+            seen.append(ids[0])
+    assert len(seen) == 90
+    # The 90 rows are 30 per source domain (= cluster id): the ids survived as written,
+    # not, say, all zeros.
+    expected = sorted(SOURCE_TO_CLUSTER[r["source"]] for r in sample_rows(90))
+    assert sorted(seen) == expected
 
 
 def test_ids_follow_their_examples_and_cache_is_reused(tmp_path, model_dir):
@@ -73,8 +76,42 @@ def test_ids_follow_their_examples_and_cache_is_reused(tmp_path, model_dir):
 
 
 def test_packing_keeps_each_examples_ids(tmp_path, model_dir):
+    """Real axolotl packing (its multipack sampler + V2 collator, as the trainer builds them
+    for sample_packing) keeps every token's own example id."""
+    import numpy as np
+    from axolotl.utils.collators import V2BatchSamplerDataCollatorForSeq2Seq
+    from axolotl.utils.samplers.multipack import MultipackBatchSampler
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoTokenizer
+
     meta = load_prepared(tmp_path, model_dir, sample_packing=True)
-    assert CLUSTER_IDS_KWARG in meta.train_dataset.column_names
+    ds = meta.train_dataset
+    assert CLUSTER_IDS_KWARG in ds.column_names
+    lengths = np.array([len(r) for r in ds["input_ids"]])
+    sampler = MultipackBatchSampler(SequentialSampler(range(len(ds))), batch_size=2,
+                                    batch_max_len=256, lengths=lengths, bin_size=200,
+                                    drop_last=False, num_processes=1)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    collator = MoCEDataCollator(V2BatchSamplerDataCollatorForSeq2Seq(
+        tok, padding=True, pad_to_multiple_of=64, return_tensors="pt"))
+    mixed_packs = 0
+    checked = 0
+    for batch_bins in sampler:
+        packs = [[ds[int(i)] for i in bin_] for bin_ in batch_bins]
+        batch = collator(packs)
+        for row, pack in enumerate(packs):
+            start = 0
+            for example in pack:
+                n = len(example["input_ids"])
+                got = batch[CLUSTER_IDS_KWARG][row, start:start + n]
+                assert got.tolist() == example[CLUSTER_IDS_KWARG]
+                # the tokens at those positions are the example's own tokens
+                assert batch["input_ids"][row, start:start + n].tolist() == example["input_ids"]
+                start += n
+                checked += 1
+            assert (batch[CLUSTER_IDS_KWARG][row, start:] == -1).all()
+            mixed_packs += len({e[CLUSTER_IDS_KWARG][0] for e in pack}) > 1
+    assert checked == len(ds) and mixed_packs > 0
 
 
 def test_missing_column_error_names_dataset_and_fix(tmp_path, model_dir):
