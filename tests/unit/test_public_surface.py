@@ -1,0 +1,103 @@
+"""Options users rely on, each with its effect checked: the aux-loss coefficient (and its
+gradient-accumulation scaling), the logged routing values, a custom cluster column,
+train_base_model, and register_architecture."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+import yaml
+from axolotl_helpers import base_config, sample_rows
+from tiny_models import tiny_causal_lm
+
+from moce_plugin import ArchitectureSpec, register_architecture
+from moce_plugin.integration import trainer as moce_trainer
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.routing import CLUSTER_IDS_KWARG, RoutingRecord
+from moce_plugin.model.upcycle import RoutingMetrics, is_moce_model, upcycle_model
+
+
+class _Model(torch.nn.Module):
+    training = True
+
+
+def _record(aux: float) -> RoutingRecord:
+    return RoutingRecord(layer_index=0, aux_loss=torch.tensor(aux), expert_load=None,
+                         group_tokens=None, entropy=None)
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs,accumulation,expected", [
+    (False, 4, 1.0 + 0.25 * 2.0),  # the trainer divides the whole loss by 4 itself
+    (True, 4, 1.0 + 0.25 * 2.0 / 4),  # the model normalises: we divide the aux part
+])
+def test_aux_loss_coefficient_is_applied_and_scaled(monkeypatch, accepts_loss_kwargs,
+                                                    accumulation, expected):
+    fake = types.SimpleNamespace(
+        compute_loss=lambda model, inputs, **kw: torch.tensor(1.0),
+        model_accepts_loss_kwargs=accepts_loss_kwargs, compute_loss_func=None,
+        current_gradient_accumulation_steps=accumulation,
+    )
+    monkeypatch.setattr(moce_trainer, "pop_last_routing", lambda model: [_record(2.0)])
+    moce_trainer._add_aux_loss(fake, coef=0.25)
+    loss = fake.compute_loss(_Model(), {}, num_items_in_batch=torch.tensor(10))
+    assert float(loss) == pytest.approx(expected)
+
+
+def test_logged_load_imbalance_and_entropy_values():
+    metrics = RoutingMetrics()
+    metrics.update([RoutingRecord(
+        layer_index=3, aux_loss=torch.tensor(1.5),
+        expert_load=torch.tensor([[1.0, 0.0], [0.5, 0.5]]), group_tokens=torch.tensor([10., 30.]),
+        entropy=torch.tensor(0.4))])
+    logs, detail = moce_trainer.routing_summary(metrics)
+    # imbalance = mean over groups of E * max share = (2 * 1.0 + 2 * 0.5) / 2
+    assert logs["moce/load_imbalance"] == pytest.approx(1.5)
+    assert logs["moce/layer_3/load_imbalance"] == pytest.approx(1.5)
+    assert logs["moce/router_entropy"] == pytest.approx(0.4)
+    assert logs["moce/aux_loss"] == pytest.approx(1.5)
+    assert detail["layers"]["3"]["group_tokens"] == [10.0, 30.0]
+    assert metrics.steps == 0  # read and reset
+
+
+def test_custom_cluster_column_is_used(tmp_path, model_dir):
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+
+    data = tmp_path / "d.jsonl"
+    domain = {"alpaca": 2, "code_alpaca": 0, "gsm8k": 1}
+    data.write_text("\n".join(json.dumps({**r, "domain": domain[r["source"]]})
+                              for r in sample_rows(30)))
+    cfg = base_config(model_dir, data, tmp_path, val_set_size=0, sequence_len=1024)
+    cfg["moce"]["cluster_column"] = "domain"
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    meta = load_datasets(cfg=load_cfg(str(tmp_path / "c.yml")))
+    ids = sorted(row[0] for row in meta.train_dataset[CLUSTER_IDS_KWARG])
+    assert ids == sorted(domain[r["source"]] for r in sample_rows(30))
+
+
+@pytest.mark.parametrize("train_base", [False, True])
+def test_train_base_model_unfreezes_the_base(train_base):
+    from moce_plugin.integration.plugin import MoCEPlugin
+
+    model = tiny_causal_lm("llama")
+    cfg = {"moce": {"num_clusters": 2, "train_base_model": train_base}, "adapter": None}
+    MoCEPlugin().post_model_build(cfg, model)
+    base = [p.requires_grad for n, p in model.named_parameters() if "moce_experts" not in n]
+    moce = [p.requires_grad for n, p in model.named_parameters() if "moce_experts" in n]
+    assert all(moce) and moce
+    assert all(base) if train_base else not any(base)
+
+
+def test_register_architecture_adds_a_family():
+    model = tiny_causal_lm("llama")
+    model.config.model_type = "my_llama_fork"
+    with pytest.raises(ValueError, match="does not support model_type 'my_llama_fork'"):
+        upcycle_model(model, MoCEConfig(num_clusters=2))
+    register_architecture(ArchitectureSpec("my_llama_fork", layers_path="model.layers"))
+    upcycle_model(model, MoCEConfig(num_clusters=2))
+    assert is_moce_model(model)
+    ids = torch.randint(0, 100, (1, 5))
+    model(input_ids=ids, **{CLUSTER_IDS_KWARG: torch.tensor([1])})
