@@ -153,6 +153,29 @@ def test_config_errors(kw, match):
         MoCEConfig(num_clusters=2, **kw)
 
 
+@pytest.mark.parametrize("top_k", [1, "soft", 2])
+def test_layer_output_equals_reference_on_the_transformed_input(top_k):
+    """ACMoE with top-1 / soft / top-2: the layer's output is the naive MoCE layer's output
+    with the group routers reading M_k x (weights from the paper's formula)."""
+    from naive_moce import naive_moce
+
+    cfg = MoCEConfig(num_clusters=2, experts_per_group=3, top_k=top_k, adapter_dim=4,
+                     adapter_scaling=0.7, router="acmoe")
+    layer = MoCEExperts(D, cfg).train()
+    with torch.no_grad():
+        layer.up.normal_(generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(3)
+    x, h = torch.randn(50, D, generator=gen), torch.randn(50, D, generator=gen)
+    groups = torch.randint(0, 2, (50,), generator=gen)
+    valid = torch.rand(50, generator=gen) > 0.1
+    prev = torch.randint(0, 3, (50,), generator=gen)
+    out, _ = layer(x, h, groups, valid, prev)
+    clusters = groups * 3 + prev
+    w = direct_weights(x, clusters, valid, 6, cfg.acmoe_eps, cfg.acmoe_clamp)
+    expected = naive_moce(cfg, layer, x * w[clusters], h, groups, valid)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("top_k,general", [(1, 0), ("soft", 0), (2, 2)])
 def test_works_with_top1_soft_and_general_experts(top_k, general):
     model = upcycle_model(tiny_causal_lm("llama", num_hidden_layers=2),
