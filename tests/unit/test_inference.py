@@ -112,10 +112,15 @@ def test_cli_generates(tmp_path, base_dir, capsys):
     generate_main([str(tmp_path / "out"), "--prompts-file", str(prompts), "--cluster", "1",
                    "--max-new-tokens", "4"])
     out = capsys.readouterr().out
-    assert out.count("### [cluster 1]") == 2
+    # What the CLI prints is what the API generates, for the forced cluster.
+    moce = load_moce_model(tmp_path / "out")
+    expected = moce.generate(["Add two numbers", "Name a colour"], cluster=1, max_new_tokens=4)
+    for prompt, text in zip(["Add two numbers", "Name a colour"], expected):
+        assert f"### [cluster 1] {prompt}\n{text}\n" in out
     generate_main([str(tmp_path / "out"), "--prompt", "hi", "--cluster", "0",
-                   "--max-new-tokens", "3"])
-    assert "[cluster 0]" in capsys.readouterr().out
+                   "--max-new-tokens", "3", "--no-stream"])
+    alone = moce.generate(["hi"], cluster=0, max_new_tokens=3)[0]
+    assert capsys.readouterr().out == f"[cluster 0] {alone}\n"
 
 
 def test_bad_outputs_are_explained(tmp_path, base_dir):
