@@ -64,7 +64,11 @@ def _chosen(model: Any) -> list[tuple[str, torch.Tensor]]:
 
 def _samples(p: torch.Tensor) -> list[float]:
     flat = p.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, SAMPLES).round().long().to(flat.device)
+    # float64 positions: in float32, numel - 1 of a large embedding (over 2**24 values)
+    # rounds up past the last index.
+    last = flat.numel() - 1
+    idx = torch.linspace(0, last, SAMPLES, dtype=torch.float64).round().long()
+    idx = idx.clamp_(0, last).to(flat.device)
     return [float(v) for v in flat.index_select(0, idx).float().cpu()]
 
 

@@ -372,3 +372,13 @@ def test_routing_log_cut_by_a_killed_run_skips_the_plot(tmp_path):
     (tmp_path / "moce_routing.jsonl").write_text('{"step": 1, "layers": {"0": {"expert_lo')
     with pytest.warns(UserWarning, match="routing log .*moce_routing.jsonl is damaged at line 1"):
         assert plot_routing_log(tmp_path) is None
+
+
+def test_fingerprint_samples_tensors_larger_than_float32_indices():
+    """SmolLM2's embedding has 28.3M values: positions computed in float32 ran past the end."""
+    from moce_plugin.outputs.fingerprint import _samples
+
+    big = torch.zeros(49152 * 576)
+    big[0], big[-1] = 3.0, 7.0
+    values = _samples(big)
+    assert values[0] == 3.0 and values[-1] == 7.0
