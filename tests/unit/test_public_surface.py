@@ -101,3 +101,27 @@ def test_register_architecture_adds_a_family():
     assert is_moce_model(model)
     ids = torch.randint(0, 100, (1, 5))
     model(input_ids=ids, **{CLUSTER_IDS_KWARG: torch.tensor([1])})
+
+
+def test_pre_tokenized_dataset_gets_per_token_ids(tmp_path, model_dir):
+    from axolotl.cli.config import load_cfg
+    from axolotl.common.datasets import load_datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = tmp_path / "tok.jsonl"
+    rows = []
+    for i, r in enumerate(sample_rows(24)):
+        ids = tok(r["instruction"] + " " + r["output"])["input_ids"][:64]
+        rows.append({"input_ids": ids, "labels": ids, "attention_mask": [1] * len(ids),
+                     "cluster_id": i % 3})
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = base_config(model_dir, data, tmp_path, val_set_size=0)
+    cfg["datasets"] = [{"path": str(data), "ds_type": "json"}]  # no type: pre-tokenized
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    meta = load_datasets(cfg=load_cfg(str(tmp_path / "c.yml")))
+    by_tokens = {tuple(r["input_ids"]): r["cluster_id"] for r in rows}
+    for row in meta.train_dataset:
+        assert row[CLUSTER_IDS_KWARG] == [by_tokens[tuple(row["input_ids"])]] * len(
+            row["input_ids"])
+    assert len(meta.train_dataset) == 24
