@@ -28,6 +28,10 @@ def _canonical(name: str) -> str:
 
 
 def _why_unreadable(p: torch.Tensor) -> str | None:
+    # bitsandbytes 4-bit weights may be packed into a float quant_storage dtype: the class
+    # (Params4bit / Int8Params) or its quant_state says so, not the dtype.
+    if hasattr(p, "quant_state") or type(p).__name__ in ("Params4bit", "Int8Params"):
+        return f"quantized ({type(p).__name__})"
     if not p.dtype.is_floating_point:
         return f"quantized ({p.dtype})"
     if p.device.type == "meta":
