@@ -45,7 +45,13 @@ NPROC = 2
 # a wrong batch split, a missing gradient reduction or a dropped aux loss moves the loss by
 # more than 1e-3 already at step 2.
 LOSS_TOL = dict(rel=1e-4, abs=1e-4)
-MOCE_SHAPES = {"router": (6, 32), "down": (6, 32, 8), "up": (6, 8, 32)}  # tiny model, 3x2
+# tiny model, 3 groups x 2 experts; keys end in the parameter's name inside MoCEExperts
+MOCE_SHAPES = {"router.weight": (6, 32), "down": (6, 32, 8), "up": (6, 8, 32)}
+
+
+def moce_param(key: str) -> str:
+    """``layers.0.router.weight`` / ``...moce_experts.router.weight`` -> ``router.weight``."""
+    return key.split("moce_experts.")[-1] if "moce_experts." in key else key.split(".", 2)[2]
 
 
 def sharding_settings(mode: str) -> dict:
@@ -119,7 +125,7 @@ def assert_full_moce_weights(directory: Path) -> dict[str, torch.Tensor]:
     assert (directory / "moce_config.json").is_file()
     assert {k.split(".")[1] for k in weights} == {"0", "1"}
     for key, value in weights.items():
-        assert tuple(value.shape) == MOCE_SHAPES[key.split(".")[-1]], (key, value.shape)
+        assert tuple(value.shape) == MOCE_SHAPES[moce_param(key)], (key, value.shape)
     assert weights["layers.0.up"].abs().sum() > 0  # trained, not the zero init of `up`
     return weights
 
@@ -220,7 +226,7 @@ def test_sharded_lora_run_saves_adapter_with_full_moce(tmp_path, tiny_model_dir,
         lora = {k: v for k, v in adapter.items() if "lora_A" in k}
         assert len(moce) == 6 and lora, sorted(adapter)[:8]
         for key, value in moce.items():
-            assert tuple(value.shape) == MOCE_SHAPES[key.split(".")[-1]], (key, value.shape)
+            assert tuple(value.shape) == MOCE_SHAPES[moce_param(key)], (key, value.shape)
         assert all(v.numel() > 0 for v in lora.values())
         assert_full_moce_weights(out / ckpt)
     assert_reload_reproduces_training(out)
