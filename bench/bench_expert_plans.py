@@ -23,13 +23,19 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moce_plugin.model.config import MoCEConfig  # noqa: E402
-from moce_plugin.model.layer import GENERAL_PLANS, GROUP_PLANS, MoCEExperts, choose_plan  # noqa: E402
+from moce_plugin.model.layer import (  # noqa: E402
+    GENERAL_PLANS,
+    GROUP_PLANS,
+    MoCEExperts,
+    choose_plan,
+    plan_is_valid,
+)
 
 
 def plans(general: int) -> list[tuple[str, str | None]]:
     if not general:
         return [(g, None) for g in GROUP_PLANS]
-    return [(g, v) for g in GROUP_PLANS for v in GENERAL_PLANS if v != "fold" or g == "blocks"]
+    return [(g, v) for g in GROUP_PLANS for v in GENERAL_PLANS if plan_is_valid((g, v))]
 
 
 def main() -> None:
@@ -87,7 +93,7 @@ def main() -> None:
                 step(m)
                 times[n].append(time.process_time() - t0)
         chosen = "+".join(s for s in choose_plan(top_k, args.experts, cfg.resolved_general_top_k,
-                                                 int(general)) if s)
+                                                 int(general), C, T, args.rank) if s)
         print(f"top_k={k} general={general} (chosen: {chosen}): " + ", ".join(
             f"{n} {statistics.median(v) * 1e3:.0f}" for n, v in times.items()), flush=True)
 

@@ -25,11 +25,13 @@ so every number is the full MLP cost of one decoder layer:
 - ``moce_base`` (``--baseline-src DIR``): the MoCEMLP of another checkout (the code before a
                 change), same weights, timed interleaved with the others.
 - ``moce@G+V``: MoCEMLP forced to one execution plan (``MoCEExperts.plan``), G in
-                slots/blocks, V in slots/blocks/fold, e.g. ``moce@blocks+fold``.
+                slots/blocks/sets, V in slots/blocks/fold, e.g. ``moce@sets+blocks``.
 
 Time: wall clock (or process CPU time with ``--cpu-time``, for a shared CPU with
 ``--threads 1``), median over ``--reps`` fwd+bwd iterations after ``--warmup``, the implementations
-interleaved inside each repetition (side by side, same machine state). The input x
+interleaved inside each repetition (side by side, same machine state; the order rotates
+from one repetition to the next, see time_config). Ratios are the median
+of the per-repetition ratios (paired, so slow phases of a shared machine cancel). The input x
 requires grad, so backward goes through the frozen FFN too, as inside a network.
 
 Peak memory: CPU: each (config, implementation) runs once in a fresh subprocess with
@@ -134,8 +136,12 @@ class LoRAMLP(nn.Module):
 
 # --------------------------------------------------------------------------- configs
 
-def _ratio(times: dict, a: str, b: str) -> float:
-    return times[a] / times[b] if a in times and b in times else float("nan")
+def _ratio(reps: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over repetitions of a/b within one repetition (the two ran back to back):
+    robust to the machine's drift, which moves both sides of a pair together."""
+    if a not in reps or b not in reps:
+        return float("nan")
+    return statistics.median(x / y for x, y in zip(reps[a], reps[b], strict=True))
 
 def default_configs(args) -> list[dict]:
     d, inter = args.hidden, args.intermediate
@@ -366,31 +372,44 @@ def measure_memory(c: dict, impl: str, dtype: str, device: str) -> float:
 
 
 def time_config(c: dict, impls: list[str], device: str, dtype: torch.dtype, reps: int,
-                warmup: int, cpu_time: bool = False) -> dict[str, float]:
+                warmup: int, cpu_time: bool = False) -> dict[str, list[float]]:
+    """ms of every repetition per implementation (implementations interleaved)."""
     clock = time.process_time if cpu_time else time.perf_counter
     steps = {i: build(c, i, device, dtype)[1] for i in impls}
     for _ in range(warmup):
         for i in impls:
             steps[i]()
     times: dict[str, list[float]] = {i: [] for i in impls}
-    for _ in range(reps):
-        for i in impls:  # interleaved: side by side under the same machine state
+    for rep in range(reps):
+        # Interleaved (side by side under the same machine state), in an order rotated every
+        # repetition: on the CPU a step's page faults depend on what the step before it left
+        # in the allocator, so a fixed order gave one implementation a systematic edge.
+        for i in impls[rep % len(impls):] + impls[:rep % len(impls)]:
             sync(device)
             t0 = clock()
             steps[i]()
             sync(device)
-            times[i].append(clock() - t0)
-    return {i: statistics.median(v) * 1e3 for i, v in times.items()}
+            times[i].append((clock() - t0) * 1e3)
+    return times
 
 
-def count_ops(c: dict, impl: str, device: str, dtype: torch.dtype) -> int:
-    """Top-level aten ops of one fwd+bwd (after a warm-up): a proxy for GPU kernel launches."""
+# Ops that only make a view (no kernel on a GPU): left out of the second count.
+VIEW_OPS = {"aten::" + n for n in (
+    "view", "reshape", "_reshape_alias", "transpose", "t", "permute", "unsqueeze", "squeeze",
+    "expand", "select", "slice", "as_strided", "_unsafe_view", "alias", "detach", "unflatten",
+    "flatten", "split", "chunk", "narrow", "unbind", "view_as", "expand_as", "numpy_T")}
+
+
+def count_ops(c: dict, impl: str, device: str, dtype: torch.dtype) -> tuple[int, int]:
+    """(top-level aten ops, of which not views) of one fwd+bwd after a warm-up: the second is
+    a proxy for GPU kernel launches."""
     _, step = build(c, impl, device, dtype)
     step()
     with torch.profiler.profile() as prof:
         step()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    names = [e.name for e in prof.events() if e.name.startswith("aten::")
+             and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return len(names), sum(n not in VIEW_OPS for n in names)
 
 
 def machine(device: str) -> str:
@@ -470,7 +489,8 @@ def main() -> None:
     if args.baseline_src:
         load_baseline(args.baseline_src)
         _BASELINE["src"] = args.baseline_src
-        impls.append("moce_base")
+        if "moce_base" not in impls:
+            impls.append("moce_base")
     if args.compile:
         impls.append("moce_compiled")
     configs = default_configs(args)
@@ -490,10 +510,11 @@ def main() -> None:
     print(hdr, flush=True)
     rows = []
     for c in configs:
-        t = time_config(c, impls, args.device, dtype, args.reps, args.warmup, args.cpu_time)
+        per_rep = time_config(c, impls, args.device, dtype, args.reps, args.warmup, args.cpu_time)
+        t = {i: statistics.median(v) for i, v in per_rep.items()}
         row = {**c, "top_k": str(c["top_k"]), **{f"{i}_ms": round(v, 3) for i, v in t.items()}}
         line = f"{cfg_name(c):34s} " + " ".join(f"{t[i]:12.1f}" for i in impls)
-        ratio = functools.partial(_ratio, t)
+        ratio = functools.partial(_ratio, per_rep)
         row["loop_over_moce"] = round(ratio("loop", "moce"), 3)
         row["loop_dense_over_moce"] = round(ratio("loop_dense", "moce"), 3)
         row["moce_over_adapter"] = round(ratio("moce", "adapter"), 3)
@@ -529,9 +550,10 @@ def main() -> None:
         print(line, flush=True)
         if args.count_ops:
             ops = {i: count_ops(c, i, args.device, dtype) for i in impls}
-            row.update({f"{i}_aten_ops": n for i, n in ops.items()})
-            print("  aten ops per fwd+bwd: " + ", ".join(f"{i} {n}" for i, n in ops.items()),
-                  flush=True)
+            row.update({f"{i}_aten_ops": n for i, (n, _) in ops.items()})
+            row.update({f"{i}_kernel_ops": k for i, (_, k) in ops.items()})
+            print("  aten ops per fwd+bwd (all / not views): " + ", ".join(
+                f"{i} {n} / {k}" for i, (n, k) in ops.items()), flush=True)
         rows.append(row)
         if args.csv:  # rewritten after every config, so a cut-off run keeps its rows
             keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -18,10 +18,12 @@ the input, ``input^T @ grad`` with the same offsets for the weights), with the s
 operand layouts, so a device that runs the forward kernel runs the backward too.
 Everything stays on the device: no host sync on the grouped path.
 
-:func:`block_adapter_sum` runs the same two functions without slots, for routing that
-uses every expert of a set (soft merging, soft or all-k general experts): the set's B
-adapters are one adapter of rank B*r with block-wise weights, tokens are sorted by group
-once (one row per token instead of B), and the combine's weight is [A, B] instead of [A].
+:func:`block_adapter_sum` runs the same two functions without slots, for tokens that share
+a set of experts (soft merging: a group's E experts; top-k: the k chosen ones; (V): plus the
+general experts): the set's B adapters are one adapter of rank B*r with block-wise weights,
+tokens are sorted by set once (one row per token instead of B), and the combine's weight is
+[A, B] instead of [A]. The sets' stacked weights are built from the expert parameters inside
+the functions and rebuilt in the backward, never kept between the two.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-def grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes ``a`` [A, K] x ``b`` [G, K, N] here."""
+def grouped_mm_supported(a: torch.Tensor, b: torch.Tensor, cols: int | None = None) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``a`` [A, K] x ``b`` [G, K, N] here (``cols``: N,
+    when ``b`` is stacked into the product's operand later)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     # Kernels want 16-byte aligned rows on both operands.
-    if (a.shape[-1] * a.element_size()) % 16 or (b.shape[-1] * b.element_size()) % 16:
+    cols = b.shape[-1] if cols is None else cols
+    if (a.shape[-1] * a.element_size()) % 16 or (cols * b.element_size()) % 16:
         return False
     if a.dtype != b.dtype:
         return False
@@ -117,39 +121,77 @@ def _scale_blocks(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (z.view(rows, blocks, -1) * weight[:, :, None]).view(z.shape)
 
 
+def _stack_down(down: torch.Tensor, blocks: torch.Tensor | None) -> torch.Tensor:
+    """Experts [N, d, r] -> sets [S, d, B*r]; column block b of set s is expert blocks[s, b].
+    ``blocks`` None: ``down`` is already per set.
+
+    Built as the transpose of a row-stacked [S, B*r, d] (a column-major operand, which the
+    grouped product takes as it takes ``down.transpose`` in the backward): a gather of
+    whole experts from the small transposed parameter instead of a strided 4-D copy of
+    the sets, several times slower on the CPU. Gathers go through 2-D views: ``index_select``
+    of [N, r, d] rows was ~25x slower than of [N, r*d] rows (torch 2.13 CPU)."""
+    if blocks is None:
+        return down
+    return _stack_up(down.transpose(1, 2).contiguous(), blocks).transpose(1, 2)
+
+
+def _stack_up(up: torch.Tensor, blocks: torch.Tensor | None) -> torch.Tensor:
+    """Experts [N, r, d] -> sets [S, B*r, d] (row block b of set s is expert blocks[s, b])."""
+    if blocks is None:
+        return up
+    sets, width = blocks.shape
+    experts, r, d = up.shape
+    return up.view(experts, r * d).index_select(0, blocks.reshape(-1)).view(sets, width * r, d)
+
+
+def _unstack_up_grad(grad: torch.Tensor, blocks: torch.Tensor, experts: int) -> torch.Tensor:
+    """Gradient of the sets [S, B*r, d] -> of the experts [N, r, d] (summed over sets)."""
+    sets, width = blocks.shape
+    r, d = grad.shape[1] // width, grad.shape[2]
+    return grad.new_zeros(experts, r * d).index_add_(
+        0, blocks.reshape(-1), grad.reshape(sets * width, r * d)).view(experts, r, d)
+
+
 class _GatherGroupedMM(torch.autograd.Function):
     """``h[token_of_slot] @ down[expert]`` for every sorted slot -> [A, r].
 
     ``position``/``token_of_slot`` None: no gather (h is already in slot order, one slot
     per token). ``keep_gathered``: save the gathered rows instead of ``h`` and skip the
     re-gather in the backward (for one slot per token, when nothing else keeps ``h``: the
-    same bytes, one [T, d] gather less)."""
+    same bytes, one [T, d] gather less). ``blocks`` [S, B]: ``down`` holds the experts and
+    group s is the stack of experts blocks[s] (see :func:`_stack_down`)."""
 
     @staticmethod
     def forward(ctx, h, down, position, token_of_slot, offsets, counts, k: int,
-                use_grouped: bool, keep_gathered: bool = False):
+                use_grouped: bool, keep_gathered: bool = False, blocks=None):
         h_sorted = h if token_of_slot is None else h.index_select(0, token_of_slot)
         ctx.regather = token_of_slot is not None and not keep_gathered
         ctx.num_tokens, ctx.k, ctx.use_grouped = h.shape[0], k, use_grouped
         ctx.save_for_backward(h if ctx.regather else h_sorted, down, position, token_of_slot,
-                              offsets, counts)
-        return grouped_matmul(h_sorted, down, offsets, counts, use_grouped)
+                              offsets, counts, blocks)
+        return grouped_matmul(h_sorted, _stack_down(down, blocks), offsets, counts, use_grouped)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z):
-        h_saved, down, position, token_of_slot, offsets, counts = ctx.saved_tensors
+        h_saved, down, position, token_of_slot, offsets, counts, blocks = ctx.saved_tensors
         grad_z = grad_z.contiguous()
         grad_h = grad_down = None
         if ctx.needs_input_grad[1]:
             h_sorted = h_saved.index_select(0, token_of_slot) if ctx.regather else h_saved
-            grad_down = grouped_weight_grad(h_sorted, grad_z, offsets, counts, ctx.use_grouped)
+            if blocks is None:
+                grad_down = grouped_weight_grad(h_sorted, grad_z, offsets, counts,
+                                                ctx.use_grouped)
+            else:  # formed transposed ([S, B*r, d]): whole experts, no strided copy
+                grad_down = _unstack_up_grad(
+                    grouped_weight_grad(grad_z, h_sorted, offsets, counts, ctx.use_grouped),
+                    blocks, down.shape[0]).transpose(1, 2).contiguous()
             del h_sorted  # freed before the [T*k, d] input gradient is allocated
         if ctx.needs_input_grad[0]:
-            grad_rows = grouped_matmul(grad_z, down.transpose(-2, -1), offsets, counts,
-                                       ctx.use_grouped)
+            grad_rows = grouped_matmul(grad_z, _stack_down(down, blocks).transpose(-2, -1),
+                                       offsets, counts, ctx.use_grouped)
             grad_h = _sum_slots(grad_rows, position, ctx.num_tokens, ctx.k)
-        return grad_h, grad_down, None, None, None, None, None, None, None
+        return grad_h, grad_down, None, None, None, None, None, None, None, None
 
 
 class _WeightedGroupedMMCombine(torch.autograd.Function):
@@ -157,36 +199,39 @@ class _WeightedGroupedMMCombine(torch.autograd.Function):
 
     ``weight`` is [A] (one weight per slot) or [A, B]: the slot's bottleneck is B blocks
     of r columns, block b scaled by ``weight[a, b]`` (B experts merged into one rank-B*r
-    adapter)."""
+    adapter). ``blocks`` [S, B]: ``up`` holds the experts (see :func:`_stack_up`)."""
 
     @staticmethod
     def forward(ctx, z, weight, up, position, token_of_slot, offsets, counts, k: int,
-                use_grouped: bool):
-        rows = grouped_matmul(_scale_blocks(z, weight), up, offsets, counts, use_grouped)
-        ctx.save_for_backward(z, weight, up, token_of_slot, offsets, counts)
+                use_grouped: bool, blocks=None):
+        rows = grouped_matmul(_scale_blocks(z, weight), _stack_up(up, blocks), offsets, counts,
+                              use_grouped)
+        ctx.save_for_backward(z, weight, up, token_of_slot, offsets, counts, blocks)
         ctx.use_grouped = use_grouped
         return _sum_slots(rows, position, z.shape[0] // k, k)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        z, weight, up, token_of_slot, offsets, counts = ctx.saved_tensors
+        z, weight, up, token_of_slot, offsets, counts, blocks = ctx.saved_tensors
         # Every slot of token t receives t's output gradient.
         grad_rows = grad_out.contiguous()
         if token_of_slot is not None:
             grad_rows = grad_rows.index_select(0, token_of_slot)
-        grad_zw = grouped_matmul(grad_rows, up.transpose(-2, -1), offsets, counts,
-                                 ctx.use_grouped)
+        grad_zw = grouped_matmul(grad_rows, _stack_up(up, blocks).transpose(-2, -1), offsets,
+                                 counts, ctx.use_grouped)
         grad_z = grad_weight = grad_up = None
         if ctx.needs_input_grad[2]:
             grad_up = grouped_weight_grad(_scale_blocks(z, weight), grad_rows, offsets, counts,
                                           ctx.use_grouped)
+            if blocks is not None:
+                grad_up = _unstack_up_grad(grad_up, blocks, up.shape[0])
         del grad_rows
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_zw * z).view(*weight.shape, -1).sum(-1)
         if ctx.needs_input_grad[0]:
             grad_z = _scale_blocks(grad_zw, weight)
-        return grad_z, grad_weight, grad_up, None, None, None, None, None, None
+        return grad_z, grad_weight, grad_up, None, None, None, None, None, None, None
 
 
 def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
@@ -232,43 +277,47 @@ def routed_adapter_sum(
 
 def block_adapter_sum(
     h: torch.Tensor,
-    groups: torch.Tensor | None,
+    sets: torch.Tensor | None,
     weights: torch.Tensor,
     down: torch.Tensor,
     up: torch.Tensor,
     act: Callable[[torch.Tensor], torch.Tensor],
+    members: torch.Tensor,
 ) -> torch.Tensor:
-    """``sum_b weights[t, b] * up_{g,b}(act(down_{g,b}(h[t])))`` with g = groups[t].
+    """``sum_b weights[t, b] * up_e(act(down_e(h[t])))`` with e = members[sets[t], b].
 
-    Every token uses all B adapters of its group, so the B adapters of group g are one
-    adapter of rank B*r whose hidden units are scaled block-wise by the token's weights:
-    ``up_g((w (x) 1_r) * act(h down_g))``. No per-(token, expert) slot: tokens are sorted by
-    group once and each group is one grouped product (a plain product with one group).
+    Every token of set s uses the same B experts ``members[s]``, so they are one adapter of
+    rank B*r whose hidden units are scaled block-wise by the token's weights:
+    ``up_s((w (x) 1_r) * act(h down_s))`` with ``down_s = [down_e for e in members[s]]``. No
+    per-(token, expert) slot: tokens are sorted by set once and each set is one grouped
+    product (a plain product with one set). A zero weight leaves an expert out.
 
-    h: [T, d]; groups: [T] in [0, G), or None with G = 1; weights: [T, B];
-    down: [G, d, B*r] (block b = columns b*r:(b+1)*r); up: [G, B*r, d] -> [T, d].
-    The backward keeps h and the [T, B*r] bottleneck, like :func:`routed_adapter_sum`.
+    h: [T, d]; sets: [T] in [0, S), or None with S = 1; weights: [T, B];
+    down: [N, d, r]; up: [N, r, d] (all experts); members: [S, B] expert ids -> [T, d].
+    The backward keeps h (its sorted copy) and the [T, B*r] bottleneck, like
+    :func:`routed_adapter_sum`; the sets' stacked weights are rebuilt there, not kept.
     """
-    num_groups = down.shape[0]
+    num_sets, width = members.shape
     h = h.to(down.dtype)
     weights = weights.to(down.dtype)
     order = position = offsets = counts = None
-    if num_groups > 1:
-        if groups is None:
-            raise ValueError("groups is required with more than one group of adapters")
-        sorted_groups, order = torch.sort(groups, stable=True)
-        ends = torch.searchsorted(sorted_groups, torch.arange(num_groups, device=h.device),
+    if num_sets > 1:
+        if sets is None:
+            raise ValueError("sets is required with more than one set of experts")
+        sorted_sets, order = torch.sort(sets, stable=True)
+        ends = torch.searchsorted(sorted_sets, torch.arange(num_sets, device=h.device),
                                   right=True)
         offsets = ends.to(torch.int32)
         counts = torch.diff(ends, prepend=ends.new_zeros(1))  # only read by the split loop
         weights = weights.index_select(0, order)
         position = _inverse_permutation(order)
+    rank = down.shape[-1] * width
     # The sorted copy of h is saved instead of h (same bytes, no re-gather in the backward).
     z_pre = _GatherGroupedMM.apply(h, down, position, order, offsets, counts, 1,
-                                   grouped_mm_supported(h, down), True)
+                                   grouped_mm_supported(h, down, cols=rank), True, members)
     z = act(z_pre)
     return _WeightedGroupedMMCombine.apply(z, weights, up, position, order, offsets, counts, 1,
-                                           grouped_mm_supported(z, up))
+                                           grouped_mm_supported(z, up), members)
 
 
 __all__ = ["block_adapter_sum", "grouped_matmul", "grouped_mm_supported", "grouped_weight_grad",

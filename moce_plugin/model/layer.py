@@ -13,11 +13,11 @@ softmax), sum_i w_i A_i(x) = h + sum_i w_i * adapter_i(h). The general experts o
 The router input is the MLP input x; each group has its own router (`routers.py`),
 softmax over that group's experts only. Experts are stored as stacked tensors
 ``down [N, d, r]`` and ``up [N, r, d]`` (N = C*E group experts, then the general
-experts). Sparse top-k routing runs one grouped matmul over the (token, expert)
-assignments sorted by expert (`expert_ops.routed_adapter_sum`); where a token uses every
-expert of a set (soft merging, top-E, soft or all-k general experts) the set is one
-adapter of rank E*r with block-wise weights, run per group on the tokens sorted by group
-(`expert_ops.block_adapter_sum`). `choose_plan` picks per routing mode, by measurement.
+experts). Tokens that use the same set of experts (soft merging: the E of their group;
+top-k: the k chosen ones; (V): plus the general experts) run that set as one adapter of
+rank B*r with block-wise weights, tokens sorted by set (`expert_ops.block_adapter_sum`);
+with many possible sets (large E, few tokens) the (token, expert) assignments are sorted
+by expert instead (`expert_ops.routed_adapter_sum`). `choose_plan` picks, by measurement.
 No Python loop over experts and no host synchronisation on the fast path.
 ``up`` starts at zero, so an upcycled model reproduces the base model exactly.
 """
@@ -74,26 +74,67 @@ def _dense_weights(probs: torch.Tensor, chosen: torch.Tensor | None,
     return torch.zeros_like(probs).scatter(-1, chosen, weights)
 
 
-# How the experts run, per routing mode ("slots": (token, expert) slots through
-# routed_adapter_sum; "blocks": all experts of a set as one rank-E*r adapter through
-# block_adapter_sum; "fold": the general experts as extra blocks of the group call).
-# Chosen by measurement (bench/bench_layer.py --part routing, docs/performance.md), not a
-# user option; every plan computes the same function.
-GROUP_PLANS = ("slots", "blocks")
+# How the experts run ("slots": (token, expert) slots through routed_adapter_sum; "blocks":
+# all E experts of a group as one rank-E*r adapter, unchosen ones at weight 0; "sets": the k
+# chosen experts of a group as one rank-k*r adapter, tokens sorted by (group, chosen set);
+# general experts as "slots" in the same routed call, as a separate dense "blocks" call, or
+# "fold"ed into the group call as G more blocks of every set). Chosen by measurement
+# (bench/bench_expert_plans.py, docs/performance.md), not a user option; every plan computes
+# the same function.
+GROUP_PLANS = ("slots", "blocks", "sets")
 GENERAL_PLANS = ("slots", "blocks", "fold")
 
 
-def choose_plan(top_k: int | str, experts: int, general_top_k: int | str,
-                general: int) -> tuple[str, str | None]:
-    """(group plan, general plan or None) for a routing mode; see docs/performance.md."""
-    group_dense = top_k == "soft" or top_k == experts
-    group = "blocks" if group_dense else "slots"
+def plan_is_valid(plan: tuple[str, str | None]) -> bool:
+    """Folding needs a block or set call to fold into."""
+    return plan[1] != "fold" or plan[0] in ("blocks", "sets")
+
+
+def choose_plan(top_k: int | str, experts: int, general_top_k: int | str, general: int,
+                groups: int = 1, tokens: int = 0, rank: int = 64) -> tuple[str, str | None]:
+    """(group plan, general plan or None) for a routing mode and a call of ``tokens`` rows
+    (0: unknown, taken as large); the measurements behind it are in docs/performance.md."""
+    if top_k == "soft" or top_k == experts:
+        return "blocks", ("fold" if general else None)
+    k = int(top_k)
+    # Sets replace the k gathers and [k*T, d] rows of the slot path by the sets' stacked
+    # weights ([S, d, k*r], built in the forward and again in the backward): worth it while
+    # those are no larger than the rows they replace, S*k*r <= k*T. Top-1 has nothing to
+    # gain (one slot per token already; measured equal).
+    use_sets = k > 1 and (not tokens or groups * math.comb(experts, k) * rank <= tokens)
+    group = "sets" if use_sets else "slots"
     if not general:
         return group, None
-    general_dense = general_top_k == "soft" or general_top_k == general
-    if group == "blocks":
-        return group, "fold"
-    return group, "blocks" if general_dense else "slots"
+    dense = general_top_k == "soft" or general_top_k == general
+    # A separate dense call for the general experts (unchosen ones at weight 0) beats
+    # their slots unless it would do more than twice their work or the group's slots are
+    # few (top-1: the general slots ride along in the same routed call).
+    gk = general if general_top_k == "soft" else int(general_top_k)
+    return group, ("blocks" if dense or (general <= 2 * gk and k > 1) else "slots")
+
+
+def _chosen_sets(
+    chosen: torch.Tensor, weights: torch.Tensor, experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's chosen k experts as a set: (set index [T] in [0, P), weights [T, k] in
+    the set's expert order, members [P, k]: the experts of every k-subset of range(experts)).
+
+    k = 2 in closed form (pairs a < b in colex order, index b(b-1)/2 + a: a handful of
+    elementwise ops); larger k through a lookup of every subset's code."""
+    k, device = chosen.shape[1], chosen.device
+    if k == 2:
+        first, second = chosen[:, 0], chosen[:, 1]
+        swap = first > second
+        low, high = torch.minimum(first, second), torch.maximum(first, second)
+        weights = torch.where(swap[:, None], weights.flip(-1), weights)
+        members = torch.tril_indices(experts, experts, -1, device=device).flip(0).t()
+        return high * (high - 1) // 2 + low, weights, members
+    chosen, by_expert = chosen.sort(-1)
+    members = torch.combinations(torch.arange(experts, device=device), r=k).view(-1, k)
+    powers = experts ** torch.arange(k - 1, -1, -1, device=device)
+    lookup = torch.zeros(experts**k, dtype=torch.long, device=device)
+    lookup[(members * powers).sum(-1)] = torch.arange(members.shape[0], device=device)
+    return lookup[(chosen * powers).sum(-1)], weights.gather(-1, by_expert), members
 
 
 class MoCEExperts(nn.Module):
@@ -192,48 +233,55 @@ class MoCEExperts(nn.Module):
     ) -> torch.Tensor:
         """sum over each token's experts of weight * adapter(h), weights times ``mask``."""
         C, E, G = self.num_groups, self.experts_per_group, self.num_general
-        d, r = self.hidden_size, self.adapter_dim
-        group_plan, general_plan = self.plan or choose_plan(
-            self.top_k, E, self.general_top_k, G)
         n = C * E
+        group_plan, general_plan = self.plan or choose_plan(
+            self.top_k, E, self.general_top_k, G, C, h.shape[0], self.adapter_dim)
+        device = h.device
         out = None
         slot_ids, slot_weights = [], []
         if group_plan == "slots":
             probs, chosen, weights = group_route
             if chosen is None:  # soft as E slots per token
-                chosen = torch.arange(E, device=h.device).expand(h.shape[0], -1)
+                chosen = torch.arange(E, device=device).expand(h.shape[0], -1)
             slot_ids.append(groups[:, None] * E + chosen)
             slot_weights.append(weights * mask)
         if general_route is not None and general_plan == "slots":
             g_probs, g_chosen, g_weights = general_route
             if g_chosen is None:
-                g_chosen = torch.arange(G, device=h.device).expand(h.shape[0], -1)
+                g_chosen = torch.arange(G, device=device).expand(h.shape[0], -1)
             slot_ids.append(n + g_chosen)
             slot_weights.append(g_weights * mask)
         if slot_ids:
             ids = slot_ids[0] if len(slot_ids) == 1 else torch.cat(slot_ids, 1)
             w = slot_weights[0] if len(slot_weights) == 1 else torch.cat(slot_weights, 1)
             out = routed_adapter_sum(h, ids, w, self.down, self.up, self.act)
-        if group_plan == "blocks":
-            # Group c's E adapters as one [d, E*r] / [E*r, d] pair.
-            down = self.down[:n].view(C, E, d, r)
-            up = self.up[:n].view(C, E, r, d)
-            weights = _dense_weights(*group_route) * mask
+        if group_plan in ("blocks", "sets"):
+            probs, chosen, weights = group_route
+            if group_plan == "blocks":
+                # Group c's E adapters as one rank-E*r adapter (unchosen experts: weight 0).
+                sets = groups
+                members = torch.arange(n, device=device).view(C, E)
+                weights = _dense_weights(probs, chosen, weights)
+            else:
+                # Each (group, chosen k-subset) is one rank-k*r adapter.
+                if chosen is None:  # soft: the one subset of all E experts
+                    chosen = torch.arange(E, device=device).expand(h.shape[0], -1)
+                subset, weights, subsets = _chosen_sets(chosen, weights, E)
+                sets = groups * subsets.shape[0] + subset
+                members = (torch.arange(C, device=device)[:, None, None] * E
+                           + subsets).reshape(-1, subsets.shape[1])
+            weights = weights * mask
             if general_route is not None and general_plan == "fold":
-                # The general experts as G more blocks of every group's adapter: one call.
-                down = torch.cat([down, self.down[n:].expand(C, G, d, r)], 1)
-                up = torch.cat([up, self.up[n:].expand(C, G, r, d)], 1)
+                # The general experts as G more blocks of every set: one call.
+                general_ids = torch.arange(n, n + G, device=device)
+                members = torch.cat([members, general_ids.expand(members.shape[0], G)], 1)
                 weights = torch.cat([weights, _dense_weights(*general_route) * mask], 1)
-            blocks = down.shape[1]
-            down = down.permute(0, 2, 1, 3).reshape(C, d, blocks * r)
-            y = block_adapter_sum(h, groups, weights, down, up.reshape(C, blocks * r, d),
-                                  self.act)
+            y = block_adapter_sum(h, sets, weights, self.down, self.up, self.act, members)
             out = y if out is None else out + y
         if general_route is not None and general_plan == "blocks":
-            down = self.down[n:].permute(1, 0, 2).reshape(1, d, G * r)
-            up = self.up[n:].reshape(1, G * r, d)
-            y = block_adapter_sum(h, None, _dense_weights(*general_route) * mask, down, up,
-                                  self.act)
+            members = torch.arange(n, n + G, device=device).view(1, G)
+            y = block_adapter_sum(h, None, _dense_weights(*general_route) * mask, self.down,
+                                  self.up, self.act, members)
             out = y if out is None else out + y
         return out
 
@@ -270,4 +318,4 @@ class MoCEMLP(nn.Module):
         return out.view(*lead_shape, -1)
 
 
-__all__ = ["MoCEExperts", "MoCEMLP", "RoutingRecord", "choose_plan"]
+__all__ = ["MoCEExperts", "MoCEMLP", "RoutingRecord", "choose_plan", "plan_is_valid"]

@@ -52,7 +52,7 @@ def _grads(fn, h, expert_ids, weights, down, up, act):
 @pytest.mark.parametrize("act", [torch.sigmoid, torch.nn.functional.gelu], ids=["sigmoid", "gelu"])
 def test_matches_autograd_reference(d, force_split, k, act, monkeypatch):
     if force_split:
-        monkeypatch.setattr(expert_ops, "grouped_mm_supported", lambda a, b: False)
+        monkeypatch.setattr(expert_ops, "grouped_mm_supported", lambda a, b, cols=None: False)
     inputs = make_inputs(d=d, k=k)
     out, grads = _grads(routed_adapter_sum, *inputs, act)
     ref_out, ref_grads = _grads(reference, *inputs, act)
@@ -124,36 +124,41 @@ def test_traces_under_torch_compile(dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
-# ---- block_adapter_sum: all B experts of a token's group as one rank-B*r adapter ----------
-def block_reference(h, groups, weights, down, up, act):
-    """Token by token, block by block; autograd does the backward."""
-    r = down.shape[-1] // weights.shape[1]
+# ---- block_adapter_sum: the B experts of a token's set as one rank-B*r adapter ------------
+def block_reference(h, sets, weights, down, up, act, members):
+    """Token by token, block by block, straight from the experts; autograd does the backward."""
     rows = []
     for t in range(h.shape[0]):
-        g = 0 if groups is None else int(groups[t])
+        s = 0 if sets is None else int(sets[t])
         acc = torch.zeros_like(h[t])
         for b in range(weights.shape[1]):
-            cols = slice(b * r, (b + 1) * r)
-            acc = acc + weights[t, b] * (act(h[t] @ down[g][:, cols]) @ up[g][cols])
+            e = int(members[s, b])
+            acc = acc + weights[t, b] * (act(h[t] @ down[e]) @ up[e])
         rows.append(acc)
     return torch.stack(rows)
 
 
 def make_block_inputs(T=23, d=16, r=8, groups=3, blocks=3, dtype=torch.float32, seed=0):
+    """``groups`` sets of ``blocks`` experts each, drawn from groups*blocks + 2 experts so
+    that sets share experts (gradients summed over sets) and one expert is in no set."""
     gen = torch.Generator().manual_seed(seed)
+    experts = groups * blocks + 2
     h = torch.randn(T, d, generator=gen, dtype=dtype)
-    # group 1 gets no token: an empty group in the middle
-    group_ids = torch.tensor([0, 2])[torch.randint(0, 2, (T,), generator=gen)]
+    # set 1 gets no token: an empty set in the middle
+    set_ids = torch.tensor([0, 2])[torch.randint(0, 2, (T,), generator=gen)]
     weights = torch.rand(T, blocks, generator=gen, dtype=dtype)
     weights[0, -1] = 0.0  # a zero weight (unchosen expert) must still give exact gradients
-    down = torch.randn(groups, d, blocks * r, generator=gen, dtype=dtype) / d**0.5
-    up = torch.randn(groups, blocks * r, d, generator=gen, dtype=dtype) / r**0.5
-    return h, (group_ids if groups > 1 else None), weights, down, up
+    down = torch.randn(experts, d, r, generator=gen, dtype=dtype) / d**0.5
+    up = torch.randn(experts, r, d, generator=gen, dtype=dtype) / r**0.5
+    members = torch.randperm(experts - 1, generator=gen)[: groups * blocks].view(groups, blocks)
+    if groups > 2:
+        members[2, 0] = members[0, -1]  # an expert in two sets, at different block positions
+    return h, (set_ids if groups > 1 else None), weights, down, up, members
 
 
-def _block_grads(fn, h, groups, weights, down, up, act):
+def _block_grads(fn, h, sets, weights, down, up, members, act):
     leaves = [t.clone().requires_grad_(True) for t in (h, weights, down, up)]
-    out = fn(leaves[0], groups, leaves[1], leaves[2], leaves[3], act)
+    out = fn(leaves[0], sets, leaves[1], leaves[2], leaves[3], act, members)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     (out * g).sum().backward()
     return out.detach(), [t.grad for t in leaves]
@@ -165,26 +170,29 @@ def _block_grads(fn, h, groups, weights, down, up, act):
 @pytest.mark.parametrize("act", [torch.sigmoid, torch.nn.functional.gelu], ids=["sigmoid", "gelu"])
 def test_block_sum_matches_autograd_reference(d, force_split, groups, blocks, act, monkeypatch):
     if force_split:
-        monkeypatch.setattr(expert_ops, "grouped_mm_supported", lambda a, b: False)
+        monkeypatch.setattr(expert_ops, "grouped_mm_supported", lambda a, b, cols=None: False)
     inputs = make_block_inputs(d=d, groups=groups, blocks=blocks)
     out, grads = _block_grads(block_adapter_sum, *inputs, act)
     ref_out, ref_grads = _block_grads(block_reference, *inputs, act)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     for name, got, want in zip(("h", "weights", "down", "up"), grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
-    if groups > 1:  # the empty group's weights get exactly zero gradient
-        assert grads[2][1].abs().max() == 0 and grads[3][1].abs().max() == 0
+    members = inputs[-1]
+    used = set(members[0].tolist()) | (set(members[2].tolist()) if groups > 1 else set())
+    for e in range(inputs[3].shape[0]):  # experts of the empty set or of none: exactly zero
+        if e not in used:
+            assert grads[2][e].abs().max() == 0 and grads[3][e].abs().max() == 0
 
 
 @pytest.mark.parametrize("groups", [3, 1])
 def test_block_sum_gradcheck_float64(groups):
-    h, group_ids, weights, down, up = make_block_inputs(T=7, d=4, r=3, groups=groups, blocks=2,
-                                                        dtype=torch.float64)
-    if group_ids is not None:
-        group_ids = torch.tensor([0, 2, 1, 0, 2, 2, 0])
+    h, set_ids, weights, down, up, members = make_block_inputs(
+        T=7, d=4, r=3, groups=groups, blocks=2, dtype=torch.float64)
+    if set_ids is not None:
+        set_ids = torch.tensor([0, 2, 1, 0, 2, 2, 0])
 
     def fn(h_, w_, down_, up_):
-        return block_adapter_sum(h_, group_ids, w_, down_, up_, torch.tanh)
+        return block_adapter_sum(h_, set_ids, w_, down_, up_, torch.tanh, members)
 
     assert torch.autograd.gradcheck(
         fn, tuple(t.requires_grad_(True) for t in (h, weights, down, up))
@@ -195,7 +203,7 @@ def test_block_sum_saves_h_and_the_bottleneck_only():
     """Saved activations: one [T, d] copy of h and the [T, B*r] bottleneck (+ [T, B] weights
     and indices), what routed_adapter_sum saves for B slots per token; never [T, d] outputs."""
     T, d, r, B = 64, 128, 8, 4
-    h, groups, weights, down, up = make_block_inputs(T=T, d=d, r=r, groups=3, blocks=B)
+    h, sets, weights, down, up, members = make_block_inputs(T=T, d=d, r=r, groups=3, blocks=B)
     params = {id(down), id(up)}
     for t in (h, weights, down, up):
         t.requires_grad_(True)
@@ -207,7 +215,7 @@ def test_block_sum_saves_h_and_the_bottleneck_only():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = block_adapter_sum(h, groups, weights, down, up, torch.sigmoid)
+        out = block_adapter_sum(h, sets, weights, down, up, torch.sigmoid, members)
     size = h.element_size()
     assert sum(saved.values()) <= (T * d + T * B * r + T * B) * size, sum(saved.values())
     out.sum().backward()

@@ -8,7 +8,14 @@ from naive_moce import naive_aux_loss, naive_moce
 
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.expert_ops import grouped_matmul
-from moce_plugin.model.layer import GENERAL_PLANS, GROUP_PLANS, MoCEExperts, MoCEMLP, choose_plan
+from moce_plugin.model.layer import (
+    GENERAL_PLANS,
+    GROUP_PLANS,
+    MoCEExperts,
+    MoCEMLP,
+    choose_plan,
+    plan_is_valid,
+)
 from moce_plugin.model.routing import cluster_ids_context
 
 D = 32
@@ -50,6 +57,7 @@ def random_batch(T=57, groups=3, seed=0, pad_frac=0.2):
 CASES = [
     pytest.param(dict(top_k=1), id="top1"),
     pytest.param(dict(top_k=2), id="top2"),
+    pytest.param(dict(top_k=3), id="top3"),  # sets of 3: the subset lookup, not the pair formula
     pytest.param(dict(top_k=4), id="top4-all"),
     pytest.param(dict(top_k="soft"), id="soft"),
     pytest.param(dict(top_k="soft", groups=1), id="soft-C1"),
@@ -70,7 +78,7 @@ def plans(kwargs):
         if not kwargs.get("general"):
             out.append((group, None))
             continue
-        out += [(group, gen) for gen in GENERAL_PLANS if gen != "fold" or group == "blocks"]
+        out += [(group, gen) for gen in GENERAL_PLANS if plan_is_valid((group, gen))]
     return out
 
 
@@ -107,15 +115,23 @@ def test_fast_equals_naive_forward_and_grad(kwargs, plan):
 
 
 def test_default_plan_per_routing_mode():
-    """The measured choice (docs/performance.md): dense blocks wherever a set of experts is
-    used in full, slots for sparse top-k, general experts folded into a block group call."""
-    assert choose_plan(2, 4, 2, 0) == ("slots", None)
-    assert choose_plan("soft", 4, "soft", 0) == ("blocks", None)
-    assert choose_plan(4, 4, 4, 0) == ("blocks", None)
-    assert choose_plan(2, 4, 2, 2) == ("slots", "blocks")
-    assert choose_plan(2, 4, 1, 2) == ("slots", "slots")
-    assert choose_plan("soft", 4, "soft", 2) == ("blocks", "fold")
-    assert choose_plan("soft", 4, 1, 2) == ("blocks", "fold")
+    """The measured choice (docs/performance.md, bench/bench_expert_plans.py): dense blocks
+    where a group's experts are used in full, (group, chosen set) blocks for top-k >= 2 when
+    the sets' stacked weights are no larger than the slot rows, slots otherwise."""
+    big, small = 8192, 2048  # tokens in the call; C=7, E=4, r=64 -> 42 sets * 64 = 2688
+    assert choose_plan(2, 4, 2, 0, 7, big) == ("sets", None)
+    assert choose_plan(2, 4, 2, 0, 7, small) == ("slots", None)
+    assert choose_plan(2, 8, 2, 0, 7, big) == ("slots", None)  # 196 sets
+    assert choose_plan(1, 4, 1, 0, 7, big) == ("slots", None)
+    assert choose_plan("soft", 4, "soft", 0, 7, big) == ("blocks", None)
+    assert choose_plan(4, 4, 4, 0, 7, small) == ("blocks", None)
+    assert choose_plan(2, 4, 2, 2, 7, big) == ("sets", "blocks")
+    assert choose_plan(2, 4, 2, 2, 7, small) == ("slots", "blocks")
+    assert choose_plan(2, 4, 2, 3, 7, big) == ("sets", "blocks")  # sparse general, G <= 2k
+    assert choose_plan(2, 4, 1, 3, 7, big) == ("sets", "slots")
+    assert choose_plan(1, 4, 1, 2, 7, big) == ("slots", "slots")
+    assert choose_plan("soft", 4, "soft", 2, 7, big) == ("blocks", "fold")
+    assert choose_plan("soft", 4, 1, 2, 7, big) == ("blocks", "fold")
 
 
 def test_gradients_reach_routers_and_every_expert():
@@ -138,9 +154,11 @@ def test_top1_router_learns_from_lm_loss():
     assert layer.router.weight.grad.abs().sum() > 0
 
 
-def test_cluster_tokens_only_touch_their_group():
+@pytest.mark.parametrize("plan", [("slots", None), ("sets", None), ("blocks", None)])
+def test_cluster_tokens_only_touch_their_group(plan):
     C, E = 3, 4
     layer = make_experts(top_k=2, groups=C, experts=E)
+    layer.plan = plan
     x, h, _, _ = random_batch(T=64, groups=C, pad_frac=0.0)
     g = torch.full((64,), 1)
     out, _ = layer(x, h, g, torch.ones(64, dtype=torch.bool))
@@ -154,8 +172,10 @@ def test_cluster_tokens_only_touch_their_group():
     assert router_rows[~in_group].eq(0).all() and router_rows[in_group].gt(0).all()
 
 
-def test_padding_gets_no_output_change_and_no_gradient():
+@pytest.mark.parametrize("plan", [("slots", None), ("sets", None), ("blocks", None)])
+def test_padding_gets_no_output_change_and_no_gradient(plan):
     layer = make_experts(top_k=2)
+    layer.plan = plan
     x, h, g, valid = random_batch()
     hh = h.clone().requires_grad_(True)
     out, _ = layer(x, hh, g, valid)
@@ -197,16 +217,18 @@ def test_mlp_reads_per_sequence_and_per_token_ids():
     torch.testing.assert_close(per_seq, per_tok)
 
 
-@pytest.mark.parametrize("kwargs", [
-    pytest.param(dict(top_k="soft", general=2), id="V-soft"),
-    pytest.param(dict(top_k=2, general=2), id="V-top2"),
-    pytest.param(dict(top_k="soft", groups=1), id="soft-C1"),
+@pytest.mark.parametrize("kwargs,plan", [
+    pytest.param(dict(top_k="soft", general=2), None, id="V-soft"),
+    pytest.param(dict(top_k=2, general=2), ("slots", "blocks"), id="V-top2-slots"),
+    pytest.param(dict(top_k=2, general=2), ("sets", "blocks"), id="V-top2-sets"),
+    pytest.param(dict(top_k="soft", groups=1), None, id="soft-C1"),
 ])
-def test_layer_traces_under_torch_compile(kwargs):
-    """The block and slot plans inside MoCEExperts trace with Dynamo + AOT autograd."""
+def test_layer_traces_under_torch_compile(kwargs, plan):
+    """The block, set and slot plans inside MoCEExperts trace with Dynamo + AOT autograd."""
     torch._dynamo.reset()
     cfg = make_config(**kwargs)
     layer = make_experts(**kwargs)
+    layer.plan = plan
     x, h, g, valid = random_batch(groups=cfg.groups)
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     results = []
