@@ -13,7 +13,7 @@ accumulation 4 on one process = 2 ranks x 1 x 2). Sharding settings are the exam
 zero3_bf16.json). The one process gets all --threads (default: all cores), each of the 2
 ranks half of them.
 
-Per rank, a tiny plugin in this file records each optimizer step's wall and CPU time
+Per rank, the plugin in bench/step_timer.py records each optimizer step's wall and CPU time
 (``on_step_begin`` -> ``on_step_end``) and the process's peak RSS (``ru_maxrss``: model,
 optimizer state, activations, gathered shards, python/axolotl/deepspeed overhead). Printed:
 median over the timed steps per rank, and the peak RSS per rank.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -32,9 +31,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timer import rank_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cpu-smollm2-moce.yml"
@@ -42,42 +43,6 @@ MODEL = ROOT / "examples" / "models" / "SmolLM2-135M-Instruct"
 DATA = ROOT / "examples" / "data" / "moce_sample.jsonl"
 CLUSTER_OF_SOURCE = {"alpaca": 0, "code_alpaca": 1, "gsm8k": 2}
 MODES = ("single", "ddp", "fsdp2", "zero2", "zero3")
-
-# --------------------------------------------------------------------------- timer plugin
-try:  # only needed inside the axolotl processes
-    from axolotl.integrations.base import BasePlugin
-    from transformers import TrainerCallback
-except Exception:  # pragma: no cover - the driver does not need axolotl imported
-    BasePlugin = object  # type: ignore[assignment,misc]
-    TrainerCallback = object  # type: ignore[assignment,misc]
-
-
-class _RankStepTimer(TrainerCallback):  # type: ignore[misc,valid-type]
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []
-        self._t0 = self._c0 = 0.0
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._t0, self._c0 = time.perf_counter(), time.process_time()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.times.append(time.perf_counter() - self._t0)
-        self.cpu_times.append(time.process_time() - self._c0)
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with open(self.path, "w") as f:
-            json.dump({"step_times": self.times, "cpu_times": self.cpu_times,
-                       "peak_rss_mb": peak_kb / 1024}, f)
-
-
-class RankStepTimerPlugin(BasePlugin):  # type: ignore[misc,valid-type]
-    """Writes this rank's step times and peak RSS to $MOCE_BENCH_DIR/rank<RANK>.json."""
-
-    def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
-        rank = os.environ.get("RANK", "0")
-        return [_RankStepTimer(str(Path(os.environ["MOCE_BENCH_DIR"]) / f"rank{rank}.json"))]
-
 
 # --------------------------------------------------------------------------- driver
 def _free_port() -> int:
@@ -98,7 +63,7 @@ def make_config(mode: str, tmp: Path, data: Path, steps: int, seq: int,
                 model: Path = MODEL) -> dict:
     cfg = yaml.safe_load(EXAMPLE.read_text())
     cfg["base_model"] = str(model)
-    cfg["plugins"] = ["moce_plugin.MoCEPlugin", "bench_sharded.RankStepTimerPlugin"]
+    cfg["plugins"] = ["moce_plugin.MoCEPlugin", "step_timer.StepTimerPlugin"]
     moce = dict(cfg["moce"])
     moce.update(num_clusters=3)
     moce.pop("cluster_artifact", None)
@@ -159,8 +124,8 @@ def run_mode(mode: str, steps: int, seq: int, threads: int, keep: Path | None,
         keep.mkdir(parents=True, exist_ok=True)
         (keep / f"{mode}.yml").write_text(cfg_path.read_text())
         (keep / f"{mode}.log").write_text(log_path.read_text())
-    ranks = [json.loads((tmp / f"rank{r}.json").read_text())
-             for r in range(nproc) if (tmp / f"rank{r}.json").exists()]
+    ranks = [json.loads(rank_file(tmp, r).read_text())
+             for r in range(nproc) if rank_file(tmp, r).exists()]
     if rc != 0 or len(ranks) != nproc:
         raise RuntimeError(f"{mode} failed (rc={rc}), log {log_path}:\n"
                            f"{log_path.read_text()[-4000:]}")

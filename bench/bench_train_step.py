@@ -16,7 +16,7 @@ micro_batch 1, gradient accumulation 4, fp32 on CPU):
 Each variant runs ``python -m axolotl.cli.train`` in its own temp dir, in its own wrapper
 process, so ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` is that run's peak RSS (whole process:
 model, optimizer state, activations, python/axolotl overhead). Step times come from a tiny
-axolotl plugin defined in this file (``StepTimerPlugin``), a TrainerCallback timing
+axolotl plugin in bench/step_timer.py (``StepTimerPlugin``), a TrainerCallback timing
 ``on_step_begin`` -> ``on_step_end`` (one optimizer step = 4 micro-batches fwd+bwd + AdamW).
 and the process CPU time of the same span (``time.process_time``). The first ``--warmup``
 steps are dropped; the median of the rest is reported. On a shared machine run with
@@ -38,44 +38,12 @@ import time
 from pathlib import Path
 
 from machine_info import cpu_model  # bench/ is on sys.path when run as a script
+from step_timer import rank_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "SmolLM2-135M-Instruct"
 DATA = ROOT / "examples" / "data" / "moce_sample.jsonl"
 CLUSTER_OF_SOURCE = {"alpaca": 0, "code_alpaca": 1, "gsm8k": 2}
-
-# --------------------------------------------------------------------------- timer plugin
-try:  # only needed inside the axolotl process
-    from axolotl.integrations.base import BasePlugin
-    from transformers import TrainerCallback
-except Exception:  # pragma: no cover - the driver does not need axolotl imported
-    BasePlugin = object  # type: ignore[assignment,misc]
-    TrainerCallback = object  # type: ignore[assignment,misc]
-
-
-class _StepTimer(TrainerCallback):  # type: ignore[misc,valid-type]
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []
-        self._t0 = self._c0 = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0, self._c0 = time.perf_counter(), time.process_time()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._t0)
-        self.cpu_times.append(time.process_time() - self._c0)
-        with open(self.path, "w") as f:
-            json.dump({"step_times": self.times, "cpu_times": self.cpu_times}, f)
-
-
-class StepTimerPlugin(BasePlugin):  # type: ignore[misc,valid-type]
-    """Writes per-optimizer-step wall times to $MOCE_BENCH_STEP_TIMES."""
-
-    def add_callbacks_pre_trainer(self, cfg, model):
-        return [_StepTimer(os.environ["MOCE_BENCH_STEP_TIMES"])]
-
 
 # --------------------------------------------------------------------------- driver
 COMMON = f"""\
@@ -112,7 +80,7 @@ dataloader_num_workers: 0
 MOCE_BLOCK = """\
 plugins:
   - moce_plugin.MoCEPlugin
-  - bench_train_step.StepTimerPlugin
+  - step_timer.StepTimerPlugin
 moce:
   num_clusters: {k}
   experts_per_group: 4
@@ -126,7 +94,7 @@ moce:
 
 LORA_BLOCK = """\
 plugins:
-  - bench_train_step.StepTimerPlugin
+  - step_timer.StepTimerPlugin
 adapter: lora
 lora_r: 64
 lora_alpha: 64
@@ -136,7 +104,7 @@ lora_target_linear: true
 
 LORA_MLP_BLOCK = """\
 plugins:
-  - bench_train_step.StepTimerPlugin
+  - step_timer.StepTimerPlugin
 adapter: lora
 lora_r: 64
 lora_alpha: 64
@@ -181,14 +149,14 @@ def run_variant(name: str, steps: int, ga: int, keep_logs: Path | None,
     cfg = COMMON.format(data=data, tmp=tmp, ga=ga, steps=steps) + VARIANTS[name]
     cfg_path = tmp / "config.yml"
     cfg_path.write_text(cfg)
-    times_path = tmp / "step_times.json"
+    times_path = rank_file(tmp)
     env = dict(os.environ)
     env.update(
         AXOLOTL_DO_NOT_TRACK="1",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
-        MOCE_BENCH_STEP_TIMES=str(times_path),
+        MOCE_BENCH_DIR=str(tmp),
         **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}),
         PYTHONPATH=os.pathsep.join(
             [str(ROOT / "bench"), str(ROOT), env.get("PYTHONPATH", "")]
