@@ -330,10 +330,14 @@ def wall_table(m: dict[str, dict]) -> list[str]:
     def minutes(v: float | None) -> str:
         return "-" if not v else f"{v / 60:.1f} min"
 
+    def load(r: dict) -> str:  # at the run's start and end
+        ends = [r.get(k) for k in ("load_average_1min", "load_average_1min_end")]
+        return " -> ".join(f"{v:.1f}" for v in ends if isinstance(v, int | float)) or "?"
+
     for name in sorted(n for n in m if "@s" in n):
         r = m[name]
         lines.append(f"| {name} | {r.get('machine', '?')} | {r.get('torch_threads', '?')} | "
-                     f"{r.get('load_average_1min', '?')} | {minutes(r.get('train_seconds'))} | "
+                     f"{load(r)} | {minutes(r.get('train_seconds'))} | "
                      f"{minutes(r.get('eval_seconds'))} | {minutes(r.get('curve_seconds'))} | "
                      f"{minutes(r.get('wall_seconds'))} |")
     return lines

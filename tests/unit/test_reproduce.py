@@ -79,7 +79,7 @@ def test_adapter_params_match_the_measured_counts():
     s = common.Settings()
     checked = 0
     for name, m in measured.items():
-        run = common.RUNS[name]
+        run = common.get_run(name)  # single-seed runs and seeded ones (name@sN)
         if run.kind == "moce":
             moce = common.moce_block(run, s, m["groups"] if run.clustered else 3)
             assert common.adapter_params(moce, 576, 30) == m["trainable_params"], name
