@@ -82,6 +82,12 @@ def base_config(model_dir: Path, data: Path, out: Path, **overrides) -> dict:
     return cfg
 
 
+def qlora_example_settings() -> dict:
+    """The quantization + LoRA target settings of examples/llama2-moce-qlora.yml."""
+    example = yaml.safe_load((ROOT / "examples" / "llama2-moce-qlora.yml").read_text())
+    return {k: example[k] for k in ("adapter", "load_in_4bit", "lora_target_linear")}
+
+
 def env() -> dict:
     e = dict(os.environ)
     e.update(

@@ -5,6 +5,7 @@ frozen FFN runs per forward; writes <output_dir>/quant_check.json."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from moce_plugin.model.upcycle import moce_experts_modules
 
 class QuantCheckPlugin(BasePlugin):
     def post_model_load(self, cfg: Any, model: Any) -> None:
-        mlps = [m for m in model.modules() if isinstance(m, MoCEMLP)]
+        self.mlps = mlps = [m for m in model.modules() if isinstance(m, MoCEMLP)]
         self.calls = [0]
 
         def count(*_: Any) -> None:
@@ -38,9 +39,16 @@ class QuantCheckPlugin(BasePlugin):
         }
 
     def post_train(self, cfg: Any, model: Any) -> None:
-        out = Path(cfg.output_dir) / "quant_check.json"
-        if out.exists():
+        # axolotl calls post_train twice; only the first (right after training, process group
+        # still up) can run a forward, and under FSDP2 every rank must take part in it.
+        if getattr(self, "done", False):
             return
+        self.done = True
+        # Under FSDP2 the FFN weight is a DTensor shard by now; its local tensor must still be
+        # the bitsandbytes 4-bit / int8 parameter (axolotl's fsdp2_qlora patches).
+        weight = self.mlps[0].base_mlp.gate_proj.weight
+        self.info["ffn_weight_after_training"] = [
+            type(weight).__name__, type(getattr(weight, "_local_tensor", weight)).__name__]
         before = self.calls[0]
         ids = torch.arange(4, 28).view(2, 12)
         # Training mode: bitsandbytes' CPU inference path (eval + no grad) repacks 4-bit weights
@@ -49,4 +57,5 @@ class QuantCheckPlugin(BasePlugin):
         with torch.no_grad():
             model(input_ids=ids, moce_cluster_ids=torch.tensor([0, 2]))
         self.info["ffn_calls_per_forward"] = self.calls[0] - before
-        out.write_text(json.dumps(self.info))
+        if int(os.environ.get("RANK", "0")) == 0:
+            (Path(cfg.output_dir) / "quant_check.json").write_text(json.dumps(self.info))

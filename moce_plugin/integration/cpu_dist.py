@@ -69,3 +69,20 @@ def wrap_accelerator_state_init(original: Any) -> Any:
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     return __init__
+
+
+def wrap_set_device_map_config(original: Any) -> Any:
+    """FSDP + QLoRA: ``ModelLoader._set_device_map_config`` (axolotl/loaders/model.py:708)
+    pins each rank's model to ``{"": LOCAL_RANK}``, a CUDA index, whatever ``device_map`` the
+    config has; without an accelerator transformers' ``caching_allocator_warmup``
+    (``is_accelerator_device``, transformers/modeling_utils.py:5026) then fails with
+    ``RuntimeError: Cannot access accelerator device when none is available``. Without CUDA
+    the ranks load on the CPU (gloo)."""
+    def _set_device_map_config(self: Any) -> None:
+        original(self)
+        device_map = self.model_kwargs.get("device_map")
+        if isinstance(device_map, dict) and not torch.cuda.is_available():
+            self.model_kwargs["device_map"] = {
+                k: "cpu" if isinstance(v, int) else v for k, v in device_map.items()}
+
+    return _set_device_map_config

@@ -76,6 +76,13 @@ PATCHES: tuple[Patch, ...] = (
         "accelerate enables FSDP only for GPU-like distributed types; FSDP2 runs on gloo.",
         only_without_cuda=True,
     ),
+    Patch(
+        "axolotl.loaders.model", "ModelLoader._set_device_map_config",
+        "moce_plugin.integration.cpu_dist:wrap_set_device_map_config",
+        "FSDP + QLoRA on CPU: axolotl pins each rank to device_map {'': LOCAL_RANK}, a CUDA "
+        "index, and transformers fails with 'Cannot access accelerator device'.",
+        only_without_cuda=True,
+    ),
 )
 
 INSTANCE_PATCHES: tuple[tuple[str, str], ...] = (

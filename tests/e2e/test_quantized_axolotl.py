@@ -15,8 +15,14 @@ import sys
 
 import pytest
 import torch
-import yaml
-from axolotl_helpers import ROOT, base_config, env, run_train, train_losses, write_cluster_jsonl
+from axolotl_helpers import (
+    base_config,
+    env,
+    qlora_example_settings,
+    run_train,
+    train_losses,
+    write_cluster_jsonl,
+)
 from safetensors.torch import load_file
 
 pytestmark = [
@@ -31,15 +37,10 @@ def data(tmp_path_factory):
     return write_cluster_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", limit=240)
 
 
-def _example_lora_settings() -> dict:
-    example = yaml.safe_load((ROOT / "examples" / "llama2-moce-qlora.yml").read_text())
-    return {k: example[k] for k in ("adapter", "load_in_4bit", "lora_target_linear")}
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_base_trains_with_moce_through_axolotl(tmp_path, tiny_model_dir, data, bits):
     if bits == 4:
-        quant = _example_lora_settings()
+        quant = qlora_example_settings()
     else:
         quant = {"adapter": "lora", "load_in_8bit": True, "lora_target_linear": True}
     cfg = base_config(tiny_model_dir, data, tmp_path, max_steps=8, save_steps=8,

@@ -26,3 +26,27 @@ def test_install_is_idempotent_and_replaces_each_target():
         assert getattr(value, "_moce_patched", False), patch.attribute
         for module in patch.also_in:
             assert patches._resolve(module, patch.attribute)[2] is value
+
+
+def test_fsdp_qlora_rank_device_map_loads_on_cpu_without_cuda():
+    """axolotl pins FSDP + QLoRA ranks to {"": LOCAL_RANK} (a CUDA index); without CUDA the
+    plugin's wrapper turns that into the CPU, and leaves device names alone."""
+    import torch
+
+    from moce_plugin.integration.cpu_dist import wrap_set_device_map_config
+
+    class Loader:
+        def __init__(self, device_map: object) -> None:
+            self.device_map = device_map
+            self.model_kwargs: dict = {}
+
+    def original(self: Loader) -> None:
+        self.model_kwargs["device_map"] = self.device_map
+
+    wrapped = wrap_set_device_map_config(original)
+    rank_pinned, named = Loader({"": 1}), Loader({"": "meta"})
+    wrapped(rank_pinned)
+    wrapped(named)
+    expected = {"": 1} if torch.cuda.is_available() else {"": "cpu"}
+    assert rank_pinned.model_kwargs["device_map"] == expected
+    assert named.model_kwargs["device_map"] == {"": "meta"}
