@@ -4,7 +4,8 @@ examples/llama2-moce-qlora.yml (adapter, load_in_4bit, lora_target_linear), scal
 
 Checked: the frozen FFN stays a bitsandbytes Linear4bit / Linear8bitLt and runs once per
 forward, MoCE stays in the training dtype (float32) and trainable, the loss falls, the
-adapter holds full MoCE tensors, and the output reloads (load_moce_model) and exports."""
+adapter holds full MoCE tensors, the output reloads (load_moce_model) and exports, and
+(QLoRA) resuming from a checkpoint reproduces the uninterrupted run's losses."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_quantized_base_trains_with_moce_through_axolotl(tmp_path, tiny_model_di
         quant = qlora_example_settings()
     else:
         quant = {"adapter": "lora", "load_in_8bit": True, "lora_target_linear": True}
-    cfg = base_config(tiny_model_dir, data, tmp_path, max_steps=8, save_steps=8,
+    cfg = base_config(tiny_model_dir, data, tmp_path, max_steps=8, save_steps=4,
                       learning_rate=0.05, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                       plugins=["moce_plugin.MoCEPlugin", "quant_check_plugin.QuantCheckPlugin"],
                       **quant)
@@ -80,3 +81,12 @@ def test_quantized_base_trains_with_moce_through_axolotl(tmp_path, tiny_model_di
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "exported" / "moce_weights.safetensors").is_file()
+
+    if bits == 4:  # QLoRA: interrupt after step 4, resume from its checkpoint
+        import shutil
+
+        shutil.rmtree(out / "checkpoint-8")
+        run_train({**cfg, "resume_from_checkpoint": str(out / "checkpoint-4")}, tmp_path)
+        resumed = train_losses(out / "checkpoint-8")
+        for step in (5, 6, 7, 8):
+            assert resumed[step] == pytest.approx(losses[step], rel=1e-4, abs=1e-4), step
