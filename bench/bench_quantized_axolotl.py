@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_sharded import MODEL, make_config, write_data  # noqa: E402
-from machine_info import cpu_model  # noqa: E402
+from machine_info import cpu_model, ensure_smollm2  # noqa: E402
 
 QLORA_EXAMPLE = ROOT / "examples" / "llama2-moce-qlora.yml"
 EXAMPLE_KEYS = ("adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout",
@@ -145,9 +145,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="all results (losses, timings, checks)")
     args = p.parse_args()
     model = Path(args.model)
-    if model == MODEL and not (MODEL / "config.json").exists():
-        subprocess.check_call([sys.executable, str(ROOT / "examples" / "prepare_smollm2.py")],
-                              cwd=ROOT)
+    ensure_smollm2(model)
     import torch
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_info import cpu_model, ensure_smollm2  # noqa: E402
 from step_timer import rank_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,13 +149,9 @@ def main() -> None:
     args = p.parse_args()
 
     model = Path(args.model)
-    if model == MODEL and not (MODEL / "config.json").exists():
-        subprocess.check_call([sys.executable, str(ROOT / "examples" / "prepare_smollm2.py")],
-                              cwd=ROOT)
+    ensure_smollm2(model)
     import torch
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from machine_info import cpu_model
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"model {model.name}, sequence_len {args.seq}, global batch 4 sequences, "

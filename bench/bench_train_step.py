@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_info import cpu_model  # bench/ is on sys.path when run as a script
+from machine_info import cpu_model, ensure_smollm2  # bench/ is on sys.path when run as a script
 from step_timer import rank_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,9 +206,7 @@ def main() -> None:
     p.add_argument("--keep-logs", default=None, help="folder for configs + train logs")
     args = p.parse_args()
 
-    if not (MODEL / "config.json").exists():
-        subprocess.check_call([sys.executable, str(ROOT / "examples" / "prepare_smollm2.py")],
-                              cwd=ROOT)
+    ensure_smollm2(MODEL)
     import torch
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
