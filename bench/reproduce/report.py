@@ -71,6 +71,14 @@ def load_metrics() -> dict[str, dict[str, Any]]:
     return found
 
 
+def recorded_seeded_runs(raw: Path) -> dict[str, dict[str, Any]]:
+    """Seeded runs already recorded in the committed metrics (outputs/ is not in git): a
+    report from a checkout that ran only some of them keeps the others."""
+    if not raw.is_file():
+        return {}
+    return {n: r for n, r in json.loads(raw.read_text()).items() if "@s" in n}
+
+
 def legacy_runs(m: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {n: r for n, r in m.items() if n in RUNS}
 
@@ -294,8 +302,8 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=DOC,
                         help="results page to update; figures and metrics go beside it")
     doc = parser.parse_args().doc
-    m = load_metrics()
     raw = doc.parent / "results" / "metrics.json"
+    m = {**recorded_seeded_runs(raw), **load_metrics()}  # runs measured here win
     text = doc.read_text() if doc.is_file() else (
         f"# Results\n\n{STUDY_START}\n{STUDY_END}\n\n{START}\n{END}\n")
     legacy = legacy_runs(m)

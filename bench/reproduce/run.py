@@ -156,6 +156,24 @@ def take_lock(out: Path) -> bool:
     return False
 
 
+# Settings that name paths of one checkout; the rest must agree for a recorded run to count.
+_PATH_SETTINGS = ("base_model", "data_dir")
+
+
+def recorded_run(name: str, s: Settings, path: Path = REFERENCE_METRICS) -> dict | None:
+    """A seeded run's metrics as committed by report.py (docs/results/metrics.json) when it was
+    measured with the same settings: outputs/ is not in git, so a fresh checkout would
+    otherwise redo (and the report drop) runs that are already measured."""
+    if not path.is_file():
+        return None
+    run = json.loads(path.read_text()).get(name)
+    if not run:
+        return None
+    mine = {k: v for k, v in s.__dict__.items() if k not in _PATH_SETTINGS}
+    theirs = {k: v for k, v in run.get("settings", {}).items() if k not in _PATH_SETTINGS}
+    return run if mine == theirs else None
+
+
 def do_run(run: Run, s: Settings, force: bool) -> None:
     from heldout_metrics import evaluate
 
@@ -163,6 +181,10 @@ def do_run(run: Run, s: Settings, force: bool) -> None:
     metrics_path = out / "metrics.json"
     if metrics_path.is_file() and not force:
         print(f"[{run.name}] done already ({metrics_path}); --force redoes it")
+        return
+    if "@s" in run.name and recorded_run(run.name, s) and not force:
+        print(f"[{run.name}] recorded in {REFERENCE_METRICS} with these settings (a run of "
+              "another checkout); --force redoes it")
         return
     if not take_lock(out):
         print(f"[{run.name}] being run by another process ({out / '.lock'}); skipped")
@@ -220,7 +242,8 @@ def plan(runs: list[Run], s: Settings, reference_path: Path = REFERENCE_METRICS)
     reference = json.loads(reference_path.read_text()) if reference_path.is_file() else {}
     lines, low, high, unknown = [], 0.0, 0.0, []
     for run in runs:
-        if (run_dir(run) / "metrics.json").is_file():
+        if (run_dir(run) / "metrics.json").is_file() or (
+                "@s" in run.name and recorded_run(run.name, s, reference_path)):
             lines.append(f"  {run.name:18s} done")
             continue
         est = estimate_seconds(run, s, reference)

@@ -342,3 +342,22 @@ def yaml_of(run_dir: Path) -> dict:
     import yaml
 
     return yaml.safe_load((run_dir / "config.yml").read_text())
+
+
+def test_recorded_seeded_runs_count_as_done_and_stay_in_the_report(tmp_path):
+    """outputs/ is not in git: a fresh checkout must neither redo the seeded runs recorded in
+    docs/results/metrics.json nor drop them from the report, unless the settings changed."""
+    import report
+    import run as runner
+
+    s = common.Settings(base_model="/here/model", data_dir="/here/data")
+    settings = {**s.__dict__, "base_model": "/elsewhere/model", "data_dir": "/elsewhere/data"}
+    raw = tmp_path / "metrics.json"
+    raw.write_text(json.dumps({"moce@s1": {"settings": settings, "loss": {}},
+                               "pesc@s1": {"settings": {**settings, "steps": 7}},
+                               "moce": {"settings": settings}}))
+    assert runner.recorded_run("moce@s1", s, raw)  # paths of another checkout do not matter
+    assert runner.recorded_run("pesc@s1", s, raw) is None  # other steps: not the same run
+    assert runner.recorded_run("lora_mlp@s1", s, raw) is None
+    assert "done" in runner.plan([common.get_run("moce@s1")], s, raw)
+    assert set(report.recorded_seeded_runs(raw)) == {"moce@s1", "pesc@s1"}
