@@ -236,8 +236,9 @@ def _baseline_mlp(ffn: nn.Module, d: int, cfg: MoCEConfig, moce: MoCEMLP) -> nn.
     """The baseline checkout's MoCEMLP with the same weights as ``moce`` (old key names)."""
     old_cfg = _BASELINE["config"].MoCEConfig(**cfg.model_dump())
     old = _BASELINE["layer"].MoCEMLP(ffn, d, old_cfg, layer_index=0)
-    state = {k.replace("router.weight", "router"): v
-             for k, v in moce.moce_experts.state_dict().items()}
+    state = moce.moce_experts.state_dict()
+    if "router" in old.moce_experts.state_dict():  # checkouts before the router module
+        state = {k.replace("router.weight", "router"): v for k, v in state.items()}
     old.moce_experts.load_state_dict(state)
     return old
 

@@ -144,12 +144,27 @@ def _stack_up(up: torch.Tensor, blocks: torch.Tensor | None) -> torch.Tensor:
     return up.view(experts, r * d).index_select(0, blocks.reshape(-1)).view(sets, width * r, d)
 
 
-def _unstack_up_grad(grad: torch.Tensor, blocks: torch.Tensor, experts: int) -> torch.Tensor:
-    """Gradient of the sets [S, B*r, d] -> of the experts [N, r, d] (summed over sets)."""
+def _unstack_up_grad(grad: torch.Tensor, blocks: torch.Tensor, experts: int,
+                     shared_grad: torch.Tensor | None = None,
+                     shared: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of the sets [S, B*r, d] -> of the experts [N, r, d] (summed over sets);
+    plus ``shared_grad`` [G*r, d] of the ``shared`` experts [G], if given."""
     sets, width = blocks.shape
     r, d = grad.shape[1] // width, grad.shape[2]
-    return grad.new_zeros(experts, r * d).index_add_(
-        0, blocks.reshape(-1), grad.reshape(sets * width, r * d)).view(experts, r, d)
+    out = grad.new_zeros(experts, r * d).index_add_(
+        0, blocks.reshape(-1), grad.reshape(sets * width, r * d))
+    if shared is not None:
+        out.index_add_(0, shared, shared_grad.reshape(shared.shape[0], r * d))
+    return out.view(experts, r, d)
+
+
+def _split_shared(t: torch.Tensor, shared: torch.Tensor | None,
+                  rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Columns of ``t`` [A, (B+G)*r] -> (the sets' [A, B*r], the shared experts' [A, G*r])."""
+    if shared is None:
+        return t, None
+    cut = t.shape[1] - shared.shape[0] * rank
+    return t[:, :cut].contiguous(), t[:, cut:]
 
 
 class _GatherGroupedMM(torch.autograd.Function):
@@ -159,23 +174,29 @@ class _GatherGroupedMM(torch.autograd.Function):
     per token). ``keep_gathered``: save the gathered rows instead of ``h`` and skip the
     re-gather in the backward (for one slot per token, when nothing else keeps ``h``: the
     same bytes, one [T, d] gather less). ``blocks`` [S, B]: ``down`` holds the experts and
-    group s is the stack of experts blocks[s] (see :func:`_stack_down`)."""
+    group s is the stack of experts blocks[s] (see :func:`_stack_down`). ``shared`` [G]:
+    experts every row uses, as G*r more columns from one plain product (their weights are
+    not stacked per group)."""
 
     @staticmethod
     def forward(ctx, h, down, position, token_of_slot, offsets, counts, k: int,
-                use_grouped: bool, keep_gathered: bool = False, blocks=None):
+                use_grouped: bool, keep_gathered: bool = False, blocks=None, shared=None):
         h_sorted = h if token_of_slot is None else h.index_select(0, token_of_slot)
         ctx.regather = token_of_slot is not None and not keep_gathered
         ctx.num_tokens, ctx.k, ctx.use_grouped = h.shape[0], k, use_grouped
         ctx.save_for_backward(h if ctx.regather else h_sorted, down, position, token_of_slot,
-                              offsets, counts, blocks)
-        return grouped_matmul(h_sorted, _stack_down(down, blocks), offsets, counts, use_grouped)
+                              offsets, counts, blocks, shared)
+        z = grouped_matmul(h_sorted, _stack_down(down, blocks), offsets, counts, use_grouped)
+        if shared is None:
+            return z
+        return torch.cat([z, h_sorted @ _stack_down(down, shared[None])[0]], 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z):
-        h_saved, down, position, token_of_slot, offsets, counts, blocks = ctx.saved_tensors
-        grad_z = grad_z.contiguous()
+        h_saved, down, position, token_of_slot, offsets, counts, blocks, shared = (
+            ctx.saved_tensors)
+        grad_z, grad_shared = _split_shared(grad_z.contiguous(), shared, down.shape[-1])
         grad_h = grad_down = None
         if ctx.needs_input_grad[1]:
             h_sorted = h_saved.index_select(0, token_of_slot) if ctx.regather else h_saved
@@ -185,13 +206,17 @@ class _GatherGroupedMM(torch.autograd.Function):
             else:  # formed transposed ([S, B*r, d]): whole experts, no strided copy
                 grad_down = _unstack_up_grad(
                     grouped_weight_grad(grad_z, h_sorted, offsets, counts, ctx.use_grouped),
-                    blocks, down.shape[0]).transpose(1, 2).contiguous()
+                    blocks, down.shape[0],
+                    None if shared is None else grad_shared.transpose(0, 1) @ h_sorted,
+                    shared).transpose(1, 2).contiguous()
             del h_sorted  # freed before the [T*k, d] input gradient is allocated
         if ctx.needs_input_grad[0]:
             grad_rows = grouped_matmul(grad_z, _stack_down(down, blocks).transpose(-2, -1),
                                        offsets, counts, ctx.use_grouped)
+            if shared is not None:  # accumulated in place by the product: no [T, d] sum
+                grad_rows.addmm_(grad_shared, _stack_down(down, shared[None])[0].t())
             grad_h = _sum_slots(grad_rows, position, ctx.num_tokens, ctx.k)
-        return grad_h, grad_down, None, None, None, None, None, None, None, None
+        return grad_h, grad_down, None, None, None, None, None, None, None, None, None
 
 
 class _WeightedGroupedMMCombine(torch.autograd.Function):
@@ -199,39 +224,49 @@ class _WeightedGroupedMMCombine(torch.autograd.Function):
 
     ``weight`` is [A] (one weight per slot) or [A, B]: the slot's bottleneck is B blocks
     of r columns, block b scaled by ``weight[a, b]`` (B experts merged into one rank-B*r
-    adapter). ``blocks`` [S, B]: ``up`` holds the experts (see :func:`_stack_up`)."""
+    adapter). ``blocks`` [S, B]: ``up`` holds the experts (see :func:`_stack_up`).
+    ``shared`` [G]: the last G blocks of every row are these experts, one plain product
+    accumulated into the grouped one in place."""
 
     @staticmethod
     def forward(ctx, z, weight, up, position, token_of_slot, offsets, counts, k: int,
-                use_grouped: bool, blocks=None):
-        rows = grouped_matmul(_scale_blocks(z, weight), _stack_up(up, blocks), offsets, counts,
-                              use_grouped)
-        ctx.save_for_backward(z, weight, up, token_of_slot, offsets, counts, blocks)
+                use_grouped: bool, blocks=None, shared=None):
+        zw, zw_shared = _split_shared(_scale_blocks(z, weight), shared, up.shape[1])
+        rows = grouped_matmul(zw, _stack_up(up, blocks), offsets, counts, use_grouped)
+        if shared is not None:
+            rows.addmm_(zw_shared, _stack_up(up, shared[None])[0])
+        ctx.save_for_backward(z, weight, up, token_of_slot, offsets, counts, blocks, shared)
         ctx.use_grouped = use_grouped
         return _sum_slots(rows, position, z.shape[0] // k, k)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        z, weight, up, token_of_slot, offsets, counts, blocks = ctx.saved_tensors
+        z, weight, up, token_of_slot, offsets, counts, blocks, shared = ctx.saved_tensors
         # Every slot of token t receives t's output gradient.
         grad_rows = grad_out.contiguous()
         if token_of_slot is not None:
             grad_rows = grad_rows.index_select(0, token_of_slot)
         grad_zw = grouped_matmul(grad_rows, _stack_up(up, blocks).transpose(-2, -1), offsets,
                                  counts, ctx.use_grouped)
+        if shared is not None:
+            up_shared = _stack_up(up, shared[None])[0]
+            grad_zw = torch.cat([grad_zw, grad_rows @ up_shared.t()], 1)
         grad_z = grad_weight = grad_up = None
         if ctx.needs_input_grad[2]:
-            grad_up = grouped_weight_grad(_scale_blocks(z, weight), grad_rows, offsets, counts,
-                                          ctx.use_grouped)
+            zw, zw_shared = _split_shared(_scale_blocks(z, weight), shared, up.shape[1])
+            grad_up = grouped_weight_grad(zw, grad_rows, offsets, counts, ctx.use_grouped)
             if blocks is not None:
-                grad_up = _unstack_up_grad(grad_up, blocks, up.shape[0])
+                grad_up = _unstack_up_grad(
+                    grad_up, blocks, up.shape[0],
+                    None if shared is None else zw_shared.t() @ grad_rows, shared)
+            del zw, zw_shared
         del grad_rows
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_zw * z).view(*weight.shape, -1).sum(-1)
         if ctx.needs_input_grad[0]:
             grad_z = _scale_blocks(grad_zw, weight)
-        return grad_z, grad_weight, grad_up, None, None, None, None, None, None, None
+        return grad_z, grad_weight, grad_up, None, None, None, None, None, None, None, None
 
 
 def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
@@ -283,8 +318,10 @@ def block_adapter_sum(
     up: torch.Tensor,
     act: Callable[[torch.Tensor], torch.Tensor],
     members: torch.Tensor,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sum_b weights[t, b] * up_e(act(down_e(h[t])))`` with e = members[sets[t], b].
+    """``sum_b weights[t, b] * up_e(act(down_e(h[t])))`` with e = members[sets[t], b],
+    b over the set's B members and then the G ``shared`` experts (used by every token).
 
     Every token of set s uses the same B experts ``members[s]``, so they are one adapter of
     rank B*r whose hidden units are scaled block-wise by the token's weights:
@@ -292,8 +329,11 @@ def block_adapter_sum(
     per-(token, expert) slot: tokens are sorted by set once and each set is one grouped
     product (a plain product with one set). A zero weight leaves an expert out.
 
-    h: [T, d]; sets: [T] in [0, S), or None with S = 1; weights: [T, B];
-    down: [N, d, r]; up: [N, r, d] (all experts); members: [S, B] expert ids -> [T, d].
+    h: [T, d]; sets: [T] in [0, S), or None with S = 1; weights: [T, B (+ G)];
+    down: [N, d, r]; up: [N, r, d] (all experts); members: [S, B] expert ids; shared: [G]
+    expert ids or None -> [T, d]. Shared experts (the general experts of (V)) join every
+    set's adapter as G more blocks without being stacked into each set: one plain product
+    over the sorted rows, accumulated into the grouped one.
     The backward keeps h (its sorted copy) and the [T, B*r] bottleneck, like
     :func:`routed_adapter_sum`; the sets' stacked weights are rebuilt there, not kept.
     """
@@ -314,10 +354,11 @@ def block_adapter_sum(
     rank = down.shape[-1] * width
     # The sorted copy of h is saved instead of h (same bytes, no re-gather in the backward).
     z_pre = _GatherGroupedMM.apply(h, down, position, order, offsets, counts, 1,
-                                   grouped_mm_supported(h, down, cols=rank), True, members)
+                                   grouped_mm_supported(h, down, cols=rank), True, members,
+                                   shared)
     z = act(z_pre)
     return _WeightedGroupedMMCombine.apply(z, weights, up, position, order, offsets, counts, 1,
-                                           grouped_mm_supported(z, up), members)
+                                           grouped_mm_supported(z, up), members, shared)
 
 
 __all__ = ["block_adapter_sum", "grouped_matmul", "grouped_mm_supported", "grouped_weight_grad",

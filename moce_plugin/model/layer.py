@@ -78,7 +78,7 @@ def _dense_weights(probs: torch.Tensor, chosen: torch.Tensor | None,
 # all E experts of a group as one rank-E*r adapter, unchosen ones at weight 0; "sets": the k
 # chosen experts of a group as one rank-k*r adapter, tokens sorted by (group, chosen set);
 # general experts as "slots" in the same routed call, as a separate dense "blocks" call, or
-# "fold"ed into the group call as G more blocks of every set). Chosen by measurement
+# "fold"ed into the group call as G shared blocks of every set). Chosen by measurement
 # (bench/bench_expert_plans.py, docs/performance.md), not a user option; every plan computes
 # the same function.
 GROUP_PLANS = ("slots", "blocks", "sets")
@@ -101,16 +101,23 @@ def choose_plan(top_k: int | str, experts: int, general_top_k: int | str, genera
     # weights ([S, d, k*r], built in the forward and again in the backward): worth it while
     # those are no larger than the rows they replace, S*k*r <= k*T. Top-1 has nothing to
     # gain (one slot per token already; measured equal).
-    use_sets = k > 1 and (not tokens or groups * math.comb(experts, k) * rank <= tokens)
+    num_sets = groups * math.comb(experts, k)
+    use_sets = k > 1 and (not tokens or num_sets * rank <= tokens)
     group = "sets" if use_sets else "slots"
     if not general:
         return group, None
     dense = general_top_k == "soft" or general_top_k == general
-    # A separate dense call for the general experts (unchosen ones at weight 0) beats
-    # their slots unless it would do more than twice their work or the group's slots are
-    # few (top-1: the general slots ride along in the same routed call).
+    # A dense call for the general experts (unchosen ones at weight 0) beats their slots
+    # unless it would do more than twice their work or the group's slots are few (top-1:
+    # the general slots ride along in the same routed call).
     gk = general if general_top_k == "soft" else int(general_top_k)
-    return group, ("blocks" if dense or (general <= 2 * gk and k > 1) else "slots")
+    if not (dense or (general <= 2 * gk and k > 1)):
+        return group, "slots"
+    # Beside sets, the general experts are folded into the set call as shared blocks (one
+    # plain product over the sorted rows, accumulated into the grouped one): no separate
+    # call's [T, d] output, sum and input gradient. Measured faster than a separate dense
+    # call at every size where sets are taken (docs/performance.md).
+    return group, ("fold" if use_sets else "blocks")
 
 
 def _chosen_sets(
@@ -271,12 +278,13 @@ class MoCEExperts(nn.Module):
                 members = (torch.arange(C, device=device)[:, None, None] * E
                            + subsets).reshape(-1, subsets.shape[1])
             weights = weights * mask
+            shared = None
             if general_route is not None and general_plan == "fold":
                 # The general experts as G more blocks of every set: one call.
-                general_ids = torch.arange(n, n + G, device=device)
-                members = torch.cat([members, general_ids.expand(members.shape[0], G)], 1)
+                shared = torch.arange(n, n + G, device=device)
                 weights = torch.cat([weights, _dense_weights(*general_route) * mask], 1)
-            y = block_adapter_sum(h, sets, weights, self.down, self.up, self.act, members)
+            y = block_adapter_sum(h, sets, weights, self.down, self.up, self.act, members,
+                                  shared)
             out = y if out is None else out + y
         if general_route is not None and general_plan == "blocks":
             members = torch.arange(n, n + G, device=device).view(1, G)

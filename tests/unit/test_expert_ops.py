@@ -125,34 +125,40 @@ def test_traces_under_torch_compile(dtype):
 
 
 # ---- block_adapter_sum: the B experts of a token's set as one rank-B*r adapter ------------
-def block_reference(h, sets, weights, down, up, act, members):
-    """Token t uses the experts of its set, members[sets[t]], as its slots: the slot-by-slot
-    reference above, straight from the experts."""
+def block_reference(h, sets, weights, down, up, act, members, shared=None):
+    """Token t uses the experts of its set, members[sets[t]], then the shared ones, as its
+    slots: the slot-by-slot reference above, straight from the experts."""
     expert_ids = members[0].expand(h.shape[0], -1) if sets is None else members[sets]
+    if shared is not None:
+        expert_ids = torch.cat([expert_ids, shared.expand(h.shape[0], -1)], 1)
     return reference(h, expert_ids, weights, down, up, act)
 
 
-def make_block_inputs(T=23, d=16, r=8, groups=3, blocks=3, dtype=torch.float32, seed=0):
+def make_block_inputs(T=23, d=16, r=8, groups=3, blocks=3, dtype=torch.float32, seed=0,
+                      shared=0):
     """``groups`` sets of ``blocks`` experts each, drawn from groups*blocks + 2 experts so
-    that sets share experts (gradients summed over sets) and one expert is in no set."""
+    that sets share experts (gradients summed over sets) and one expert is in no set;
+    ``shared`` more experts used by every token (the general experts of (V))."""
     gen = torch.Generator().manual_seed(seed)
-    experts = groups * blocks + 2
+    experts = groups * blocks + 2 + shared
     h = torch.randn(T, d, generator=gen, dtype=dtype)
     # set 1 gets no token: an empty set in the middle
     set_ids = torch.tensor([0, 2])[torch.randint(0, 2, (T,), generator=gen)]
-    weights = torch.rand(T, blocks, generator=gen, dtype=dtype)
-    weights[0, -1] = 0.0  # a zero weight (unchosen expert) must still give exact gradients
+    weights = torch.rand(T, blocks + shared, generator=gen, dtype=dtype)
+    weights[0, blocks - 1] = 0.0  # a zero weight (unchosen expert) must still give exact grads
     down = torch.randn(experts, d, r, generator=gen, dtype=dtype) / d**0.5
     up = torch.randn(experts, r, d, generator=gen, dtype=dtype) / r**0.5
-    members = torch.randperm(experts - 1, generator=gen)[: groups * blocks].view(groups, blocks)
+    order = torch.randperm(experts - 1, generator=gen)
+    members = order[: groups * blocks].view(groups, blocks)
     if groups > 2:
         members[2, 0] = members[0, -1]  # an expert in two sets, at different block positions
-    return h, (set_ids if groups > 1 else None), weights, down, up, members
+    shared_ids = order[groups * blocks: groups * blocks + shared].flip(0) if shared else None
+    return h, (set_ids if groups > 1 else None), weights, down, up, members, shared_ids
 
 
-def _block_grads(fn, h, sets, weights, down, up, members, act):
+def _block_grads(fn, h, sets, weights, down, up, members, shared, act):
     leaves = [t.clone().requires_grad_(True) for t in (h, weights, down, up)]
-    out = fn(leaves[0], sets, leaves[1], leaves[2], leaves[3], act, members)
+    out = fn(leaves[0], sets, leaves[1], leaves[2], leaves[3], act, members, shared)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     (out * g).sum().backward()
     return out.detach(), [t.grad for t in leaves]
@@ -162,42 +168,49 @@ def _block_grads(fn, h, sets, weights, down, up, members, act):
                          ids=["grouped", "split-forced", "split-unaligned"])
 @pytest.mark.parametrize("groups,blocks", [(3, 3), (3, 1), (1, 4)], ids=["C3B3", "C3B1", "C1B4"])
 @pytest.mark.parametrize("act", [torch.sigmoid, torch.nn.functional.gelu], ids=["sigmoid", "gelu"])
-def test_block_sum_matches_autograd_reference(d, force_split, groups, blocks, act, monkeypatch):
+@pytest.mark.parametrize("shared", [0, 2], ids=["", "shared2"])
+def test_block_sum_matches_autograd_reference(d, force_split, groups, blocks, act, shared,
+                                              monkeypatch):
     if force_split:
         monkeypatch.setattr(expert_ops, "grouped_mm_supported", lambda a, b, cols=None: False)
-    inputs = make_block_inputs(d=d, groups=groups, blocks=blocks)
+    inputs = make_block_inputs(d=d, groups=groups, blocks=blocks, shared=shared)
     out, grads = _block_grads(block_adapter_sum, *inputs, act)
     ref_out, ref_grads = _block_grads(block_reference, *inputs, act)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     for name, got, want in zip(("h", "weights", "down", "up"), grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
-    members = inputs[-1]
+    members, shared_ids = inputs[-2:]
     used = set(members[0].tolist()) | (set(members[2].tolist()) if groups > 1 else set())
+    used |= set(shared_ids.tolist()) if shared else set()
     for e in range(inputs[3].shape[0]):  # experts of the empty set or of none: exactly zero
         if e not in used:
             assert grads[2][e].abs().max() == 0 and grads[3][e].abs().max() == 0
 
 
 @pytest.mark.parametrize("groups", [3, 1])
-def test_block_sum_gradcheck_float64(groups):
-    h, set_ids, weights, down, up, members = make_block_inputs(
-        T=7, d=4, r=3, groups=groups, blocks=2, dtype=torch.float64)
+@pytest.mark.parametrize("shared", [0, 2])
+def test_block_sum_gradcheck_float64(groups, shared):
+    h, set_ids, weights, down, up, members, shared_ids = make_block_inputs(
+        T=7, d=4, r=3, groups=groups, blocks=2, dtype=torch.float64, shared=shared)
     if set_ids is not None:
         set_ids = torch.tensor([0, 2, 1, 0, 2, 2, 0])
 
     def fn(h_, w_, down_, up_):
-        return block_adapter_sum(h_, set_ids, w_, down_, up_, torch.tanh, members)
+        return block_adapter_sum(h_, set_ids, w_, down_, up_, torch.tanh, members, shared_ids)
 
     assert torch.autograd.gradcheck(
         fn, tuple(t.requires_grad_(True) for t in (h, weights, down, up))
     )
 
 
-def test_block_sum_saves_h_and_the_bottleneck_only():
+@pytest.mark.parametrize("shared", [0, 2])
+def test_block_sum_saves_h_and_the_bottleneck_only(shared):
     """Saved activations: one [T, d] copy of h and the [T, B*r] bottleneck (+ [T, B] weights
-    and indices), what routed_adapter_sum saves for B slots per token; never [T, d] outputs."""
+    and indices), what routed_adapter_sum saves for B slots per token; never [T, d] outputs.
+    Shared experts count as G more blocks."""
     T, d, r, B = 64, 128, 8, 4
-    h, sets, weights, down, up, members = make_block_inputs(T=T, d=d, r=r, groups=3, blocks=B)
+    h, sets, weights, down, up, members, shared_ids = make_block_inputs(
+        T=T, d=d, r=r, groups=3, blocks=B, shared=shared)
     params = {id(down), id(up)}
     for t in (h, weights, down, up):
         t.requires_grad_(True)
@@ -209,8 +222,8 @@ def test_block_sum_saves_h_and_the_bottleneck_only():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = block_adapter_sum(h, sets, weights, down, up, torch.sigmoid, members)
-    size = h.element_size()
+        out = block_adapter_sum(h, sets, weights, down, up, torch.sigmoid, members, shared_ids)
+    size, B = h.element_size(), B + shared
     assert sum(saved.values()) <= (T * d + T * B * r + T * B) * size, sum(saved.values())
     out.sum().backward()
 
@@ -218,7 +231,7 @@ def test_block_sum_saves_h_and_the_bottleneck_only():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_sum_traces_under_torch_compile(dtype):
     torch._dynamo.reset()
-    inputs = make_block_inputs(T=32, d=16, r=8, dtype=dtype)
+    inputs = make_block_inputs(T=32, d=16, r=8, dtype=dtype, shared=2)
     compiled = torch.compile(block_adapter_sum, backend="aot_eager", fullgraph=False)
     out, grads = _block_grads(compiled, *inputs, torch.sigmoid)
     ref_out, ref_grads = _block_grads(block_adapter_sum, *inputs, torch.sigmoid)

@@ -125,9 +125,11 @@ def test_default_plan_per_routing_mode():
     assert choose_plan(1, 4, 1, 0, 7, big) == ("slots", None)
     assert choose_plan("soft", 4, "soft", 0, 7, big) == ("blocks", None)
     assert choose_plan(4, 4, 4, 0, 7, small) == ("blocks", None)
-    assert choose_plan(2, 4, 2, 2, 7, big) == ("sets", "blocks")
+    # General experts folded into the set call (shared blocks); a separate dense call
+    # beside slots.
+    assert choose_plan(2, 4, 2, 2, 7, big) == ("sets", "fold")
     assert choose_plan(2, 4, 2, 2, 7, small) == ("slots", "blocks")
-    assert choose_plan(2, 4, 2, 3, 7, big) == ("sets", "blocks")  # sparse general, G <= 2k
+    assert choose_plan(2, 4, 2, 3, 7, big) == ("sets", "fold")  # sparse general, G <= 2k
     assert choose_plan(2, 4, 1, 3, 7, big) == ("sets", "slots")
     assert choose_plan(1, 4, 1, 2, 7, big) == ("slots", "slots")
     assert choose_plan("soft", 4, "soft", 2, 7, big) == ("blocks", "fold")
