@@ -158,6 +158,12 @@ def _unstack_up_grad(grad: torch.Tensor, blocks: torch.Tensor, experts: int,
     return out.view(experts, r, d)
 
 
+def _shared_down(down: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """The ``shared`` experts' down weights side by side, [d, G*r] (column block g is expert
+    shared[g]): a copy of G experts only, not the transpose of all N that sets need."""
+    return down.index_select(0, shared).permute(1, 0, 2).reshape(down.shape[1], -1)
+
+
 def _split_shared(t: torch.Tensor, shared: torch.Tensor | None,
                   rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Columns of ``t`` [A, (B+G)*r] -> (the sets' [A, B*r], the shared experts' [A, G*r])."""
@@ -189,7 +195,7 @@ class _GatherGroupedMM(torch.autograd.Function):
         z = grouped_matmul(h_sorted, _stack_down(down, blocks), offsets, counts, use_grouped)
         if shared is None:
             return z
-        return torch.cat([z, h_sorted @ _stack_down(down, shared[None])[0]], 1)
+        return torch.cat([z, h_sorted @ _shared_down(down, shared)], 1)
 
     @staticmethod
     @once_differentiable
@@ -214,7 +220,7 @@ class _GatherGroupedMM(torch.autograd.Function):
             grad_rows = grouped_matmul(grad_z, _stack_down(down, blocks).transpose(-2, -1),
                                        offsets, counts, ctx.use_grouped)
             if shared is not None:  # accumulated in place by the product: no [T, d] sum
-                grad_rows.addmm_(grad_shared, _stack_down(down, shared[None])[0].t())
+                grad_rows.addmm_(grad_shared, _shared_down(down, shared).t())
             grad_h = _sum_slots(grad_rows, position, ctx.num_tokens, ctx.k)
         return grad_h, grad_down, None, None, None, None, None, None, None, None, None
 

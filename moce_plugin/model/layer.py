@@ -101,8 +101,7 @@ def choose_plan(top_k: int | str, experts: int, general_top_k: int | str, genera
     # weights ([S, d, k*r], built in the forward and again in the backward): worth it while
     # those are no larger than the rows they replace, S*k*r <= k*T. Top-1 has nothing to
     # gain (one slot per token already; measured equal).
-    num_sets = groups * math.comb(experts, k)
-    use_sets = k > 1 and (not tokens or num_sets * rank <= tokens)
+    use_sets = k > 1 and (not tokens or groups * math.comb(experts, k) * rank <= tokens)
     group = "sets" if use_sets else "slots"
     if not general:
         return group, None
