@@ -31,7 +31,10 @@ Time: wall clock (or process CPU time with ``--cpu-time``, for a shared CPU with
 ``--threads 1``), median over ``--reps`` fwd+bwd iterations after ``--warmup``, the implementations
 interleaved inside each repetition (side by side, same machine state; the order rotates
 from one repetition to the next, see time_config). Ratios are the median
-of the per-repetition ratios (paired, so slow phases of a shared machine cancel). The input x
+of the per-repetition ratios (paired, so slow phases of a shared machine cancel).
+``--isolate ROUNDS`` (CPU) times each implementation in its own fresh process instead
+(``--reps`` per process, its median per round), the rounds interleaved in rotating order,
+so that no implementation's time depends on the allocator state another one left. The input x
 requires grad, so backward goes through the frozen FFN too, as inside a network.
 
 Peak memory: CPU: each (config, implementation) runs once in a fresh subprocess with
@@ -394,6 +397,42 @@ def time_config(c: dict, impls: list[str], device: str, dtype: torch.dtype, reps
     return times
 
 
+def time_child(spec: dict) -> None:
+    """Fresh process: one implementation alone (its own allocator and page-fault state),
+    ``warmup`` then ``reps`` fwd+bwd; prints the ms of each repetition."""
+    torch.set_num_threads(spec["threads"])
+    if spec.get("baseline_src"):
+        load_baseline(spec["baseline_src"])
+    times = time_config(spec["cfg"], [spec["impl"]], "cpu", getattr(torch, spec["dtype"]),
+                        spec["reps"], spec["warmup"], spec["cpu_time"])
+    print(json.dumps({"ms": times[spec["impl"]]}))
+
+
+def time_config_isolated(c: dict, impls: list[str], dtype: str, reps: int, warmup: int,
+                         cpu_time: bool, rounds: int) -> dict[str, list[float]]:
+    """ms per round per implementation, each implementation timed in a fresh process.
+
+    In one process the implementations share the allocator: a step's page faults depend on
+    what the steps before it left behind, which moved the FFN + adapter reference by ~10%
+    from run to run. Here every (round, implementation) is its own process (median of its
+    ``reps``), and the rounds interleave the implementations in a rotating order, so ratios
+    are still paired in time (see _ratio)."""
+    times: dict[str, list[float]] = {i: [] for i in impls}
+    for r in range(rounds):
+        for i in impls[r % len(impls):] + impls[:r % len(impls)]:
+            spec = json.dumps({"cfg": c, "impl": i, "dtype": dtype, "reps": reps,
+                               "warmup": warmup, "cpu_time": cpu_time,
+                               "baseline_src": _BASELINE.get("src"),
+                               "threads": torch.get_num_threads()})
+            out = subprocess.run([sys.executable, __file__, "--_time-child", spec],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"timing {i} on {cfg_name(c)} failed:\n{out.stderr[-3000:]}")
+            times[i].append(statistics.median(
+                json.loads(out.stdout.strip().splitlines()[-1])["ms"]))
+    return times
+
+
 # Ops that only make a view (no kernel on a GPU): left out of the second count.
 VIEW_OPS = {"aten::" + n for n in (
     "view", "reshape", "_reshape_alias", "transpose", "t", "permute", "unsqueeze", "squeeze",
@@ -476,11 +515,20 @@ def main() -> None:
                    help="also print the top-level aten ops of one fwd+bwd per implementation")
     p.add_argument("--csv", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--isolate", type=int, default=0, metavar="ROUNDS",
+                   help="CPU: time every implementation in its own fresh process, ROUNDS "
+                   "rounds of --reps each (ratios independent of the other implementations)")
     p.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_time-child", dest="time_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mem_child:
         mem_child(json.loads(args.mem_child))
         return
+    if args.time_child:
+        time_child(json.loads(args.time_child))
+        return
+    if args.isolate and args.device.startswith("cuda"):
+        p.error("--isolate is for the CPU (a GPU's allocator is not shared this way)")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -498,7 +546,9 @@ def main() -> None:
     print(f"machine: {machine(args.device)}, load avg {os.getloadavg()[0]:.1f}")
     print(f"device {args.device}, dtype {dtype_name}, adapter rank {RANK}, "
           f"clock {'process CPU time' if args.cpu_time else 'wall'}, reps {args.reps} "
-          f"(median), warmup {args.warmup}; {len(configs)} configs")
+          f"(median), warmup {args.warmup}; {len(configs)} configs"
+          + (f"; every implementation in its own process, {args.isolate} rounds (median)"
+             if args.isolate else ""))
     hdr = (f"{'config':34s} " + " ".join(f"{i + ' ms':>12s}" for i in impls)
            + f" {'loop/moce':>9s} {'dense/moce':>10s} {'moce/adptr':>10s} {'moce/lora':>9s}"
            + f" {'us/token':>8s} {'xp loop/moce':>12s}")
@@ -511,7 +561,12 @@ def main() -> None:
     print(hdr, flush=True)
     rows = []
     for c in configs:
-        per_rep = time_config(c, impls, args.device, dtype, args.reps, args.warmup, args.cpu_time)
+        if args.isolate:
+            per_rep = time_config_isolated(c, impls, dtype_name, args.reps, args.warmup,
+                                           args.cpu_time, args.isolate)
+        else:
+            per_rep = time_config(c, impls, args.device, dtype, args.reps, args.warmup,
+                                  args.cpu_time)
         t = {i: statistics.median(v) for i, v in per_rep.items()}
         row = {**c, "top_k": str(c["top_k"]), **{f"{i}_ms": round(v, 3) for i, v in t.items()}}
         line = f"{cfg_name(c):34s} " + " ".join(f"{t[i]:12.1f}" for i in impls)

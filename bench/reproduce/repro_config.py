@@ -134,7 +134,7 @@ GROUPS: dict[str, list[str]] = {
     "main3": [f"{c}@s{s}" for s in SEEDS for c in ("lora_mlp", "pesc", "moce")],
     "paper": [f"{c}@s{s}" for s in SEEDS for c in ("pesc8", "pesc4")],
     "hypothesis": [f"moce_pairs@s{s}" for s in SEEDS],
-    "long": ["lora_mlp_long@s1", "pesc_long@s1", "moce_long@s1"],
+    "long": [f"{c}@s{s}" for s in SEEDS for c in ("lora_mlp_long", "pesc_long", "moce_long")],
 }
 GROUPS["study"] = [n for g in ("main3", "paper", "hypothesis", "long") for n in GROUPS[g]]
 _SEEDED = re.compile(r"^(?P<config>[a-z0-9_]+)@s(?P<seed>\d+)$")

@@ -5,7 +5,6 @@ times; or, before the runs exist, the commands and their estimated time."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from repro_config import (
@@ -92,23 +91,40 @@ def difference_table(pairs: list[tuple[str, str]], diffs: dict) -> list[str]:
     return lines
 
 
+def curve_points(m: dict[str, dict]) -> dict[str, dict[int, dict[str, dict]]]:
+    """Per long-run definition and checkpoint step: the curve point of each seeded run."""
+    out: dict[str, dict[int, dict[str, dict]]] = {c: {} for c in LONG}
+    for c in LONG:
+        for name, r in sorted(seeded(m, c).items()):
+            for p in r.get("curve", []):
+                out[c].setdefault(p["step"], {})[name] = p
+    return out
+
+
+def step_rows(points: dict[str, dict]) -> dict[str, SeedRows]:
+    """The seeds' per-row losses at one checkpoint, stacked like a definition's seeds."""
+    return gather({f"{name} step {p['step']}": {"rows": p["rows"]} for name, p in points.items()})
+
+
 def plot_curves(m: dict[str, dict], img: Path) -> Path | None:
+    """Held-out loss against steps per domain: mean over seeds, error bars one sd."""
     from report import _pyplot
 
-    found = {c: r for c in LONG for n, r in seeded(m, c).items() if r.get("curve")}
-    if not found:
+    points = {c: by_step for c, by_step in curve_points(m).items() if by_step}
+    if not points:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(COLUMNS), figsize=(15, 3.8))
     for ax, col in zip(axes, COLUMNS):
-        for config, r in found.items():
-            steps = [p["step"] for p in r["curve"]]
-            loss = [np.mean([p["loss"][d]["loss"] for d in DOMAINS]) if col == MEAN
-                    else p["loss"][col]["loss"] for p in r["curve"]]
-            ax.plot(steps, loss, marker="o", label=config)
+        for config, by_step in points.items():
+            steps = sorted(by_step)
+            summary = [summarise(step_rows(by_step[step]))[col] for step in steps]
+            seeds = max(x["seeds"] for x in summary)
+            ax.errorbar(steps, [x["mean"] for x in summary], yerr=[x["sd"] for x in summary],
+                        marker="o", capsize=3, label=f"{config} ({seeds} seeds)")
         ax.set_title(COLUMN_NAMES[col], fontsize=9)
         ax.set_xlabel("step")
-    axes[0].set_ylabel("held-out answer loss")
+    axes[0].set_ylabel("held-out answer loss (mean ± sd over seeds)")
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
     path = img / "loss_vs_steps.png"
@@ -117,50 +133,64 @@ def plot_curves(m: dict[str, dict], img: Path) -> Path | None:
     return path
 
 
-def curve_rows(point: dict[str, Any], name: str) -> dict[str, SeedRows]:
-    return gather({f"{name} step {point['step']}": {"rows": point["rows"]}})
-
-
 def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
-    """Lines of the longer-training part, and verdict sentences."""
-    runs = {c: next(iter(seeded(m, c).values()), None) for c in LONG}
-    if not any(runs.values()):
+    """Lines of the longer-training part, and verdict sentences: every checkpoint's loss
+    pooled over the seeds that reached it, differences with intervals over rows and seeds."""
+    points = curve_points(m)
+    if not any(points.values()):
         return ["Pending: `python bench/reproduce/run.py long`."], []
-    lines = ["Held-out answer loss at each checkpoint (one seed; interval over rows only):", "",
+    lines = ["Held-out answer loss at each checkpoint, mean ± sd over seeds (seeds in "
+             "brackets); differences with 95% bootstrap intervals over rows and seeds, "
+             "**bold** where the interval excludes 0:", "",
              "| step | " + " | ".join(c for c in LONG) + " | moce_long - pesc_long | "
              "moce_long - lora_mlp_long |", "|" + " --- |" * (len(LONG) + 3)]
-    verdict: list[str] = []
-    points = {c: {p["step"]: p for p in r.get("curve", [])} for c, r in runs.items() if r}
     steps = sorted(set().union(*[set(p) for p in points.values()]))
-    last: dict[str, Difference] = {}
+    orders: dict[int, list[str]] = {}
+    diffs: dict[int, dict[str, Difference]] = {}
+    seeds_at: dict[int, int] = {}
     for step in steps:
-        cells, rows = [], {}
+        cells, rows, means = [], {}, {}
         for c in LONG:
-            p = points.get(c, {}).get(step)
-            cells.append("-" if p is None else
-                         f"{np.mean([p['loss'][d]['loss'] for d in DOMAINS]):.4f}")
-            if p is not None:
-                rows[c] = curve_rows(p, c)
-        diffs = []
+            at = points[c].get(step)
+            if not at:
+                cells.append("-")
+                continue
+            rows[c] = step_rows(at)
+            x = summarise(rows[c])[MEAN]
+            means[c] = x["mean"]
+            cells.append(f"{x['mean']:.4f} ± {x['sd']:.4f} ({x['seeds']})")
+        if len(means) == len(LONG):
+            orders[step] = sorted(means, key=means.get)
+            seeds_at[step] = min(len(r[DOMAINS[0]].runs) for r in rows.values())
+        cols = []
         for base in ("pesc_long", "lora_mlp_long"):
             if "moce_long" in rows and base in rows:
                 d = paired_difference(rows["moce_long"], rows[base])[MEAN]
-                diffs.append(_cell(d))
-                last[base] = d
+                diffs.setdefault(step, {})[base] = d
+                cols.append(_cell(d))
             else:
-                diffs.append("-")
-        lines.append(f"| {step} | " + " | ".join(cells + diffs) + " |")
+                cols.append("-")
+        lines.append(f"| {step} | " + " | ".join(cells + cols) + " |")
     png = plot_curves(m, img)
     if png:
         lines += ["", f"![held-out loss against steps](img/reproduce/{png.name})"]
+    verdict: list[str] = []
+    if not orders:
+        return lines, verdict
     # the last checkpoint is the final model (save_steps divides the steps)
-    final = {c: np.mean([r["curve"][-1]["loss"][d]["loss"] for d in DOMAINS])
-             for c, r in runs.items() if r and r.get("curve")}
-    order = " < ".join(f"{c} {v:.3f}" for c, v in sorted(final.items(), key=lambda kv: kv[1]))
-    verdict.append(f"after {steps[-1] if steps else '?'} steps (one seed) the mean held-out "
-                   f"loss orders {order}")
-    for base, d in last.items():
-        verdict.append(describe(d, "moce_long", base))
+    final = max(orders)
+    n = seeds_at[final]
+    verdict.append(f"after {final} steps ({n}-seed means) the mean held-out loss orders "
+                   + " < ".join(orders[final]))
+    distinct = {tuple(o) for o in orders.values()}
+    verdict.append("this order holds at every checkpoint (steps "
+                   + ", ".join(map(str, sorted(orders))) + ")" if len(distinct) == 1 else
+                   "the order changes along the way: " + "; ".join(
+                       f"step {s}: {' < '.join(o)}" for s, o in sorted(orders.items())))
+    for base, d in diffs.get(final, {}).items():
+        verdict.append(f"at step {final} " + describe(d, "moce_long", base))
+    if n < 3:
+        verdict.append(f"(only {n} seed{'s' if n > 1 else ''} of the long runs so far)")
     return lines, verdict
 
 

@@ -330,7 +330,7 @@ def test_prepare_run_report_end_to_end(tmp_path, tiny_model_dir):
     call("report.py", "--doc", str(doc))
     text = doc.read_text()
     assert "reading" in text and "Main comparison" in text and "not run" in text
-    assert "## Verdict (seeded study)" in text and "Still to run (19;" in text
+    assert "## Verdict (seeded study)" in text and "Still to run (25;" in text
     assert "| moce - pesc |" in text and "pending" in text  # pesc@sN etc. not run
     assert "| 6 | - | - | " in text  # moce_long's last checkpoint in the curve table
     assert (tmp_path / "img" / "reproduce" / "train_loss.png").is_file()

@@ -140,15 +140,19 @@ def fake_metrics(config: str, shift: float, seeds: int = 3, **kw) -> dict[str, d
     return out
 
 
-def with_curve(metrics: dict[str, dict], shifts: list[float], config: str, gen: int) -> dict:
-    (name, m), = metrics.items()
-    curve = []
-    for step, shift in zip((40, 80, 120), shifts):
-        point = fake_metrics(config, shift, seeds=1, gen=gen + step)
-        p = next(iter(point.values()))
-        curve.append({"step": step, "loss": p["loss"], "rows": p["rows"]})
-    m["curve"] = curve
-    return {name: m}
+def with_curve(config: str, shifts: list[float], gen: int, seeds: int = 3) -> dict:
+    """Long runs of `config` (seeds 1..seeds) whose checkpoints at steps 40/80/120 are
+    `shifts` away from the base difficulty (each seed and step with its own noise)."""
+    out = fake_metrics(config, shifts[-1], seeds=seeds, gen=gen, seed_sd=0.002, noise=0.005)
+    for i, m in enumerate(out.values()):
+        curve = []
+        for step, shift in zip((40, 80, 120), shifts):
+            point = fake_metrics(config, shift, seeds=1, gen=gen + 1000 * (i + 1) + step,
+                                 seed_sd=0.002, noise=0.005)
+            p = next(iter(point.values()))
+            curve.append({"step": step, "loss": p["loss"], "rows": p["rows"]})
+        m["curve"] = curve
+    return out
 
 
 def test_hypothesis_outcomes():
@@ -189,12 +193,9 @@ def test_study_section_from_runs(tmp_path):
                                ("pesc8", 0.02, 40), ("pesc4", 0.05, 50),
                                ("moce_pairs", 0.0, 20)]:
         m.update(fake_metrics(config, shift, gen=gen, seed_sd=0.001, noise=0.002))
-    m.update(with_curve(fake_metrics("moce_long", 0.0, seeds=1, gen=70), [0.1, 0.0, -0.1],
-                        "moce_long", 100))
-    m.update(with_curve(fake_metrics("pesc_long", 0.0, seeds=1, gen=80), [0.0, 0.0, 0.0],
-                        "pesc_long", 200))
-    m.update(with_curve(fake_metrics("lora_mlp_long", 0.0, seeds=1, gen=90),
-                        [-0.2, -0.2, -0.2], "lora_mlp_long", 300))
+    m.update(with_curve("moce_long", [0.1, 0.0, -0.1], 100))
+    m.update(with_curve("pesc_long", [0.0, 0.0, 0.0], 200))
+    m.update(with_curve("lora_mlp_long", [-0.2, -0.2, -0.2], 300))
     text = "\n".join(study_section(m, Settings(), tmp_path, tmp_path / "none.json"))
     assert "runs pending" not in text
     verdict = text.split("### Seeds")[0]
@@ -204,13 +205,19 @@ def test_study_section_from_runs(tmp_path):
     # the long runs: moce_long starts worse than pesc_long and ends better
     assert "at 40 steps (3-seed means) the order is lora_mlp" in verdict
     assert "Still to run" not in text
-    assert "after 120 steps (one seed) the mean held-out loss orders lora_mlp_long" in verdict
-    assert "moce_long is better (moce_long - pesc_long = -0.1" in verdict
+    assert ("after 120 steps (3-seed means) the mean held-out loss orders lora_mlp_long < "
+            "moce_long < pesc_long") in verdict
+    assert "the order changes along the way: step 40: lora_mlp_long < pesc_long < moce_long" \
+        in verdict
+    assert "at step 120 moce_long is better (moce_long - pesc_long = -0.1" in verdict
+    assert "only" not in verdict.split("Longer training")[1]
     assert "moce and pesc4 cannot be told apart" in verdict
     curve_rows = [line for line in text.splitlines() if line.startswith("| 40 |")
                   or line.startswith("| 120 |")]
     moce_minus_pesc = [row.split("|")[5].strip() for row in curve_rows]
     assert moce_minus_pesc[0].startswith("**+") and moce_minus_pesc[1].startswith("**-")
+    # each checkpoint pools the three seeds: mean ± sd over seeds, seed count in brackets
+    assert all(row.split("|")[2].strip().endswith("(3)") for row in curve_rows)
     assert (tmp_path / "loss_vs_steps.png").is_file()
     assert "± " in text and "26.7 M" in text and "| moce@s1 | test CPU |" in text
 
@@ -223,3 +230,28 @@ def test_study_section_reports_runs_it_cannot_compare(tmp_path):
     text = "\n".join(study_section(m, Settings(), tmp_path, tmp_path / "none.json"))
     assert "Not compared:" in text and "different" in text
     assert "Still to run (" in text and "pesc8@s1" in text
+
+
+def test_long_runs_pool_seeds_per_checkpoint(tmp_path):
+    from study_report import long_section
+
+    # planted: seed 1 of moce_long is far worse at step 120 than seeds 2 and 3; the pooled
+    # mean and its sd over seeds must show it (a report that read only seed 1 would not)
+    m = {**with_curve("moce_long", [0.0, 0.0, 0.0], 100),
+         **with_curve("pesc_long", [0.0, 0.0, 0.0], 200),
+         **with_curve("lora_mlp_long", [0.0, 0.0, 0.0], 300)}
+    first = m["moce_long@s1"]["curve"][-1]
+    first["rows"]["nll"] = [x + 0.3 * t for x, t in zip(first["rows"]["nll"],
+                                                        first["rows"]["tokens"])]
+    lines, verdict = long_section(m, tmp_path)
+    row = next(line for line in lines if line.startswith("| 120 |"))
+    cells = row.split("|")  # step, lora_mlp_long, pesc_long, moce_long, ...
+    mean, sd = (float(x) for x in cells[4].split("(")[0].split("±"))
+    base = float(cells[3].split("±")[0])
+    assert mean == pytest.approx(base + 0.1, abs=0.01) and sd == pytest.approx(0.173, abs=0.01)
+    assert verdict[0].startswith("after 120 steps (3-seed means)")
+    # one seed: said so in the verdict
+    one = {n: r for n, r in m.items() if n.endswith("@s1")}
+    _, verdict = long_section(one, tmp_path)
+    assert verdict[0].startswith("after 120 steps (1-seed means)")
+    assert verdict[-1] == "(only 1 seed of the long runs so far)"
