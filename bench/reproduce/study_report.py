@@ -146,6 +146,7 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
              "moce_long - lora_mlp_long |", "|" + " --- |" * (len(LONG) + 3)]
     steps = sorted(set().union(*[set(p) for p in points.values()]))
     orders: dict[int, list[str]] = {}
+    step_means: dict[int, dict[str, float]] = {}
     diffs: dict[int, dict[str, Difference]] = {}
     seeds_at: dict[int, int] = {}
     for step in steps:
@@ -161,6 +162,7 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
             cells.append(f"{x['mean']:.4f} ± {x['sd']:.4f} ({x['seeds']})")
         if len(means) == len(LONG):
             orders[step] = sorted(means, key=means.get)
+            step_means[step] = means
             seeds_at[step] = min(len(r[DOMAINS[0]].runs) for r in rows.values())
         cols = []
         for base in ("pesc_long", "lora_mlp_long"):
@@ -181,7 +183,7 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
     final = max(orders)
     n = seeds_at[final]
     verdict.append(f"after {final} steps ({n}-seed means) the mean held-out loss orders "
-                   + " < ".join(orders[final]))
+                   + " < ".join(f"{c} {step_means[final][c]:.3f}" for c in orders[final]))
     distinct = {tuple(o) for o in orders.values()}
     verdict.append("this order holds at every checkpoint (steps "
                    + ", ".join(map(str, sorted(orders))) + ")" if len(distinct) == 1 else
@@ -189,6 +191,11 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
                        f"step {s}: {' < '.join(o)}" for s, o in sorted(orders.items())))
     for base, d in diffs.get(final, {}).items():
         verdict.append(f"at step {final} " + describe(d, "moce_long", base))
+    for base in ("pesc_long", "lora_mlp_long"):
+        at = [step for step in steps if base in diffs.get(step, {})]
+        if at:
+            sig = sum(diffs[step][base].significant for step in at)
+            verdict.append(f"moce_long - {base} excludes 0 at {sig} of {len(at)} checkpoints")
     if n < 3:
         verdict.append(f"(only {n} seed{'s' if n > 1 else ''} of the long runs so far)")
     return lines, verdict

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -205,8 +206,9 @@ def test_study_section_from_runs(tmp_path):
     # the long runs: moce_long starts worse than pesc_long and ends better
     assert "at 40 steps (3-seed means) the order is lora_mlp" in verdict
     assert "Still to run" not in text
-    assert ("after 120 steps (3-seed means) the mean held-out loss orders lora_mlp_long < "
-            "moce_long < pesc_long") in verdict
+    assert "after 120 steps (3-seed means) the mean held-out loss orders lora_mlp_long 1." \
+        in verdict
+    assert re.search(r"orders lora_mlp_long [\d.]+ < moce_long [\d.]+ < pesc_long", verdict)
     assert "the order changes along the way: step 40: lora_mlp_long < pesc_long < moce_long" \
         in verdict
     assert "at step 120 moce_long is better (moce_long - pesc_long = -0.1" in verdict
@@ -218,6 +220,11 @@ def test_study_section_from_runs(tmp_path):
     assert moce_minus_pesc[0].startswith("**+") and moce_minus_pesc[1].startswith("**-")
     # each checkpoint pools the three seeds: mean ± sd over seeds, seed count in brackets
     assert all(row.split("|")[2].strip().endswith("(3)") for row in curve_rows)
+    # the verdict counts the checkpoints whose interval excludes 0 (bold in the table)
+    table = [line for line in text.split("### Longer training")[1].splitlines()
+             if re.match(r"\| \d+ \|", line)]
+    bold = sum(row.split("|")[5].strip().startswith("**") for row in table)
+    assert f"moce_long - pesc_long excludes 0 at {bold} of {len(table)} checkpoints" in verdict
     assert (tmp_path / "loss_vs_steps.png").is_file()
     assert "± " in text and "26.7 M" in text and "| moce@s1 | test CPU |" in text
 
