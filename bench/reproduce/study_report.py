@@ -145,8 +145,7 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
              "| step | " + " | ".join(c for c in LONG) + " | moce_long - pesc_long | "
              "moce_long - lora_mlp_long |", "|" + " --- |" * (len(LONG) + 3)]
     steps = sorted(set().union(*[set(p) for p in points.values()]))
-    orders: dict[int, list[str]] = {}
-    step_means: dict[int, dict[str, float]] = {}
+    step_means: dict[int, dict[str, float]] = {}  # steps where all three runs have a point
     diffs: dict[int, dict[str, Difference]] = {}
     seeds_at: dict[int, int] = {}
     for step in steps:
@@ -161,7 +160,6 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
             means[c] = x["mean"]
             cells.append(f"{x['mean']:.4f} ± {x['sd']:.4f} ({x['seeds']})")
         if len(means) == len(LONG):
-            orders[step] = sorted(means, key=means.get)
             step_means[step] = means
             seeds_at[step] = min(len(r[DOMAINS[0]].runs) for r in rows.values())
         cols = []
@@ -177,8 +175,9 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
     if png:
         lines += ["", f"![held-out loss against steps](img/reproduce/{png.name})"]
     verdict: list[str] = []
-    if not orders:
+    if not step_means:
         return lines, verdict
+    orders = {step: sorted(means, key=means.get) for step, means in step_means.items()}
     # the last checkpoint is the final model (save_steps divides the steps)
     final = max(orders)
     n = seeds_at[final]
