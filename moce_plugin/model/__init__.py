@@ -1,7 +1,8 @@
 """The MoCE model: torch only (no axolotl, no files).
 
 :mod:`.config` the ``moce:`` hyper-parameters; :mod:`.layer` the upcycled MLP;
-:mod:`.expert_ops` the grouped adapter compute; :mod:`.losses` load balancing;
+:mod:`.plans` the expert execution plans by name; :mod:`.dispatch` rows sorted by expert or
+set; :mod:`.expert_ops` the grouped adapter compute; :mod:`.losses` load balancing;
 :mod:`.routing` the per-forward cluster-id context; :mod:`.architectures` the decoder
 families; :mod:`.upcycle` turning a loaded decoder into MoCE and MoCE state dicts.
 """
