@@ -48,7 +48,6 @@ from .kmeans import (
 )
 from .options import ClusteringOptions, resolve_num_clusters
 from .pipeline import (
-    Row,
     build_metadata,
     check_rows,
     load_yaml_datasets,
@@ -58,6 +57,7 @@ from .pipeline import (
     write_assignments,
 )
 from .report import purity, report_markdown, top_keywords
+from .rows import Row
 from .text import (
     CHAT_KEYS,
     Request,
