@@ -325,7 +325,7 @@ def load_moce_model(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         check_base(model, base)
         upcycle_model(model, config, dtype=dtype)
-        # Adapters saved before the router module had other MoCE key names.
+        # 0.1.0 LoRA adapters store the router tensors under flat keys (LEGACY_KEYS).
         key_mapping = {**(getattr(model, "_checkpoint_conversion_mapping", None) or {}),
                        **LEGACY_PEFT_KEY_MAPPING}
         model = PeftModel.from_pretrained(model, path, key_mapping=key_mapping)
