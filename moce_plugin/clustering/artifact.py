@@ -246,10 +246,6 @@ class ClusterModel:
             texts.append(text)
         return self.assign_texts(texts)
 
-    def assign_examples(self, examples: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Rows in the training format are requests too (kept for existing callers)."""
-        return self.assign_requests(examples)
-
     def check_num_clusters(self, configured: int | str | None) -> int:
         if configured is None or configured == "auto":
             return self.num_clusters

@@ -192,11 +192,6 @@ def request_text(request: Request, template: str = "auto") -> str:
     )
 
 
-def example_text(example: Mapping[str, Any], template: str = "auto") -> str:
-    """The request text of a training row: :func:`request_text` (kept for existing imports)."""
-    return request_text(example, template)
-
-
 def content_key(text: str) -> str:
     """Stable id of a row's content (sha256 hex of its text)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

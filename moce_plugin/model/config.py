@@ -90,7 +90,9 @@ class MoCEConfig(BaseModel):
     clustering: dict[str, Any] = Field(
         default_factory=dict,
         description="Options of preprocess/cluster.py (embedding model, text template, k_max, "
-        "seed, ...); see docs/clustering.md. Training reads only the artifact.",
+        "seed, ...); see docs/clustering.md. Training reads only the artifact. A plain mapping "
+        "here (the model layer knows nothing of stage 1); the plugin validates it as "
+        "ClusteringOptions (integration.args.MoCEOptions).",
     )
     train_base_model: bool = Field(
         default=False,

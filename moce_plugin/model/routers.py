@@ -141,8 +141,9 @@ def build_router(config: MoCEConfig, hidden_size: int) -> Router:
     raise ValueError(f"unknown moce.router {config.router!r}")
 
 
-# Saved-weight keys before the router was its own module -> current keys (relative to
-# ``layers.<i>.``), for load_moce_state_dict.
+# 0.1.0 output folders (a supported format, tests/data/legacy_v0_1) name the router tensors
+# with flat keys; load_moce_state_dict maps them to the Router module's keys (relative to
+# ``layers.<i>.``) so those folders keep loading.
 LEGACY_KEYS = {"router": "router.weight", "acmoe_dispersion": "router.dispersion",
                "acmoe_seen": "router.seen"}
 

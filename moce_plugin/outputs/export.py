@@ -1,6 +1,6 @@
 """Merge LoRA into the base and write one self-contained MoCE directory.
 
-    python -m moce_plugin.export OUTPUT_DIR DEST [--base-model PATH] [--dtype bfloat16]
+    moce-export OUTPUT_DIR DEST [--base-model PATH] [--dtype bfloat16]
         [--overwrite] [--allow-different-base] [--debug]
 
 DEST must be new or empty (``--overwrite`` replaces a non-empty one) and may not be, contain
@@ -9,7 +9,7 @@ beside DEST and swapped in at the end, and a failure leaves DEST as it was.
 
 DEST holds the merged weights (safetensors, with the MoCE parameters), config, tokenizer,
 ``moce_config.json`` / ``moce_weights.safetensors``, the cluster artifact and a README card;
-``moce_plugin.inference.load_moce_model(DEST)`` reloads it with one call.
+``moce_plugin.load_moce_model(DEST)`` reloads it with one call.
 """
 
 from __future__ import annotations

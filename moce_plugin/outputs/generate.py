@@ -1,8 +1,8 @@
 """Generate with a trained MoCE model; each prompt's cluster is assigned automatically.
 
-    python -m moce_plugin.generate OUTPUT_DIR --prompt "Write a haiku about rain"
-    python -m moce_plugin.generate OUTPUT_DIR --prompts-file prompts.txt   # one prompt a line
-    python -m moce_plugin.generate OUTPUT_DIR --interactive
+    moce-generate OUTPUT_DIR --prompt "Write a haiku about rain"
+    moce-generate OUTPUT_DIR --prompts-file prompts.txt   # one prompt a line
+    moce-generate OUTPUT_DIR --interactive
 
 Errors (a folder that is not a MoCE output, a damaged file, a different base model) are
 printed as one line that says what to do, exit status 2; ``--debug`` adds the traceback.

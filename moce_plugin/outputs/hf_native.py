@@ -105,7 +105,7 @@ class ClusterAssigner:
             raise MoCEExportError(
                 f"{self.folder} has no {ARTIFACT_DIR_NAME}/ (the cluster artifact), so prompts "
                 "can't be assigned to clusters. Copy it back from the training output (or "
-                "re-export with `python -m moce_plugin.export OUTPUT_DIR DEST`), or pass "
+                "re-export with `moce-export OUTPUT_DIR DEST`), or pass "
                 "moce_cluster_ids=<id per row> to generate/forward."
             )
         cluster_model = ClusterModel.load(artifact)
@@ -248,7 +248,7 @@ class MoCECausalLMMixin:
         if not isinstance(moce, dict):
             raise MoCEExportError(
                 "This config has no `moce` block: it is not a MoCE export. Re-export with "
-                "`python -m moce_plugin.export OUTPUT_DIR DEST`."
+                "`moce-export OUTPUT_DIR DEST`."
             )
         moce_config = MoCEConfig(**moce)
         upcycle_model(self, moce_config)

@@ -1,11 +1,11 @@
 """Loading trained MoCE outputs and generating with automatic cluster assignment.
 
-    from moce_plugin.inference import load_moce_model
+    from moce_plugin import load_moce_model
     moce = load_moce_model("outputs/cpu-smollm2-moce/model")
     print(moce.generate(["Write a python function that reverses a list."])[0])
 
 An output directory is what ``axolotl train`` wrote with the plugin enabled (or what
-:func:`moce_plugin.export.export_model` wrote): ``moce_config.json`` (written when training
+:func:`moce_plugin.outputs.export.export_model` wrote): ``moce_config.json`` (written when training
 starts) and ``moce_weights.safetensors`` (at every checkpoint and the end); the full model
 (``config.json`` + safetensors) when no adapter was used, or ``adapter_config.json`` +
 ``adapter_model.safetensors`` for LoRA/QLoRA; and the cluster artifact (``cluster_artifact/``,
@@ -76,7 +76,7 @@ def _config_dir(path: Path) -> Path:
         return path.parent
     raise MoCELoadError(
         f"{path} is missing {MOCE_CONFIG_NAME}: it is not the output of a MoCE training "
-        "(axolotl train with plugins: [moce_plugin.MoCEPlugin]) or of moce_plugin.export. "
+        "(axolotl train with plugins: [moce_plugin.MoCEPlugin]) or of moce-export. "
         "Use the training's output_dir or one of its checkpoint-* folders."
     )
 
@@ -325,7 +325,7 @@ def load_moce_model(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         check_base(model, base)
         upcycle_model(model, config, dtype=dtype)
-        # Adapters saved before the router module had other MoCE key names.
+        # 0.1.0 LoRA adapters store the router tensors under flat keys (LEGACY_KEYS).
         key_mapping = {**(getattr(model, "_checkpoint_conversion_mapping", None) or {}),
                        **LEGACY_PEFT_KEY_MAPPING}
         model = PeftModel.from_pretrained(model, path, key_mapping=key_mapping)

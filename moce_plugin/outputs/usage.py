@@ -1,6 +1,6 @@
 """Which groups and experts a dataset's tokens use, per cluster and per layer.
 
-    python -m moce_plugin.usage OUTPUT_DIR --data rows.jsonl [--max-rows 200] [--out usage]
+    moce-usage OUTPUT_DIR --data rows.jsonl [--max-rows 200] [--out usage]
 
 Rows may be in any format training accepts (alpaca, chat ``messages``/``conversations``,
 completion ``text``, user-defined fields); each is assigned its cluster from the row itself by

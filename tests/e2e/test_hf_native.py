@@ -1,4 +1,4 @@
-"""An exported MoCE folder is a standard Hugging Face model (issue 15): AutoModel /
+"""An exported MoCE folder is a standard Hugging Face model: AutoModel /
 AutoTokenizer / pipeline with trust_remote_code, clusters chosen by the model itself, every
 supported family, and clear errors for bad input."""
 
