@@ -22,23 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-CLUSTER_IDS_KWARG = "moce_cluster_ids"
-# Token-level id of positions that are not real tokens (padding, packing gaps).
-IGNORE_CLUSTER_ID = -1
+# The cluster-id names and errors stay importable from here, beside the context that carries
+# the ids.
+from ..errors import (  # noqa: F401
+    ClusterIdsError,
+    InvalidClusterIdsError,
+    MissingClusterIdsError,
+)
+from .cluster_ids import CLUSTER_IDS_KWARG, IGNORE_CLUSTER_ID, check_cluster_ids  # noqa: F401
 
 _state = threading.local()
-
-
-class ClusterIdsError(ValueError):
-    """``moce_cluster_ids`` are missing or do not fit the batch / the model."""
-
-
-class MissingClusterIdsError(ClusterIdsError, RuntimeError):
-    """A MoCE forward ran without ``moce_cluster_ids``."""
-
-
-class InvalidClusterIdsError(ClusterIdsError):
-    """``moce_cluster_ids`` have the wrong dtype, shape or values."""
 
 
 def _thread_list(name: str) -> list:
@@ -87,39 +80,17 @@ def token_cluster_ids(batch_shape: torch.Size, device: torch.device) -> torch.Te
     """
     ids = current_cluster_ids()
     if ids is None:
-        raise MissingClusterIdsError(
-            "A MoCE layer ran without cluster ids. Pass `moce_cluster_ids` (per sequence [B] "
-            "or per token [B, S]) to the model's forward/generate, or wrap direct layer calls "
-            "in moce_plugin.cluster_ids_context(...). In training, the MoCE collator "
-            "adds them: check that `plugins: [moce_plugin.MoCEPlugin]` is set."
-        )
-    ids = ids.to(device=device, dtype=torch.long)
+        raise MissingClusterIdsError("A MoCE layer ran without cluster ids.")
+    # dtype and shape only: the values were checked once per forward by the backbone hook.
+    ids = check_cluster_ids(ids, batch_shape=batch_shape).to(device=device, dtype=torch.long)
     if len(batch_shape) == 1:  # already flattened tokens
-        if ids.shape != batch_shape:
-            raise InvalidClusterIdsError(
-                f"moce_cluster_ids has shape {tuple(ids.shape)}, expected {tuple(batch_shape)}"
-            )
         return ids
     bsz, seq = batch_shape[0], batch_shape[1]
     if ids.dim() == 1:
-        if ids.shape[0] != bsz:
-            raise InvalidClusterIdsError(
-                f"moce_cluster_ids has {ids.shape[0]} per-sequence ids for a batch of {bsz}"
-            )
         return ids[:, None].expand(bsz, seq)
-    if ids.shape[0] != bsz:
-        raise InvalidClusterIdsError(
-            f"moce_cluster_ids has batch size {ids.shape[0]}, the hidden states {bsz}"
-        )
-    if ids.shape[1] != seq:
-        if ids.shape[1] > seq:
-            # Generation with a KV cache passes the prompt's ids; later steps see only the
-            # newest positions, which inherit the sequence's id (the last real one).
-            return ids[:, -seq:]
-        raise InvalidClusterIdsError(
-            f"moce_cluster_ids covers {ids.shape[1]} positions but the sequence has {seq}"
-        )
-    return ids
+    # Generation with a KV cache passes the prompt's ids; later steps see only the newest
+    # positions, which inherit the sequence's id (the last real one).
+    return ids[:, -seq:] if ids.shape[1] > seq else ids
 
 
 @dataclass

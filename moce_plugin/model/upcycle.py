@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, decoder_layers, get_architecture
+from .cluster_ids import check_cluster_ids
 from .config import MoCEConfig
 from .layer import MoCEExperts, MoCEMLP
 from .routers import LEGACY_KEYS
 from .routing import (
     CLUSTER_IDS_KWARG,
-    IGNORE_CLUSTER_ID,
-    InvalidClusterIdsError,
     MissingClusterIdsError,
     RoutingRecord,
     collector_stack,
@@ -153,31 +152,13 @@ def config_of(model: nn.Module) -> MoCEConfig | None:
 
 # ---- hooks --------------------------------------------------------------------------------
 def validate_cluster_ids(ids: Any, num_groups: int) -> torch.Tensor:
+    """The forward's ``moce_cluster_ids``, checked once per forward (dtype and values)."""
     if ids is None:
-        raise MissingClusterIdsError(
-            "The MoCE model was called without `moce_cluster_ids`. Pass cluster ids per "
-            "sequence ([B]) or per token ([B, S], -1 for padding) to forward/generate; "
-            "moce_plugin.inference assigns them from text. In axolotl training the MoCE "
-            "collator adds them: check `plugins: [moce_plugin.MoCEPlugin]` is in the YAML."
-        )
-    if not isinstance(ids, torch.Tensor):
-        ids = torch.as_tensor(ids)
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise InvalidClusterIdsError(
-            f"moce_cluster_ids must be integers, got dtype {ids.dtype}"
-        )
-    bad = (ids != IGNORE_CLUSTER_ID) & ((ids < 0) | (ids >= num_groups))
-    if ids.device.type == "cpu":
-        if bool(bad.any()):
-            raise InvalidClusterIdsError(
-                f"moce_cluster_ids contains {sorted(set(ids[bad].tolist()))[:5]}, outside "
-                f"[0, {num_groups}) (moce.num_clusters={num_groups}). The cluster ids do not "
-                "match the model: re-run preprocess/cluster.py with this k, or fix the data's "
-                "cluster column."
-            )
-    else:  # no host sync on accelerators
-        torch._assert_async(~bad.any(), "moce_cluster_ids outside [0, num_clusters)")
-    return ids
+        raise MissingClusterIdsError()
+    return check_cluster_ids(
+        ids, num_groups,
+        fix=f". The cluster ids do not match the model (moce.num_clusters={num_groups}): "
+            "re-run preprocess/cluster.py with this k, or fix the data's cluster column.")
 
 
 def _backbone_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
