@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,9 +30,12 @@ from ..model.cluster_ids import (
     check_cluster_ids,
     single_group_ids,
 )
+from ..model.routing import current_thread_value, thread_value
 from .args import cluster_model_of, moce_config_from_cfg
 
-_local = threading.local()
+# The cluster column of the dataset get_dataset_wrapper is preparing, for the process wrapper
+# axolotl calls in between.
+_PREPARING_COLUMN = "moce_preparing_cluster_column"
 
 
 #: Bad or missing cluster ids in a dataset: the one cluster-id error family.
@@ -162,11 +164,8 @@ def wrap_get_dataset_wrapper(original: Callable) -> Callable:
         bound.arguments["dataset"] = dataset
         if "input_ids" in dataset.column_names and "labels" in dataset.column_names:
             return _tokenized_with_ids(dataset, column), None
-        _local.column = column
-        try:
+        with thread_value(_PREPARING_COLUMN, column):
             wrapped, prompter = original(*bound.args, **bound.kwargs)
-        finally:
-            _local.column = None
         names = getattr(wrapped, "column_names", None)
         if names is not None and CLUSTER_IDS_KWARG not in names:
             raise ClusterIdError(
@@ -186,7 +185,7 @@ def wrap_tokenized_process(original: Callable) -> Callable:
 
     @functools.wraps(original)
     def process(self: Any, dataset: Any) -> Any:
-        column = getattr(_local, "column", None)
+        column = current_thread_value(_PREPARING_COLUMN)
         if column:
             _wrap_strategy(self.prompt_tokenizer, column)
         return original(self, dataset)

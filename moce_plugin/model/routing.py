@@ -1,4 +1,8 @@
-"""Per-forward routing context: which cluster (expert group) each token belongs to.
+"""Per-forward routing context (which cluster each token belongs to) and routing records.
+
+This module holds all of the package's per-thread state: the cluster-id stack, the record
+collectors of the running forwards, the records of each backbone's last forward, and named
+per-thread values other parts set for a call's duration (:func:`thread_value`).
 
 The cluster ids enter the model as the ``moce_cluster_ids`` keyword of the top-level
 forward and travel, like every other HF ``**kwargs`` entry, into each decoder layer's
@@ -21,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 # The cluster-id names and errors stay importable from here, beside the context that carries
 # the ids.
@@ -143,3 +148,52 @@ def record_routing(record: RoutingRecord) -> None:
     stack = collector_stack()
     if stack:
         stack[-1].append(record)
+
+
+# ---- routing records of the last forward (per thread, per backbone) ---------------------
+def _last_records() -> dict[int, list[RoutingRecord]]:
+    last = getattr(_state, "last", None)
+    if last is None:
+        last = _state.last = {}
+    return last
+
+
+def keep_last_records(backbone: nn.Module, records: list[RoutingRecord]) -> None:
+    """Called by the backbone's post-hook with the records of the forward that just ended."""
+    _last_records()[id(backbone)] = records
+
+
+def pop_last_records(backbone: nn.Module | None) -> list[RoutingRecord]:
+    """Records of ``backbone``'s last forward on this thread (consumed); see
+    :func:`~moce_plugin.model.wrappers.pop_last_routing` for a (wrapped) model."""
+    if backbone is None:
+        return []
+    return _last_records().pop(id(backbone), [])
+
+
+def aux_loss_of(records: list[RoutingRecord]) -> torch.Tensor | None:
+    """Load-balancing loss averaged over converted layers."""
+    losses = [r.aux_loss for r in records if r.aux_loss is not None]
+    if not losses:
+        return None
+    return torch.stack(losses).mean()
+
+
+# ---- named per-thread values --------------------------------------------------------------
+@contextmanager
+def thread_value(name: str, value: object) -> Iterator[None]:
+    """Make ``value`` visible to :func:`current_thread_value` on this thread for the block
+    (for code called by a library in between, where no argument can carry it)."""
+    values = getattr(_state, "values", None)
+    if values is None:
+        values = _state.values = {}
+    previous = values.get(name)
+    values[name] = value
+    try:
+        yield
+    finally:
+        values[name] = previous
+
+
+def current_thread_value(name: str) -> object | None:
+    return getattr(_state, "values", {}).get(name)

@@ -30,7 +30,9 @@ from ..model.cluster_ids import check_cluster_ids, single_group_ids
 from ..model.config import MoCEConfig
 from ..model.routers import LEGACY_PEFT_KEY_MAPPING
 from ..model.routing import CLUSTER_IDS_KWARG
-from ..model.upcycle import config_of, load_moce_state_dict, upcycle_model
+from ..model.state_dict import load_moce_state_dict
+from ..model.upcycle import upcycle_model
+from ..model.wrappers import config_of
 from ..utils import read_json
 from .fingerprint import fingerprint_checked, fingerprint_difference
 from .hf_native import plain_base_config
