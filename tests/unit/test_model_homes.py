@@ -34,7 +34,8 @@ def test_full_tensor_is_detached_and_gathers_dtensor_like_shards():
         def full_tensor(self) -> torch.Tensor:
             return torch.arange(4.0, requires_grad=True)
 
-    assert torch.equal(full_tensor(torch.zeros(2).as_subclass(Sharded)), torch.arange(4.0))
+    gathered = full_tensor(torch.zeros(2).as_subclass(Sharded))
+    assert torch.equal(gathered, torch.arange(4.0)) and not gathered.requires_grad
 
 
 def test_chat_messages_normalise_both_spellings():
