@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import LoadError
 from .routers import LEGACY_KEYS
 from .wrappers import moce_experts_modules
 
@@ -62,7 +63,7 @@ def load_moce_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     missing = expected - set(state)
     unexpected = set(state) - expected
     if missing or unexpected:
-        raise ValueError(
+        raise LoadError(
             f"MoCE weights do not match this model: missing {sorted(missing)[:4]}, "
             f"unexpected {sorted(unexpected)[:4]}. Was it trained with another moce config "
             "(layers, groups, experts, general experts)?"
@@ -72,7 +73,7 @@ def load_moce_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             for n, p in tensors(module):
                 src = state[f"layers.{i}.{n}"]
                 if src.shape != p.shape:
-                    raise ValueError(
+                    raise LoadError(
                         f"MoCE weight layers.{i}.{n} has shape {tuple(src.shape)}, the model "
                         f"expects {tuple(p.shape)}: the moce config differs from training."
                     )
