@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from ..model.architectures import get_architecture
 from ..model.config import MoCEConfig
 from ..model.upcycle import (
+    MOCE_MODULE_NAME,
     cast_moce_parameters,
     is_moce_model,
     moce_experts_modules,
@@ -46,7 +47,6 @@ LOG = get_logger("axolotl.integrations.moce")
 
 # PEFT keeps modules listed in modules_to_save trainable and saves them with the adapter,
 # so LoRA/QLoRA checkpoints (and axolotl's resume / merge-lora) include MoCE.
-MOCE_MODULE_NAME = "moce_experts"
 
 
 def _compute_dtype(cfg: Any) -> torch.dtype:

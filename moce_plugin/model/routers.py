@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .acmoe import cluster_mad, feature_weights, transform
 from .config import MoCEConfig
 
@@ -138,7 +139,7 @@ def build_router(config: MoCEConfig, hidden_size: int) -> Router:
                            config.acmoe_eps, config.acmoe_clamp, config.acmoe_momentum)
     if config.router == "linear":
         return LinearRouter(hidden_size, config.groups, config.experts_per_group)
-    raise ValueError(f"unknown moce.router {config.router!r}")
+    raise ConfigError(f"unknown moce.router {config.router!r}: use 'linear' or 'acmoe'.")
 
 
 # 0.1.0 output folders (a supported format, tests/data/legacy_v0_1) name the router tensors

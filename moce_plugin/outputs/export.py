@@ -23,16 +23,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ExportError
 from ..utils import atomic_dir, cli_errors
 from .folder import ARTIFACT_DIR_NAME, save_moce_files
 from .hf_export import write_hf_native
 from .load import add_loading_arguments, load_moce_model
 
 EXPORT_RECORD = "moce_export.json"
-
-
-class ExportError(ValueError):
-    """DEST cannot be written safely (message says why and what to do)."""
 
 
 def _writable_ancestor(dest: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..model.cluster_ids import check_cluster_ids
 from ..utils import cli_errors
 from .load import MoCEInferenceModel, MoCELoadError, add_loading_arguments, load_moce_model
 
@@ -24,8 +25,8 @@ def _check_clusters_assignable(moce: MoCEInferenceModel, cluster: int | None) ->
     message names ``cluster=``; this one names the flags)."""
     groups = moce.config.groups
     if cluster is not None:
-        if not 0 <= cluster < groups:
-            raise MoCELoadError(f"--cluster {cluster} is out of range: use 0..{groups - 1}.")
+        check_cluster_ids(cluster, groups, allow_ignore=False, what="--cluster",
+                          fix=f": use --cluster 0..{groups - 1}.")
         return
     if moce.cluster_model is None and groups > 1:
         raise MoCELoadError(

@@ -25,10 +25,14 @@ from typing import Any
 import torch
 
 from ..clustering.text import Request
+from ..errors import LoadError
+from ..model.cluster_ids import check_cluster_ids, single_group_ids
 from ..model.config import MoCEConfig
 from ..model.routers import LEGACY_PEFT_KEY_MAPPING
 from ..model.routing import CLUSTER_IDS_KWARG
-from ..model.upcycle import config_of, load_moce_state_dict, upcycle_model
+from ..model.state_dict import load_moce_state_dict
+from ..model.upcycle import upcycle_model
+from ..model.wrappers import config_of
 from ..utils import read_json
 from .fingerprint import fingerprint_checked, fingerprint_difference
 from .hf_native import plain_base_config
@@ -61,8 +65,8 @@ def _forget_base_mlp_mapping(model: Any) -> None:
         ]
 
 
-class MoCELoadError(ValueError):
-    """The directory can't be loaded as a MoCE model (message says why and what to do)."""
+#: The load errors' name here (documented for ``moce_plugin.inference`` users).
+MoCELoadError = LoadError
 
 
 def _config_dir(path: Path) -> Path:
@@ -157,9 +161,10 @@ class MoCEInferenceModel:
         """Cluster of each request: a plain prompt (as given to :meth:`generate`, or already
         formatted by :meth:`format_prompt`), chat messages, or a row in the training format.
         The request text is the training rows' (:func:`moce_plugin.clustering.request_text`)."""
-        if self.cluster_model is None and self.config.groups == 1:
-            return [0] * len(requests)  # one group (PESC-style): nothing to assign
         if self.cluster_model is None:
+            ids = single_group_ids(self.config.groups, len(requests))
+            if ids is not None:
+                return ids
             raise MoCELoadError(
                 "This model has no cluster artifact (it was trained on a cluster_id column), so "
                 "clusters can't be assigned from text: pass the cluster explicitly (--cluster "
@@ -174,12 +179,11 @@ class MoCEInferenceModel:
             ids = [cluster] * len(prompts)
         else:
             ids = list(cluster)
-        bad = [c for c in ids if not 0 <= c < self.config.groups]
-        if bad or len(ids) != len(prompts):
-            raise ValueError(
-                f"cluster ids {ids} must be one per prompt in [0, {self.config.groups})"
-            )
-        return torch.tensor(ids, dtype=torch.long)
+        groups = self.config.groups
+        return check_cluster_ids(
+            ids, groups, batch_shape=(len(prompts),), allow_ignore=False, what="cluster",
+            fix=f"; cluster= takes one id per prompt in [0, {groups}) (or one id for all)",
+        ).to(torch.long)
 
     # ---- prompts ---------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
