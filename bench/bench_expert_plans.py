@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moce_plugin.model.config import MoCEConfig  # noqa: E402
-from moce_plugin.model.layer import (  # noqa: E402
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.layer import (
     GENERAL_PLANS,
     GROUP_PLANS,
     MoCEExperts,

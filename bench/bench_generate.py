@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 
+from bench.machine_info import cpu_model
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.upcycle import upcycle_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path)
-
-from moce_plugin.model.config import MoCEConfig  # noqa: E402
-from moce_plugin.model.upcycle import upcycle_model  # noqa: E402
 
 MODEL_DIR = ROOT / "examples" / "models" / "SmolLM2-135M-Instruct"
 PROMPTS = [

@@ -70,15 +70,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path)
-from masked_loop_baseline import MaskedLoopMLP, MaskedLoopMoCE  # noqa: E402
-
-from moce_plugin.model import routing as moce_routing  # noqa: E402
-from moce_plugin.model.config import MoCEConfig  # noqa: E402
-from moce_plugin.model.layer import MoCEMLP  # noqa: E402
+from bench.machine_info import cpu_model
+from bench.masked_loop_baseline import MaskedLoopMLP, MaskedLoopMoCE
+from moce_plugin.model import routing as moce_routing
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.layer import MoCEMLP
 
 RANK = 64
 AUX_COEF = 0.01
@@ -216,21 +212,29 @@ def load_baseline(src: str) -> None:
     """Import ``moce_plugin`` of another checkout (e.g. a worktree of the previous commit)
     beside this one, for the ``moce_base`` implementation (before/after in one run)."""
     import importlib
+    import importlib.util
 
     def ours() -> dict:
         return {k: sys.modules.pop(k) for k in list(sys.modules)
                 if k == "moce_plugin" or k.startswith("moce_plugin.")}
 
     current = ours()
-    sys.path.insert(0, str(Path(src).resolve()))
+    package = Path(src).resolve() / "moce_plugin"
+    # The other checkout's package is loaded from its folder by name, so its submodules
+    # resolve through its own __path__ (sys.path is left alone).
+    spec = importlib.util.spec_from_file_location(
+        "moce_plugin", package / "__init__.py", submodule_search_locations=[str(package)])
     try:
+        if spec is None or spec.loader is None:
+            raise SystemExit(f"--baseline {src}: no moce_plugin package there")
+        sys.modules["moce_plugin"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["moce_plugin"])
         # Checkouts before the package restructure have flat modules.
-        flat = (Path(src) / "moce_plugin" / "layer.py").is_file()
+        flat = (package / "layer.py").is_file()
         prefix = "moce_plugin." if flat else "moce_plugin.model."
         for name in ("layer", "config", "routing"):
             _BASELINE[name] = importlib.import_module(prefix + name)
     finally:
-        sys.path.pop(0)
         ours()  # drop the baseline's modules from sys.modules (still referenced above)
         sys.modules.update(current)
 
@@ -368,7 +372,7 @@ def measure_memory(c: dict, impl: str, dtype: str, device: str) -> float:
     spec = json.dumps({"cfg": c, "impl": impl, "dtype": dtype,
                        "baseline_src": _BASELINE.get("src"),
                        "threads": torch.get_num_threads()})
-    out = subprocess.run([sys.executable, __file__, "--_mem-child", spec], env=env,
+    out = subprocess.run([sys.executable, "-m", __spec__.name, "--_mem-child", spec], env=env,
                          capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -424,7 +428,7 @@ def time_config_isolated(c: dict, impls: list[str], dtype: str, reps: int, warmu
                                "warmup": warmup, "cpu_time": cpu_time,
                                "baseline_src": _BASELINE.get("src"),
                                "threads": torch.get_num_threads()})
-            out = subprocess.run([sys.executable, __file__, "--_time-child", spec],
+            out = subprocess.run([sys.executable, "-m", __spec__.name, "--_time-child", spec],
                                  capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"timing {i} on {cfg_name(c)} failed:\n{out.stderr[-3000:]}")

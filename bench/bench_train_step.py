@@ -37,8 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_info import cpu_model, ensure_smollm2  # bench/ is on sys.path when run as a script
-from step_timer import rank_file
+from bench.machine_info import cpu_model, ensure_smollm2
+from bench.step_timer import rank_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "SmolLM2-135M-Instruct"
@@ -80,7 +80,7 @@ dataloader_num_workers: 0
 MOCE_BLOCK = """\
 plugins:
   - moce_plugin.MoCEPlugin
-  - step_timer.StepTimerPlugin
+  - bench.step_timer.StepTimerPlugin
 moce:
   num_clusters: {k}
   experts_per_group: 4
@@ -94,7 +94,7 @@ moce:
 
 LORA_BLOCK = """\
 plugins:
-  - step_timer.StepTimerPlugin
+  - bench.step_timer.StepTimerPlugin
 adapter: lora
 lora_r: 64
 lora_alpha: 64
@@ -104,7 +104,7 @@ lora_target_linear: true
 
 LORA_MLP_BLOCK = """\
 plugins:
-  - step_timer.StepTimerPlugin
+  - bench.step_timer.StepTimerPlugin
 adapter: lora
 lora_r: 64
 lora_alpha: 64

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from repro_config import (
+
+from .repro_config import (
     CLUSTERS,
     DATA_DIR,
     DOMAINS,

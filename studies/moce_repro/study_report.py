@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from repro_config import (
+
+from .repro_config import (
     CLUSTERS,
     DOMAIN_NAMES,
     DOMAINS,
@@ -19,8 +20,8 @@ from repro_config import (
     get_run,
     moce_block,
 )
-from stats import MEAN, Difference, SeedRows, StatsError, describe, gather, paired_difference
-from stats import seed_summary as summarise
+from .stats import MEAN, Difference, SeedRows, StatsError, describe, gather, paired_difference
+from .stats import seed_summary as summarise
 
 START, END = "<!-- study:start -->", "<!-- study:end -->"
 CONFIGS = ["lora_mlp", "pesc", "pesc8", "pesc4", "moce", "moce_pairs"]
@@ -108,7 +109,7 @@ def step_rows(points: dict[str, dict]) -> dict[str, SeedRows]:
 
 def plot_curves(m: dict[str, dict], img: Path) -> Path | None:
     """Held-out loss against steps per domain: mean over seeds, error bars one sd."""
-    from report import _pyplot
+    from .report import _pyplot
 
     points = {c: by_step for c, by_step in curve_points(m).items() if by_step}
     if not points:
@@ -203,7 +204,7 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
 def pending_section(s: Settings, reference: Path) -> list[str]:
     import json
 
-    from run import estimate_seconds, span
+    from .run import estimate_seconds, span
 
     ref = json.loads(reference.read_text()) if reference.is_file() else {}
     lines = ["## Seeds and intervals: machinery ready, runs pending", "",
