@@ -13,8 +13,9 @@ so every number is the full MLP cost of one decoder layer:
 
 - ``moce``:     ``moce_plugin.model.layer.MoCEMLP`` (routers, top-k/soft, grouped GEMM experts),
                 loss = sum(out * g) + 0.01 * aux_loss (the load-balancing loss is part of the cost).
-- ``loop``:     ``bench/masked_loop_baseline.py``: reference-style Python loop over groups x
-                experts with boolean masks, every expert of a group run on all its tokens.
+- ``loop``:     ``bench/reference.py`` (the reference the unit tests compare with):
+                reference-style Python loop over groups x experts with boolean masks, every
+                expert of a group run on all its tokens (``loop_dense``: on every token).
 - ``adapter``:  the FFN with one PESC adapter of the same rank: h + up(sigmoid(down(h))).
 - ``lora``:     the FFN with LoRA of the same rank on gate/up/down (frozen base weights).
 - ``ffn``:      the frozen FFN alone (x still requires grad), to split off the experts' cost:
@@ -71,7 +72,7 @@ import torch
 from torch import nn
 
 from bench.machine_info import cpu_model
-from bench.masked_loop_baseline import MaskedLoopMLP, MaskedLoopMoCE
+from bench.reference import MaskedLoopMLP
 from moce_plugin.model import routing as moce_routing
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.layer import MoCEMLP
@@ -274,8 +275,8 @@ def build(c: dict, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
         mod = moce
         mod.moce_experts.plan = _forced_plan(impl, c)
     elif impl in ("loop", "loop_dense"):
-        mod = MaskedLoopMLP(ffn, MaskedLoopMoCE.from_fast(moce.moce_experts,
-                                                          dense=impl == "loop_dense"))
+        # The reference loop on the fast layer's own weights (same maths, same parameters).
+        mod = MaskedLoopMLP(ffn, cfg, moce.moce_experts, gather=impl == "loop")
     elif impl == "adapter":
         mod = AdapterMLP(ffn, d, RANK)
     elif impl == "lora":
