@@ -1,6 +1,6 @@
 """Benchmark of stage 1 (preprocess/cluster.py): embedding throughput, clustering time, memory.
 
-    python bench/bench_clustering.py [--rows N] [--data-dir DIR] [--synthetic-rows 1000000]
+    python -m bench.bench_clustering [--rows N] [--data-dir DIR] [--synthetic-rows 1000000]
 
 Part 1 embeds the real general / code / math sets (alpaca_5000.json, code_alpaca_4535.json,
 gsm8k_train.jsonl, ~17k rows) with the default offline MiniLM and clusters them (elbow sweep

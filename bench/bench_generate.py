@@ -1,6 +1,6 @@
 """Generation throughput: MoCE vs the same base with one plain LoRA, measured side by side.
 
-    python bench/bench_generate.py [--new-tokens 64] [--batch-sizes 1 4] [--repeats 3]
+    python -m bench.bench_generate [--new-tokens 64] [--batch-sizes 1 4] [--repeats 3]
         [--exported [--artifact CLUSTER_ARTIFACT_DIR]]
 
 Model: SmolLM2-135M-Instruct (examples/prepare_smollm2.py converts it). MoCE: 3 groups x 4

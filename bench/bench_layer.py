@@ -1,12 +1,12 @@
 """Layer-level forward+backward time and peak memory of the MoCE MLP vs baselines.
 
-    python bench/bench_layer.py --quick                 # ~2 min on 2 CPU cores
-    python bench/bench_layer.py                         # default sweep (see below)
-    python bench/bench_layer.py --grid                  # full cartesian grid (long)
-    python bench/bench_layer.py --csv out.csv --plot docs/img/layer_time_vs_tokens.png
-    python bench/bench_layer.py --device cuda           # bf16 on a GPU, CUDA peak memory
-    python bench/bench_layer.py --quick --compile       # also torch.compile(MoCEMLP)
-    python bench/bench_layer.py --part routing --count-ops --reps 1 --no-memory  # + op counts
+    python -m bench.bench_layer --quick                 # ~2 min on 2 CPU cores
+    python -m bench.bench_layer                         # default sweep (see below)
+    python -m bench.bench_layer --grid                  # full cartesian grid (long)
+    python -m bench.bench_layer --csv out.csv --plot docs/img/layer_time_vs_tokens.png
+    python -m bench.bench_layer --device cuda           # bf16 on a GPU, CUDA peak memory
+    python -m bench.bench_layer --quick --compile       # also torch.compile(MoCEMLP)
+    python -m bench.bench_layer --part routing --count-ops --reps 1 --no-memory  # + op counts
 
 Implementations, all with the same frozen LlamaMLP-like FFN (gate/up/down, SiLU) in front,
 so every number is the full MLP cost of one decoder layer:
@@ -222,7 +222,7 @@ def load_baseline(src: str) -> None:
     current = ours()
     package = Path(src).resolve() / "moce_plugin"
     # The other checkout's package is loaded from its folder by name, so its submodules
-    # resolve through its own __path__ (sys.path is left alone).
+    # resolve through its own __path__ (the import path stays as it is).
     spec = importlib.util.spec_from_file_location(
         "moce_plugin", package / "__init__.py", submodule_search_locations=[str(package)])
     try:

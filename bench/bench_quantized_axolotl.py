@@ -1,8 +1,8 @@
 """QLoRA (4-bit NF4) and 8-bit bases with MoCE through the real `axolotl train` CLI on the CPU
 SmolLM2 example (one process, bitsandbytes' CPU backend), then reload and export the output.
 
-    python bench/bench_quantized_axolotl.py                 # both, 15 steps, sequence_len 256
-    python bench/bench_quantized_axolotl.py --bits 4 --steps 20 --json out.json
+    python -m bench.bench_quantized_axolotl                 # both, 15 steps, sequence_len 256
+    python -m bench.bench_quantized_axolotl --bits 4 --steps 20 --json out.json
 
 Each run is examples/cpu-smollm2-moce.yml (SmolLM2-135M-Instruct, MoCE 3 clusters x 4
 experts, top-2, adapter_dim 64, packed, fp32, the bundled example data) with the 3 clusters

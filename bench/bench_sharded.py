@@ -1,8 +1,8 @@
 """Per-rank step time and peak RSS of `axolotl train` with MoCE on the CPU SmolLM2 example:
 one process vs 2 processes under DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (gloo).
 
-    python bench/bench_sharded.py                      # 30 timed steps (+2 warm-up), seq 128
-    python bench/bench_sharded.py --steps 10 --modes single,zero3 --seq 256 --json out.json
+    python -m bench.bench_sharded                      # 30 timed steps (+2 warm-up), seq 128
+    python -m bench.bench_sharded --steps 10 --modes single,zero3 --seq 256 --json out.json
 
 Every run is examples/cpu-smollm2-moce.yml (SmolLM2-135M-Instruct, MoCE 3 clusters x 4
 experts, top-2, adapter_dim 64, packed, fp32) with: the 3 clusters from a ``cluster_id``

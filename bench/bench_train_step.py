@@ -1,7 +1,7 @@
 """End-to-end `axolotl train` step time and peak RSS: MoCE vs LoRA-only vs PESC-style MoE.
 
-    python bench/bench_train_step.py                 # 3 variants, 6 steps each, 2 warm-up
-    python bench/bench_train_step.py --steps 8 --warmup 2 --csv out.csv
+    python -m bench.bench_train_step                 # 3 variants, 6 steps each, 2 warm-up
+    python -m bench.bench_train_step --steps 8 --warmup 2 --csv out.csv
 
 Variants (all on examples/models/SmolLM2-135M-Instruct, sequence_len 512, packed,
 micro_batch 1, gradient accumulation 4, fp32 on CPU):

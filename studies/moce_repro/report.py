@@ -1,6 +1,6 @@
 """Build docs/results.md from the reproduction runs' metrics.
 
-    python bench/reproduce/report.py
+    python -m studies.moce_repro.report
 
 Regenerates the parts of docs/results.md between the ``generated`` markers (the
 single-seed tables and figures; left as they are when none of those runs is here) and the

@@ -1,12 +1,12 @@
 """Train (with `axolotl train`) and evaluate reproduction runs.
 
-    python bench/reproduce/run.py moce            # one run
-    python bench/reproduce/run.py moce --seed 2   # the same with seed 2: runs/moce@s2
-    python bench/reproduce/run.py main3           # a group: lora_mlp, pesc, moce x 3 seeds
-    python bench/reproduce/run.py study --plan    # what is left to run, estimated wall time
-    python bench/reproduce/run.py study           # the whole seeded study
-    python bench/reproduce/run.py all             # every unseeded run not done yet
-    python bench/reproduce/run.py --list
+    python -m studies.moce_repro.run moce            # one run
+    python -m studies.moce_repro.run moce --seed 2   # the same with seed 2: runs/moce@s2
+    python -m studies.moce_repro.run main3           # a group: lora_mlp, pesc, moce x 3 seeds
+    python -m studies.moce_repro.run study --plan    # what is left to run, estimated wall time
+    python -m studies.moce_repro.run study           # the whole seeded study
+    python -m studies.moce_repro.run all             # every unseeded run not done yet
+    python -m studies.moce_repro.run --list
 
 Each run writes ``outputs/reproduce/runs/<name>/``: ``config.yml``, ``train.log``, the
 trained ``model/`` and ``metrics.json``. A run with metrics is skipped (pass --force to redo

@@ -139,7 +139,7 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
     pooled over the seeds that reached it, differences with intervals over rows and seeds."""
     points = curve_points(m)
     if not any(points.values()):
-        return ["Pending: `python bench/reproduce/run.py long`."], []
+        return ["Pending: `python -m studies.moce_repro.run long`."], []
     lines = ["Held-out answer loss at each checkpoint, mean ± sd over seeds (seeds in "
              "brackets); differences with 95% bootstrap intervals over rows and seeds, "
              "**bold** where the interval excludes 0:", "",
@@ -211,13 +211,13 @@ def pending_section(s: Settings, reference: Path) -> list[str]:
              "**Not run yet.** The seeded study answers issue 18 (are the differences real; "
              "the paper's PESC baseline; longer training; the expert-pairs hypothesis). The "
              "machinery is built and unit-tested on synthetic losses "
-             "(tests/unit/test_reproduce_stats.py); the runs need the 2 cores to themselves for "
-             "several hours. Commands, from the repository root:", "", "```bash",
-             f"python bench/reproduce/prepare.py       # scores all {s.heldout_per_domain} held-out"
+             "(studies/moce_repro/tests/test_reproduce_stats.py); the runs need the 2 cores to "
+             "themselves for several hours. Commands, from the repository root:", "", "```bash",
+             f"python -m studies.moce_repro.prepare    # scores all {s.heldout_per_domain} held-out"
              " rows per domain (--eval-per-domain, default now 60)",
-             "python bench/reproduce/run.py study --plan   # what is left, estimated time",
-             "python bench/reproduce/run.py study      # everything below, in this order",
-             "python bench/reproduce/report.py         # this section: tables, intervals, verdict",
+             "python -m studies.moce_repro.run study --plan  # what is left, estimated time",
+             "python -m studies.moce_repro.run study   # everything below, in this order",
+             "python -m studies.moce_repro.report      # this section: tables, intervals, verdict",
              "```", "", "Each group, and each run, is one command as well "
              "(`run.py moce --seed 2` = `run.py moce@s2`); two shells running `run.py study` "
              "share the work (a run in progress is locked). Estimated per-run wall time, "
@@ -323,7 +323,7 @@ def study_section(m: dict[str, dict], s: Settings, img: Path, reference: Path) -
         out += ["", "Not compared: " + "; ".join(problems)]
     missing = [n for n in GROUPS["study"] if n not in m]
     if missing:
-        out += ["", f"Still to run ({len(missing)}; `python bench/reproduce/run.py study` "
+        out += ["", f"Still to run ({len(missing)}; `python -m studies.moce_repro.run study` "
                 "does them): " + ", ".join(missing) + "."]
     out += ["", "### Wall time and machine", ""] + wall_table(m)
     return out
@@ -332,7 +332,7 @@ def study_section(m: dict[str, dict], s: Settings, img: Path, reference: Path) -
 def hypothesis_text(diffs: dict) -> str:
     keys = [("moce", "pesc"), ("moce_pairs", "moce"), ("moce_pairs", "pesc")]
     if not all(k in diffs for k in keys):
-        return "Result: pending (`python bench/reproduce/run.py main3 hypothesis`)."
+        return "Result: pending (`python -m studies.moce_repro.run main3 hypothesis`)."
     d = [diffs[k][MEAN] for k in keys]
     return (f"Result: **{hypothesis_outcome(*d)}** on the mean loss: "
             + "; ".join(describe(x, a, b) for x, (a, b) in zip(d, keys)) + ".")
