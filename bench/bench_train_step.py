@@ -158,9 +158,7 @@ def run_variant(name: str, steps: int, ga: int, keep_logs: Path | None,
         TOKENIZERS_PARALLELISM="false",
         MOCE_BENCH_DIR=str(tmp),
         **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}),
-        PYTHONPATH=os.pathsep.join(
-            [str(ROOT / "bench"), str(ROOT), env.get("PYTHONPATH", "")]
-        ),
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     log_path = tmp / "train.log"
     load_before = os.getloadavg()[0]
