@@ -1,6 +1,6 @@
 """Benchmark of stage 1 (preprocess/cluster.py): embedding throughput, clustering time, memory.
 
-    python bench/bench_clustering.py [--rows N] [--data-dir DIR] [--synthetic-rows 1000000]
+    python -m bench.bench_clustering [--rows N] [--data-dir DIR] [--synthetic-rows 1000000]
 
 Part 1 embeds the real general / code / math sets (alpaca_5000.json, code_alpaca_4535.json,
 gsm8k_train.jsonl, ~17k rows) with the default offline MiniLM and clusters them (elbow sweep
@@ -27,10 +27,8 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path)
-
+from bench.machine_info import cpu_model
 from moce_plugin.clustering import (  # noqa: E402
     ClusteringOptions,
     SentenceTransformerEncoder,
@@ -208,7 +206,8 @@ def main() -> None:
     if not args.skip_synthetic:
         cmd = [
             sys.executable,
-            __file__,
+            "-m",
+            __spec__.name,
             "--synthetic-only",
             f"--synthetic-rows={args.synthetic_rows}",
             f"--synthetic-dim={args.synthetic_dim}",

@@ -1,7 +1,7 @@
 """Expert part alone (MoCEExperts fwd+bwd, no FFN) under every execution plan, per routing mode.
 
-    python bench/bench_expert_plans.py                       # 8k tokens, d=576, C=7, E=4, r=64
-    python bench/bench_expert_plans.py --modes "soft:0,2:2" --reps 9
+    python -m bench.bench_expert_plans                       # 8k tokens, d=576, C=7, E=4, r=64
+    python -m bench.bench_expert_plans --modes "soft:0,2:2" --reps 9
 
 The numbers behind ``moce_plugin.model.plans.choose_plan`` (docs/performance.md): the FFN, which
 is shared by every plan and dominates bench_layer.py's times, is left out, so the plans'
@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moce_plugin.model.config import MoCEConfig  # noqa: E402
-from moce_plugin.model.layer import MoCEExperts  # noqa: E402
-from moce_plugin.model.plans import all_plans, choose_plan  # noqa: E402
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.layer import MoCEExperts
+from moce_plugin.model.plans import all_plans, choose_plan
 
 
 def main() -> None:

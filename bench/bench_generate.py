@@ -1,6 +1,6 @@
 """Generation throughput: MoCE vs the same base with one plain LoRA, measured side by side.
 
-    python bench/bench_generate.py [--new-tokens 64] [--batch-sizes 1 4] [--repeats 3]
+    python -m bench.bench_generate [--new-tokens 64] [--batch-sizes 1 4] [--repeats 3]
         [--exported [--artifact CLUSTER_ARTIFACT_DIR]]
 
 Model: SmolLM2-135M-Instruct (examples/prepare_smollm2.py converts it). MoCE: 3 groups x 4
@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 
+from bench.machine_info import cpu_model
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.upcycle import upcycle_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path)
-
-from moce_plugin.model.config import MoCEConfig  # noqa: E402
-from moce_plugin.model.upcycle import upcycle_model  # noqa: E402
 
 MODEL_DIR = ROOT / "examples" / "models" / "SmolLM2-135M-Instruct"
 PROMPTS = [

@@ -1,20 +1,21 @@
 """Layer-level forward+backward time and peak memory of the MoCE MLP vs baselines.
 
-    python bench/bench_layer.py --quick                 # ~2 min on 2 CPU cores
-    python bench/bench_layer.py                         # default sweep (see below)
-    python bench/bench_layer.py --grid                  # full cartesian grid (long)
-    python bench/bench_layer.py --csv out.csv --plot docs/img/layer_time_vs_tokens.png
-    python bench/bench_layer.py --device cuda           # bf16 on a GPU, CUDA peak memory
-    python bench/bench_layer.py --quick --compile       # also torch.compile(MoCEMLP)
-    python bench/bench_layer.py --part routing --count-ops --reps 1 --no-memory  # + op counts
+    python -m bench.bench_layer --quick                 # ~2 min on 2 CPU cores
+    python -m bench.bench_layer                         # default sweep (see below)
+    python -m bench.bench_layer --grid                  # full cartesian grid (long)
+    python -m bench.bench_layer --csv out.csv --plot docs/img/layer_time_vs_tokens.png
+    python -m bench.bench_layer --device cuda           # bf16 on a GPU, CUDA peak memory
+    python -m bench.bench_layer --quick --compile       # also torch.compile(MoCEMLP)
+    python -m bench.bench_layer --part routing --count-ops --reps 1 --no-memory  # + op counts
 
 Implementations, all with the same frozen LlamaMLP-like FFN (gate/up/down, SiLU) in front,
 so every number is the full MLP cost of one decoder layer:
 
 - ``moce``:     ``moce_plugin.model.layer.MoCEMLP`` (routers, top-k/soft, grouped GEMM experts),
                 loss = sum(out * g) + 0.01 * aux_loss (the load-balancing loss is part of the cost).
-- ``loop``:     ``bench/masked_loop_baseline.py``: reference-style Python loop over groups x
-                experts with boolean masks, every expert of a group run on all its tokens.
+- ``loop``:     ``bench/reference.py`` (the reference the unit tests compare with):
+                reference-style Python loop over groups x experts with boolean masks, every
+                expert of a group run on all its tokens (``loop_dense``: on every token).
 - ``adapter``:  the FFN with one PESC adapter of the same rank: h + up(sigmoid(down(h))).
 - ``lora``:     the FFN with LoRA of the same rank on gate/up/down (frozen base weights).
 - ``ffn``:      the frozen FFN alone (x still requires grad), to split off the experts' cost:
@@ -70,15 +71,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path)
-from masked_loop_baseline import MaskedLoopMLP, MaskedLoopMoCE  # noqa: E402
-
-from moce_plugin.model import routing as moce_routing  # noqa: E402
-from moce_plugin.model.config import MoCEConfig  # noqa: E402
-from moce_plugin.model.layer import MoCEMLP  # noqa: E402
+from bench.machine_info import cpu_model
+from bench.reference import MaskedLoopMLP
+from moce_plugin.model import routing as moce_routing
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.layer import MoCEMLP
 
 RANK = 64
 AUX_COEF = 0.01
@@ -216,21 +213,29 @@ def load_baseline(src: str) -> None:
     """Import ``moce_plugin`` of another checkout (e.g. a worktree of the previous commit)
     beside this one, for the ``moce_base`` implementation (before/after in one run)."""
     import importlib
+    import importlib.util
 
     def ours() -> dict:
         return {k: sys.modules.pop(k) for k in list(sys.modules)
                 if k == "moce_plugin" or k.startswith("moce_plugin.")}
 
     current = ours()
-    sys.path.insert(0, str(Path(src).resolve()))
+    package = Path(src).resolve() / "moce_plugin"
+    # The other checkout's package is loaded from its folder by name, so its submodules
+    # resolve through its own __path__ (the import path stays as it is).
+    spec = importlib.util.spec_from_file_location(
+        "moce_plugin", package / "__init__.py", submodule_search_locations=[str(package)])
     try:
+        if spec is None or spec.loader is None:
+            raise SystemExit(f"--baseline {src}: no moce_plugin package there")
+        sys.modules["moce_plugin"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["moce_plugin"])
         # Checkouts before the package restructure have flat modules.
-        flat = (Path(src) / "moce_plugin" / "layer.py").is_file()
+        flat = (package / "layer.py").is_file()
         prefix = "moce_plugin." if flat else "moce_plugin.model."
         for name in ("layer", "config", "routing"):
             _BASELINE[name] = importlib.import_module(prefix + name)
     finally:
-        sys.path.pop(0)
         ours()  # drop the baseline's modules from sys.modules (still referenced above)
         sys.modules.update(current)
 
@@ -270,8 +275,8 @@ def build(c: dict, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
         mod = moce
         mod.moce_experts.plan = _forced_plan(impl, c)
     elif impl in ("loop", "loop_dense"):
-        mod = MaskedLoopMLP(ffn, MaskedLoopMoCE.from_fast(moce.moce_experts,
-                                                          dense=impl == "loop_dense"))
+        # The reference loop on the fast layer's own weights (same maths, same parameters).
+        mod = MaskedLoopMLP(ffn, cfg, moce.moce_experts, gather=impl == "loop")
     elif impl == "adapter":
         mod = AdapterMLP(ffn, d, RANK)
     elif impl == "lora":
@@ -368,7 +373,7 @@ def measure_memory(c: dict, impl: str, dtype: str, device: str) -> float:
     spec = json.dumps({"cfg": c, "impl": impl, "dtype": dtype,
                        "baseline_src": _BASELINE.get("src"),
                        "threads": torch.get_num_threads()})
-    out = subprocess.run([sys.executable, __file__, "--_mem-child", spec], env=env,
+    out = subprocess.run([sys.executable, "-m", __spec__.name, "--_mem-child", spec], env=env,
                          capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -424,7 +429,7 @@ def time_config_isolated(c: dict, impls: list[str], dtype: str, reps: int, warmu
                                "warmup": warmup, "cpu_time": cpu_time,
                                "baseline_src": _BASELINE.get("src"),
                                "threads": torch.get_num_threads()})
-            out = subprocess.run([sys.executable, __file__, "--_time-child", spec],
+            out = subprocess.run([sys.executable, "-m", __spec__.name, "--_time-child", spec],
                                  capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"timing {i} on {cfg_name(c)} failed:\n{out.stderr[-3000:]}")

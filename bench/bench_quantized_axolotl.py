@@ -1,8 +1,8 @@
 """QLoRA (4-bit NF4) and 8-bit bases with MoCE through the real `axolotl train` CLI on the CPU
 SmolLM2 example (one process, bitsandbytes' CPU backend), then reload and export the output.
 
-    python bench/bench_quantized_axolotl.py                 # both, 15 steps, sequence_len 256
-    python bench/bench_quantized_axolotl.py --bits 4 --steps 20 --json out.json
+    python -m bench.bench_quantized_axolotl                 # both, 15 steps, sequence_len 256
+    python -m bench.bench_quantized_axolotl --bits 4 --steps 20 --json out.json
 
 Each run is examples/cpu-smollm2-moce.yml (SmolLM2-135M-Instruct, MoCE 3 clusters x 4
 experts, top-2, adapter_dim 64, packed, fp32, the bundled example data) with the 3 clusters
@@ -36,10 +36,10 @@ from typing import Any
 
 import yaml
 
+from bench.bench_sharded import MODEL, make_config, write_data
+from bench.machine_info import cpu_model, ensure_smollm2
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_sharded import MODEL, make_config, write_data  # noqa: E402
-from machine_info import cpu_model, ensure_smollm2  # noqa: E402
 
 QLORA_EXAMPLE = ROOT / "examples" / "llama2-moce-qlora.yml"
 EXAMPLE_KEYS = ("adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout",
@@ -55,7 +55,7 @@ def quant_config(bits: int, tmp: Path, data: Path, steps: int, seq: int, model: 
         cfg.update(adapter="lora", load_in_8bit=True)
         cfg.pop("load_in_4bit")
     cfg.update(
-        plugins=["moce_plugin.MoCEPlugin", "bench_sharded.RankStepTimerPlugin",
+        plugins=["moce_plugin.MoCEPlugin", "bench.step_timer.StepTimerPlugin",
                  "quant_check_plugin.QuantCheckPlugin"],
         save_strategy="steps", save_steps=steps,
     )
@@ -73,7 +73,8 @@ def run(bits: int, steps: int, seq: int, threads: int, model: Path) -> dict[str,
         AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MOCE_BENCH_DIR=str(tmp),
-        PYTHONPATH=os.pathsep.join([str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT),
+        # tests/ for the QuantCheckPlugin the suite uses too.
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                     env.get("PYTHONPATH", "")]),
     )
     log_path = tmp / "train.log"

@@ -1,8 +1,8 @@
 """Per-rank step time and peak RSS of `axolotl train` with MoCE on the CPU SmolLM2 example:
 one process vs 2 processes under DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (gloo).
 
-    python bench/bench_sharded.py                      # 30 timed steps (+2 warm-up), seq 128
-    python bench/bench_sharded.py --steps 10 --modes single,zero3 --seq 256 --json out.json
+    python -m bench.bench_sharded                      # 30 timed steps (+2 warm-up), seq 128
+    python -m bench.bench_sharded --steps 10 --modes single,zero3 --seq 256 --json out.json
 
 Every run is examples/cpu-smollm2-moce.yml (SmolLM2-135M-Instruct, MoCE 3 clusters x 4
 experts, top-2, adapter_dim 64, packed, fp32) with: the 3 clusters from a ``cluster_id``
@@ -34,9 +34,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_info import cpu_model, ensure_smollm2  # noqa: E402
-from step_timer import rank_file  # noqa: E402
+from bench.machine_info import cpu_model, ensure_smollm2
+from bench.step_timer import rank_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cpu-smollm2-moce.yml"
@@ -64,7 +63,7 @@ def make_config(mode: str, tmp: Path, data: Path, steps: int, seq: int,
                 model: Path = MODEL) -> dict:
     cfg = yaml.safe_load(EXAMPLE.read_text())
     cfg["base_model"] = str(model)
-    cfg["plugins"] = ["moce_plugin.MoCEPlugin", "step_timer.StepTimerPlugin"]
+    cfg["plugins"] = ["moce_plugin.MoCEPlugin", "bench.step_timer.StepTimerPlugin"]
     moce = dict(cfg["moce"])
     moce.update(num_clusters=3)
     moce.pop("cluster_artifact", None)
@@ -106,7 +105,7 @@ def run_mode(mode: str, steps: int, seq: int, threads: int, keep: Path | None,
         TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS=str(per_rank_threads), MKL_NUM_THREADS=str(per_rank_threads),
         MOCE_BENCH_DIR=str(tmp),
-        PYTHONPATH=os.pathsep.join([str(ROOT / "bench"), str(ROOT), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     env.pop("ACCELERATE_USE_CPU", None)
     if nproc == 1:

@@ -1,7 +1,7 @@
 """End-to-end `axolotl train` step time and peak RSS: MoCE vs LoRA-only vs PESC-style MoE.
 
-    python bench/bench_train_step.py                 # 3 variants, 6 steps each, 2 warm-up
-    python bench/bench_train_step.py --steps 8 --warmup 2 --csv out.csv
+    python -m bench.bench_train_step                 # 3 variants, 6 steps each, 2 warm-up
+    python -m bench.bench_train_step --steps 8 --warmup 2 --csv out.csv
 
 Variants (all on examples/models/SmolLM2-135M-Instruct, sequence_len 512, packed,
 micro_batch 1, gradient accumulation 4, fp32 on CPU):
@@ -37,8 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_info import cpu_model, ensure_smollm2  # bench/ is on sys.path when run as a script
-from step_timer import rank_file
+from bench.machine_info import cpu_model, ensure_smollm2
+from bench.step_timer import rank_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "SmolLM2-135M-Instruct"
@@ -80,7 +80,7 @@ dataloader_num_workers: 0
 MOCE_BLOCK = """\
 plugins:
   - moce_plugin.MoCEPlugin
-  - step_timer.StepTimerPlugin
+  - bench.step_timer.StepTimerPlugin
 moce:
   num_clusters: {k}
   experts_per_group: 4
@@ -94,7 +94,7 @@ moce:
 
 LORA_BLOCK = """\
 plugins:
-  - step_timer.StepTimerPlugin
+  - bench.step_timer.StepTimerPlugin
 adapter: lora
 lora_r: 64
 lora_alpha: 64
@@ -104,7 +104,7 @@ lora_target_linear: true
 
 LORA_MLP_BLOCK = """\
 plugins:
-  - step_timer.StepTimerPlugin
+  - bench.step_timer.StepTimerPlugin
 adapter: lora
 lora_r: 64
 lora_alpha: 64
@@ -158,9 +158,7 @@ def run_variant(name: str, steps: int, ga: int, keep_logs: Path | None,
         TOKENIZERS_PARALLELISM="false",
         MOCE_BENCH_DIR=str(tmp),
         **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}),
-        PYTHONPATH=os.pathsep.join(
-            [str(ROOT / "bench"), str(ROOT), env.get("PYTHONPATH", "")]
-        ),
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     log_path = tmp / "train.log"
     load_before = os.getloadavg()[0]

@@ -1,7 +1,7 @@
 """How often the cluster a model picks from a templated, tokenized prompt equals the cluster
 of the same request at training time.
 
-    python bench/cluster_agreement.py [--tokenizer smollm2|tiny] [--k 3]
+    python -m bench.cluster_agreement [--tokenizer smollm2|tiny] [--k 3]
 
 Clusters the bundled training sample (examples/data/moce_sample.jsonl, the packaged
 all-MiniLM-L6-v2 encoder), then for every held-out row (moce_sample_heldout.jsonl) and every
@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 DATA = ROOT / "examples" / "data"
 
@@ -42,11 +40,10 @@ def load_tokenizer(kind: str):
         if not folder.is_dir():
             sys.exit("run `python examples/prepare_smollm2.py` first (or pass --tokenizer tiny)")
         return AutoTokenizer.from_pretrained(folder)
-    from axolotl_helpers import sample_rows
-    from tiny_models import train_tiny_tokenizer
+    from bench.tiny_tokenizer import train_tiny_tokenizer
 
-    return train_tiny_tokenizer([t for r in sample_rows() for t in (r["instruction"],
-                                                                   r["output"])])
+    return train_tiny_tokenizer([t for r in rows("moce_sample.jsonl")
+                                 for t in (r["instruction"], r["output"])])
 
 
 def rows(name: str) -> list[dict]:

@@ -1,7 +1,7 @@
 """Linear vs ACMoE router on the CPU SmolLM2 example: training loss and expert-load balance
 over steps, from two `axolotl train` runs with identical data, seed and steps.
 
-    python bench/compare_routers.py [--steps 20] [--out docs/img/acmoe_vs_linear.png]
+    python -m bench.compare_routers [--steps 20] [--out docs/img/acmoe_vs_linear.png]
 
 Needs the converted model (examples/prepare_smollm2.py) and the example's clusters
 (python preprocess/cluster.py examples/cpu-smollm2-moce.yml).

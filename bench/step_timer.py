@@ -1,9 +1,10 @@
 """Axolotl plugin for the training benchmarks: each rank's optimizer-step times and peak RSS.
 
-Used by bench_train_step.py and bench_sharded.py (``plugins: [step_timer.StepTimerPlugin]``,
-bench/ on PYTHONPATH). Rank R writes ``$MOCE_BENCH_DIR/rank<R>.json`` after every step:
-wall and CPU seconds per step (``on_step_begin`` -> ``on_step_end``) and the process's peak
-RSS so far (``ru_maxrss``).
+Used by bench_train_step.py, bench_sharded.py and bench_quantized_axolotl.py
+(``plugins: [bench.step_timer.StepTimerPlugin]``, the repository root on PYTHONPATH).
+Rank R writes ``$MOCE_BENCH_DIR/rank<R>.json`` after every step: wall and CPU seconds per
+step (``on_step_begin`` -> ``on_step_end``) and the process's peak RSS so far
+(``ru_maxrss``).
 """
 
 from __future__ import annotations

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
-# Run as a script from a checkout: make the package importable without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moce_plugin.clustering.cli import build_parser, main  # noqa: E402
+# The package is installed (scripts/install.sh, editable): this wrapper only forwards to it.
+from moce_plugin.clustering.cli import build_parser, main
 
 __all__ = ["build_parser", "main"]
 

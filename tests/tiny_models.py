@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+# Shared with bench/cluster_agreement.py; re-exported for the tests.
+from bench.tiny_tokenizer import CHAT_TEMPLATE, train_tiny_tokenizer  # noqa: F401
+
 TINY_KWARGS = dict(
     vocab_size=128,
     hidden_size=32,
@@ -50,34 +53,6 @@ def tiny_causal_lm(model_type: str = "llama", seed: int = 0, **overrides):
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config)
     return model.eval()
-
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
-
-
-def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2000):
-    """A small byte-level BPE tokenizer trained on ``texts`` (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        pad_token="<pad>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def save_tiny_model_dir(path, texts: list[str], model_type: str = "llama", seed: int = 0):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from naive_moce import naive_moce
 
+from bench.reference import naive_moce
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.expert_ops import grouped_mm_supported
 from moce_plugin.model.layer import MoCEExperts

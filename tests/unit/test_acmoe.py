@@ -157,7 +157,7 @@ def test_config_errors(kw, match):
 def test_layer_output_equals_reference_on_the_transformed_input(top_k):
     """ACMoE with top-1 / soft / top-2: the layer's output is the naive MoCE layer's output
     with the group routers reading M_k x (weights from the paper's formula)."""
-    from naive_moce import naive_moce
+    from bench.reference import naive_moce
 
     cfg = MoCEConfig(num_clusters=2, experts_per_group=3, top_k=top_k, adapter_dim=4,
                      adapter_scaling=0.7, router="acmoe")

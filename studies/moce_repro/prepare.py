@@ -1,6 +1,6 @@
 """Build the reproduction's data splits and cluster them (MoCE stage 1).
 
-    python bench/reproduce/prepare.py [--data-dir ../shared/data] [--train-per-domain 200]
+    python -m studies.moce_repro.prepare [--data-dir ../shared/data] [--train-per-domain 200]
                                       [--heldout-per-domain 60] [--steps 40] ...
 
 Writes ``outputs/reproduce/`` (override with MOCE_REPRODUCE_DIR): ``settings.json`` (sizes
@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from repro_config import (
+
+from .repro_config import (
     CLUSTERS,
     DATA_DIR,
     DOMAINS,

@@ -59,7 +59,7 @@ class Settings:
     def load(cls) -> Settings:
         if not SETTINGS_FILE.is_file():
             raise SystemExit(
-                f"{SETTINGS_FILE} not found: run `python bench/reproduce/prepare.py` first."
+                f"{SETTINGS_FILE} not found: run `python -m studies.moce_repro.prepare` first."
             )
         return cls(**json.loads(SETTINGS_FILE.read_text()))
 

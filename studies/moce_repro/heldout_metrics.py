@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from repro_config import DOMAINS, HELDOUT_FILE, Run, Settings, read_jsonl, run_dir
 from tqdm import tqdm
 
 from moce_plugin.model.routing import CLUSTER_IDS_KWARG
+
+from .repro_config import DOMAINS, HELDOUT_FILE, Run, Settings, read_jsonl, run_dir
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

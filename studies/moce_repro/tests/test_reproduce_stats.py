@@ -1,17 +1,14 @@
-"""bench/reproduce/stats.py on synthetic per-row losses whose answer is known."""
+"""studies/moce_repro/stats.py on synthetic per-row losses whose answer is known."""
 
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "reproduce"))
-
-from stats import (  # noqa: E402
+from studies.moce_repro.stats import (
     MEAN,
     Difference,
     StatsError,
@@ -157,7 +154,7 @@ def with_curve(config: str, shifts: list[float], gen: int, seeds: int = 3) -> di
 
 
 def test_hypothesis_outcomes():
-    from study_report import hypothesis_outcome
+    from studies.moce_repro.study_report import hypothesis_outcome
 
     worse, better, same = (Difference(0.05, 0.02, 0.08), Difference(-0.05, -0.08, -0.02),
                            Difference(0.0, -0.02, 0.02))
@@ -171,10 +168,10 @@ def test_hypothesis_outcomes():
 
 
 def test_study_section_pending(tmp_path):
-    from repro_config import GROUPS, Settings
-    from study_report import study_section
+    from studies.moce_repro.repro_config import GROUPS, Settings
+    from studies.moce_repro.study_report import study_section
 
-    ref = Path(__file__).resolve().parents[2] / "docs" / "results" / "metrics.json"
+    ref = Path(__file__).resolve().parents[3] / "docs" / "results" / "metrics.json"
     text = "\n".join(study_section({}, Settings(), tmp_path, ref))
     assert "## Seeds and intervals: machinery ready, runs pending" in text
     assert "**Not run yet.**" in text
@@ -185,8 +182,8 @@ def test_study_section_pending(tmp_path):
 
 
 def test_study_section_from_runs(tmp_path):
-    from repro_config import Settings
-    from study_report import study_section
+    from studies.moce_repro.repro_config import Settings
+    from studies.moce_repro.study_report import study_section
 
     m = {}
     # planted: lora best, pesc 0.05 better than moce, moce_pairs exactly as good as pesc
@@ -230,8 +227,8 @@ def test_study_section_from_runs(tmp_path):
 
 
 def test_study_section_reports_runs_it_cannot_compare(tmp_path):
-    from repro_config import Settings
-    from study_report import study_section
+    from studies.moce_repro.repro_config import Settings
+    from studies.moce_repro.study_report import study_section
 
     m = {**fake_metrics("moce", 0.0, gen=1), **fake_metrics("pesc", 0.0, rows=50, gen=2)}
     text = "\n".join(study_section(m, Settings(), tmp_path, tmp_path / "none.json"))
@@ -240,7 +237,7 @@ def test_study_section_reports_runs_it_cannot_compare(tmp_path):
 
 
 def test_long_runs_pool_seeds_per_checkpoint(tmp_path):
-    from study_report import long_section
+    from studies.moce_repro.study_report import long_section
 
     # planted: seed 1 of moce_long is far worse at step 120 than seeds 2 and 3; the pooled
     # mean and its sd over seeds must show it (a report that read only seed 1 would not)

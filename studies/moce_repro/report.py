@@ -1,6 +1,6 @@
 """Build docs/results.md from the reproduction runs' metrics.
 
-    python bench/reproduce/report.py
+    python -m studies.moce_repro.report
 
 Regenerates the parts of docs/results.md between the ``generated`` markers (the
 single-seed tables and figures; left as they are when none of those runs is here) and the
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from repro_config import (
+
+from .repro_config import (
     CLUSTERS,
     DOMAIN_NAMES,
     DOMAINS,
@@ -294,9 +295,9 @@ def replace_region(text: str, start: str, end: str, body: str, doc: Path) -> str
 def main() -> None:
     import argparse
 
-    from study_report import END as STUDY_END
-    from study_report import START as STUDY_START
-    from study_report import study_section
+    from .study_report import END as STUDY_END
+    from .study_report import START as STUDY_START
+    from .study_report import study_section
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--doc", type=Path, default=DOC,

@@ -1,12 +1,12 @@
 """Train (with `axolotl train`) and evaluate reproduction runs.
 
-    python bench/reproduce/run.py moce            # one run
-    python bench/reproduce/run.py moce --seed 2   # the same with seed 2: runs/moce@s2
-    python bench/reproduce/run.py main3           # a group: lora_mlp, pesc, moce x 3 seeds
-    python bench/reproduce/run.py study --plan    # what is left to run, estimated wall time
-    python bench/reproduce/run.py study           # the whole seeded study
-    python bench/reproduce/run.py all             # every unseeded run not done yet
-    python bench/reproduce/run.py --list
+    python -m studies.moce_repro.run moce            # one run
+    python -m studies.moce_repro.run moce --seed 2   # the same with seed 2: runs/moce@s2
+    python -m studies.moce_repro.run main3           # a group: lora_mlp, pesc, moce x 3 seeds
+    python -m studies.moce_repro.run study --plan    # what is left to run, estimated wall time
+    python -m studies.moce_repro.run study           # the whole seeded study
+    python -m studies.moce_repro.run all             # every unseeded run not done yet
+    python -m studies.moce_repro.run --list
 
 Each run writes ``outputs/reproduce/runs/<name>/``: ``config.yml``, ``train.log``, the
 trained ``model/`` and ``metrics.json``. A run with metrics is skipped (pass --force to redo
@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 import yaml
-from repro_config import (
+
+from .repro_config import (
     ENV,
     GROUPS,
     ROOT,
@@ -51,9 +52,9 @@ REFERENCE_RUN = {"pesc8": "pesc", "pesc4": "pesc", "moce_pairs": "moce",
 
 
 def machine() -> str:
-    sys.path.insert(0, str(ROOT / "bench"))
     import torch
-    from machine_info import cpu_model
+
+    from bench.machine_info import cpu_model
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
@@ -111,7 +112,7 @@ def train(run: Run, s: Settings, out: Path) -> dict:
 
 def curve(run: Run, s: Settings, found: list[Path]) -> tuple[list[dict], float]:
     """Held-out answer loss (per domain and per row) of every checkpoint."""
-    from heldout_metrics import evaluate
+    from .heldout_metrics import evaluate
 
     t0 = time.time()
     points = []
@@ -175,7 +176,7 @@ def recorded_run(name: str, s: Settings, path: Path = REFERENCE_METRICS) -> dict
 
 
 def do_run(run: Run, s: Settings, force: bool) -> None:
-    from heldout_metrics import evaluate
+    from .heldout_metrics import evaluate
 
     out = run_dir(run)
     metrics_path = out / "metrics.json"

@@ -1,6 +1,6 @@
 """`axolotl train` with the global RNGs seeded before the model is built.
 
-    python bench/reproduce/seeded_train.py SEED config.yml
+    python -m studies.moce_repro.seeded_train SEED config.yml
 
 axolotl's ``seed`` reaches the data shuffle and the trainer (which seeds torch only once the
 model and its LoRA adapters exist), so LoRA's initialisation would be the same for every

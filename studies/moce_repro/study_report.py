@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from repro_config import (
+
+from .repro_config import (
     CLUSTERS,
     DOMAIN_NAMES,
     DOMAINS,
@@ -19,8 +20,8 @@ from repro_config import (
     get_run,
     moce_block,
 )
-from stats import MEAN, Difference, SeedRows, StatsError, describe, gather, paired_difference
-from stats import seed_summary as summarise
+from .stats import MEAN, Difference, SeedRows, StatsError, describe, gather, paired_difference
+from .stats import seed_summary as summarise
 
 START, END = "<!-- study:start -->", "<!-- study:end -->"
 CONFIGS = ["lora_mlp", "pesc", "pesc8", "pesc4", "moce", "moce_pairs"]
@@ -108,7 +109,7 @@ def step_rows(points: dict[str, dict]) -> dict[str, SeedRows]:
 
 def plot_curves(m: dict[str, dict], img: Path) -> Path | None:
     """Held-out loss against steps per domain: mean over seeds, error bars one sd."""
-    from report import _pyplot
+    from .report import _pyplot
 
     points = {c: by_step for c, by_step in curve_points(m).items() if by_step}
     if not points:
@@ -138,7 +139,7 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
     pooled over the seeds that reached it, differences with intervals over rows and seeds."""
     points = curve_points(m)
     if not any(points.values()):
-        return ["Pending: `python bench/reproduce/run.py long`."], []
+        return ["Pending: `python -m studies.moce_repro.run long`."], []
     lines = ["Held-out answer loss at each checkpoint, mean ± sd over seeds (seeds in "
              "brackets); differences with 95% bootstrap intervals over rows and seeds, "
              "**bold** where the interval excludes 0:", "",
@@ -203,20 +204,20 @@ def long_section(m: dict[str, dict], img: Path) -> tuple[list[str], list[str]]:
 def pending_section(s: Settings, reference: Path) -> list[str]:
     import json
 
-    from run import estimate_seconds, span
+    from .run import estimate_seconds, span
 
     ref = json.loads(reference.read_text()) if reference.is_file() else {}
     lines = ["## Seeds and intervals: machinery ready, runs pending", "",
              "**Not run yet.** The seeded study answers issue 18 (are the differences real; "
              "the paper's PESC baseline; longer training; the expert-pairs hypothesis). The "
              "machinery is built and unit-tested on synthetic losses "
-             "(tests/unit/test_reproduce_stats.py); the runs need the 2 cores to themselves for "
-             "several hours. Commands, from the repository root:", "", "```bash",
-             f"python bench/reproduce/prepare.py       # scores all {s.heldout_per_domain} held-out"
+             "(studies/moce_repro/tests/test_reproduce_stats.py); the runs need the 2 cores to "
+             "themselves for several hours. Commands, from the repository root:", "", "```bash",
+             f"python -m studies.moce_repro.prepare    # scores all {s.heldout_per_domain} held-out"
              " rows per domain (--eval-per-domain, default now 60)",
-             "python bench/reproduce/run.py study --plan   # what is left, estimated time",
-             "python bench/reproduce/run.py study      # everything below, in this order",
-             "python bench/reproduce/report.py         # this section: tables, intervals, verdict",
+             "python -m studies.moce_repro.run study --plan  # what is left, estimated time",
+             "python -m studies.moce_repro.run study   # everything below, in this order",
+             "python -m studies.moce_repro.report      # this section: tables, intervals, verdict",
              "```", "", "Each group, and each run, is one command as well "
              "(`run.py moce --seed 2` = `run.py moce@s2`); two shells running `run.py study` "
              "share the work (a run in progress is locked). Estimated per-run wall time, "
@@ -322,7 +323,7 @@ def study_section(m: dict[str, dict], s: Settings, img: Path, reference: Path) -
         out += ["", "Not compared: " + "; ".join(problems)]
     missing = [n for n in GROUPS["study"] if n not in m]
     if missing:
-        out += ["", f"Still to run ({len(missing)}; `python bench/reproduce/run.py study` "
+        out += ["", f"Still to run ({len(missing)}; `python -m studies.moce_repro.run study` "
                 "does them): " + ", ".join(missing) + "."]
     out += ["", "### Wall time and machine", ""] + wall_table(m)
     return out
@@ -331,7 +332,7 @@ def study_section(m: dict[str, dict], s: Settings, img: Path, reference: Path) -
 def hypothesis_text(diffs: dict) -> str:
     keys = [("moce", "pesc"), ("moce_pairs", "moce"), ("moce_pairs", "pesc")]
     if not all(k in diffs for k in keys):
-        return "Result: pending (`python bench/reproduce/run.py main3 hypothesis`)."
+        return "Result: pending (`python -m studies.moce_repro.run main3 hypothesis`)."
     d = [diffs[k][MEAN] for k in keys]
     return (f"Result: **{hypothesis_outcome(*d)}** on the mean loss: "
             + "; ".join(describe(x, a, b) for x, (a, b) in zip(d, keys)) + ".")

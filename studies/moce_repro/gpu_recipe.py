@@ -2,7 +2,7 @@
 every run on the paper's Table 1 benchmarks with lm-eval. Not run on this project's CPU.
 
     python preprocess/cluster.py examples/llama2-moce.yml   # stage 1 once (the paper: k=7)
-    python bench/reproduce/gpu_recipe.py                    # -> outputs/paper/
+    python -m studies.moce_repro.gpu_recipe                    # -> outputs/paper/
     bash outputs/paper/run_all.sh                           # train + lm-eval, every run
 
 Runs (paper: Llama-2-7B, SlimOrca + Magicoder + MetaMathQA, adapter dim 64, top-2, seq 512,
@@ -62,7 +62,7 @@ def variant_config(base: dict[str, Any], name: str, seed: int, k: int, out: Path
 
 
 def script(names: list[str], out: Path, gpus: int) -> str:
-    lines = ["#!/usr/bin/env bash", "# Written by bench/reproduce/gpu_recipe.py.",
+    lines = ["#!/usr/bin/env bash", "# Written by studies/moce_repro/gpu_recipe.py.",
              "set -euo pipefail", f"cd {ROOT}",
              "export AXOLOTL_DO_NOT_TRACK=1 HF_ALLOW_CODE_EVAL=1", ""]
     for name in names:

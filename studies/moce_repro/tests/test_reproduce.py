@@ -1,4 +1,4 @@
-"""The reproduction commands (bench/reproduce): metric helpers, the run configs, and one
+"""The reproduction commands (studies/moce_repro): metric helpers, the run configs, and one
 tiny end-to-end pass of prepare -> run -> report on the bundled sample."""
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-REPRO = ROOT / "bench" / "reproduce"
-sys.path.insert(0, str(REPRO))
+from studies.moce_repro import repro_config as common
+from studies.moce_repro.heldout_metrics import final_number, js_divergence
 
-import repro_config as common  # noqa: E402
-from heldout_metrics import final_number, js_divergence  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -125,7 +123,7 @@ def test_bad_run_names(name, message):
 
 
 def test_resolve_groups_and_seed_option():
-    import run as runner
+    from studies.moce_repro import run as runner
 
     assert [r.name for r in runner.resolve(["moce", "pesc"], [1, 2])] == [
         "moce@s1", "moce@s2", "pesc@s1", "pesc@s2"]
@@ -140,14 +138,14 @@ def test_resolve_groups_and_seed_option():
     (["--eval-per-domain", "10", "--gsm8k-generate", "20"], "exceeds --eval-per-domain 10")])
 def test_prepare_refuses_more_scored_rows_than_held_out(tmp_path, args, message):
     env = {**os.environ, "MOCE_REPRODUCE_DIR": str(tmp_path / "work")}
-    proc = subprocess.run([sys.executable, str(REPRO / "prepare.py"), *args], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "studies.moce_repro.prepare", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and message in proc.stderr
     assert not (tmp_path / "work").exists()  # refused before any work
 
 
 def test_train_command_seeds_before_axolotl(tmp_path):
-    import run as runner
+    from studies.moce_repro import run as runner
 
     cfg = tmp_path / "config.yml"
     seeded = runner.train_command(common.get_run("lora_mlp@s3"), cfg)
@@ -157,7 +155,7 @@ def test_train_command_seeds_before_axolotl(tmp_path):
 
 
 def test_run_lock(tmp_path):
-    import run as runner
+    from studies.moce_repro import run as runner
 
     out = tmp_path / "moce@s1"
     assert runner.take_lock(out)
@@ -174,7 +172,7 @@ def test_run_lock(tmp_path):
 
 
 def test_plan_estimates_from_measured_times(monkeypatch, tmp_path):
-    import run as runner
+    from studies.moce_repro import run as runner
 
     monkeypatch.setattr(common, "RUNS_DIR", tmp_path)
     reference = {"moce": {"train_seconds": 600.0, "eval_seconds": 120.0,
@@ -202,8 +200,8 @@ def test_plan_estimates_from_measured_times(monkeypatch, tmp_path):
 
 def test_plan_before_prepare(tmp_path):
     env = {**os.environ, "MOCE_REPRODUCE_DIR": str(tmp_path / "work")}
-    proc = subprocess.run([sys.executable, str(REPRO / "run.py"), "study", "--plan"], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "studies.moce_repro.run", "study", "--plan"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "moce_long@s1" in proc.stdout and "to do: ~" in proc.stdout
     assert not (tmp_path / "work").exists()  # a plan runs nothing
@@ -211,8 +209,9 @@ def test_plan_before_prepare(tmp_path):
 
 def test_seeded_train_seeds_the_lora_initialisation(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
-    from seeded_train import seed_everything
     from transformers import AutoModelForCausalLM
+
+    from studies.moce_repro.seeded_train import seed_everything
 
     def lora_a(seed: int):
         seed_everything(seed)
@@ -231,16 +230,15 @@ def torch_equal(a, b) -> bool:
 
 
 def test_seeded_train_usage():
-    from seeded_train import main
+    from studies.moce_repro.seeded_train import main
 
     with pytest.raises(SystemExit, match="usage"):
         main(["x", "config.yml"])
 
 
 def test_gpu_recipe_configs(tmp_path):
-    from gpu_recipe import TASKS, VARIANTS, main
-
     from moce_plugin.model.config import MoCEConfig
+    from studies.moce_repro.gpu_recipe import TASKS, VARIANTS, main
 
     main(["--out", str(tmp_path), "--num-clusters", "7", "--seeds", "1", "2"])
     configs = sorted((tmp_path / "configs").glob("*.yml"))
@@ -268,7 +266,7 @@ def test_gpu_recipe_configs(tmp_path):
 
 
 def test_gpu_recipe_needs_the_clusters(tmp_path, monkeypatch):
-    import gpu_recipe
+    from studies.moce_repro import gpu_recipe
 
     monkeypatch.setattr(gpu_recipe, "ROOT", tmp_path)
     with pytest.raises(SystemExit, match="preprocess/cluster.py"):
@@ -281,12 +279,13 @@ def test_prepare_run_report_end_to_end(tmp_path, tiny_model_dir):
     env = {**os.environ, "MOCE_REPRODUCE_DIR": str(work), "OMP_NUM_THREADS": "2"}
 
     def call(*args: str) -> str:
-        proc = subprocess.run([sys.executable, *args], cwd=REPRO, env=env, text=True,
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, text=True,
                               capture_output=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
-    call("prepare.py", "--data-dir", str(ROOT / "examples" / "data" / "moce_sample.jsonl"),
+    call("studies.moce_repro.prepare",
+         "--data-dir", str(ROOT / "examples" / "data" / "moce_sample.jsonl"),
          "--train-per-domain", "24", "--heldout-per-domain", "3", "--eval-per-domain", "2",
          "--gsm8k-generate", "2", "--max-new-tokens", "8", "--steps", "2",
          "--adapter-dim", "8", "--lora-r", "4", "--base-model", str(tiny_model_dir))
@@ -298,8 +297,8 @@ def test_prepare_run_report_end_to_end(tmp_path, tiny_model_dir):
 
     # a seeded MoCE run with 3x the steps, scored at every checkpoint (MoCE checkpoints load
     # for inference), and a seeded LoRA run (through seeded_train.py); base: no training
-    call("run.py", "base", "moce_long@s1")
-    call("run.py", "lora_mlp", "--seed", "1")
+    call("studies.moce_repro.run", "base", "moce_long@s1")
+    call("studies.moce_repro.run", "lora_mlp", "--seed", "1")
     for name in ("base", "moce_long@s1", "lora_mlp@s1"):
         m = json.loads((work / "runs" / name / "metrics.json").read_text())
         assert set(m["loss"]) == set(common.DOMAINS)
@@ -322,12 +321,12 @@ def test_prepare_run_report_end_to_end(tmp_path, tiny_model_dir):
     assert moce["curve"][-1]["rows"]["nll"] == pytest.approx(moce["rows"]["nll"], rel=1e-4)
     assert not list((work / "runs" / "moce_long@s1" / "model").glob("checkpoint-*"))
     # the finished run is skipped, not retrained
-    assert "done already" in call("run.py", "lora_mlp@s1")
+    assert "done already" in call("studies.moce_repro.run", "lora_mlp@s1")
 
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nreading\n\n<!-- study:start -->\n<!-- study:end -->\n\n"
                    "<!-- generated:start -->\n<!-- generated:end -->\n")
-    call("report.py", "--doc", str(doc))
+    call("studies.moce_repro.report", "--doc", str(doc))
     text = doc.read_text()
     assert "reading" in text and "Main comparison" in text and "not run" in text
     assert "## Verdict (seeded study)" in text and "Still to run (25;" in text
@@ -347,8 +346,8 @@ def yaml_of(run_dir: Path) -> dict:
 def test_recorded_seeded_runs_count_as_done_and_stay_in_the_report(tmp_path):
     """outputs/ is not in git: a fresh checkout must neither redo the seeded runs recorded in
     docs/results/metrics.json nor drop them from the report, unless the settings changed."""
-    import report
-    import run as runner
+    from studies.moce_repro import report
+    from studies.moce_repro import run as runner
 
     s = common.Settings(base_model="/here/model", data_dir="/here/data")
     settings = {**s.__dict__, "base_model": "/elsewhere/model", "data_dir": "/elsewhere/data"}
