@@ -220,3 +220,28 @@ def test_data_the_artifact_template_cannot_read_is_refused(tmp_path):
     with pytest.raises(MoCEContinuationError,
                        match=r"text template '\{question\}' reads \['question'\]"):
         assign_rows(model, alpaca, "new")
+
+
+def test_training_data_of_a_continued_run_is_assigned_by_the_loaded_artifact(moce_output,
+                                                                             tmp_path):
+    """The plugin's dataset step: with base_model a MoCE output, rows the artifact never saw
+    are assigned by it; with a plain base the same rows are refused as unclustered."""
+    from datasets import Dataset
+
+    from moce_plugin.clustering import ClusterArtifactError
+    from moce_plugin.integration.args import cluster_model_of, moce_config_from_cfg
+    from moce_plugin.integration.datasets import attach_cluster_column
+
+    folder, _ = moce_output
+    old, new = _alpaca(sample_rows(60)), _alpaca(sample_rows()[200:230])
+    clustered = _copy(folder, tmp_path / "clustered")
+    shutil.copytree(_artifact(tmp_path, "auto", old).path, clustered / "cluster_artifact")
+    cfg = MoCEArgs.model_validate(_data(clustered, router_aux_loss_coef=0.01)).model_dump()
+    cfg["base_model"] = str(clustered)
+    artifact = cluster_model_of(moce_config_from_cfg(cfg))
+    artifact.use_encoder(BagEncoder())
+    out = attach_cluster_column(Dataset.from_list(new), {"path": "new.jsonl"}, cfg)
+    assert out["cluster_id"] == artifact.assign_requests(new).tolist()
+    cfg["base_model"] = "/a/plain/base"
+    with pytest.raises(ClusterArtifactError, match="not in the cluster artifact"):
+        attach_cluster_column(Dataset.from_list(new), {"path": "new.jsonl"}, cfg)
