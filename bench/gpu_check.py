@@ -46,6 +46,9 @@ FIGURE_TAG = "GPU_CHECK_FIGURE:"
 # Below this many seconds of budget a step is not started: it could not finish anyway.
 MIN_STEP_SECONDS = 20
 GPU_TESTS = ("tests/e2e/test_layer_cuda.py", "tests/e2e/test_quantized_gpu.py")
+# What importing moce_plugin's model code needs beyond torch (a bare GPU image may lack
+# pydantic: carry it as wheels, see GPU_CHECK_WHEELS in gpu_check.sh).
+MOCE_NEEDS = ("transformers", "pydantic")
 
 
 @dataclass
@@ -80,7 +83,8 @@ class Result:
 def probe_requirements() -> dict[str, bool]:
     """What is available here: cuda and the packages the steps need."""
     have = {name: importlib.util.find_spec(name) is not None
-            for name in ("pytest", "transformers", "flash_attn", "bitsandbytes", "axolotl")}
+            for name in ("pytest", "transformers", "pydantic", "flash_attn", "bitsandbytes",
+                         "axolotl")}
     try:
         import torch
 
@@ -156,25 +160,25 @@ def _layer_step(name: str, hidden: int, inter: int, timeout: int) -> Step:
         return layer_figure(ctx.out / f"{name}.csv")(ctx, text)
 
     return Step(name, f"bench_layer bf16 d={hidden}: MoCE vs FFN + one adapter", timeout,
-                ("cuda", "transformers"), command, figure)
+                ("cuda", *MOCE_NEEDS), command, figure)
 
 
 def all_steps() -> list[Step]:
     return [
-        Step("tests", "GPU-only pytest files", 150, ("cuda", "pytest", "transformers"),
+        Step("tests", "GPU-only pytest files", 150, ("cuda", "pytest", *MOCE_NEEDS),
              lambda ctx: [ctx.python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           *GPU_TESTS], pytest_figure),
         _layer_step("layer576", 576, 1536, 75),
         _layer_step("layer4096", 4096, 11008, 90),
-        Step("compile", "train step eager vs torch.compile", 150, ("cuda", "transformers"),
+        Step("compile", "train step eager vs torch.compile", 150, ("cuda", *MOCE_NEEDS),
              lambda ctx: [ctx.python, str(THIS), "_compile", "--out", str(ctx.out)],
              tagged_figure),
         Step("flash_pack", "axolotl train, flash_attention_2 + sample_packing", 120,
-             ("cuda", "flash_attn", "axolotl"),
+             ("cuda", *MOCE_NEEDS, "flash_attn", "axolotl"),
              lambda ctx: [ctx.python, str(THIS), "_axolotl", "flash_pack", "--out",
                           str(ctx.out)], tagged_figure),
         Step("qlora", "axolotl train, QLoRA 4-bit on the GPU", 120,
-             ("cuda", "bitsandbytes", "axolotl"),
+             ("cuda", *MOCE_NEEDS, "bitsandbytes", "axolotl"),
              lambda ctx: [ctx.python, str(THIS), "_axolotl", "qlora", "--out", str(ctx.out)],
              tagged_figure),
     ]
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = select_steps(args.steps, args.skip, all_steps())
     if args.list:
         for s in steps:
-            print(f"{s.name:11s} {s.timeout:4d} s  needs {','.join(s.requires):28s} {s.what}")
+            print(f"{s.name:11s} {s.timeout:4d} s  needs {','.join(s.requires):40s} {s.what}")
         return 0
     out = Path(args.out or (Path(os.environ["OUT"]) / "gpu_check" if os.environ.get("OUT")
                             else "/tmp/moce_gpu_check"))

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling as a plain module
 import gpu_check as check  # noqa: E402
 
-NO_GPU = {"cuda": False, "pytest": True, "transformers": True, "flash_attn": False,
-          "bitsandbytes": True, "axolotl": True}
+NO_GPU = {"cuda": False, "pytest": True, "transformers": True, "pydantic": True,
+          "flash_attn": False, "bitsandbytes": True, "axolotl": True}
 ALL = dict.fromkeys(NO_GPU, True)
 PYTEST_OK = "....\n===== 4 passed, 1 skipped in 12.34s =====\n"
 
@@ -53,6 +53,10 @@ def test_the_lent_gpu_image_without_axolotl_skips_the_axolotl_runs(tmp_path):
                                                   10_000, runner=runner)}
     assert [c[0] for c in runner.calls] == ["tests", "layer576", "layer4096", "compile"]
     assert results["qlora"].figure == "no bitsandbytes, no axolotl"
+    # Without pydantic moce_plugin does not import: every step says so.
+    results = check.run_steps(check.all_steps(), _ctx(tmp_path), {**have, "pydantic": False},
+                              10_000, runner=FakeRunner({}))
+    assert all(r.status == "SKIP" and "no pydantic" in r.figure for r in results)
 
 
 def test_missing_library_skips_only_its_step(tmp_path):
