@@ -7,6 +7,7 @@ refused before any loading."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -81,3 +82,61 @@ def test_contradicting_moce_block_is_refused_before_loading(tmp_path, first_run)
     message = str(err.value)
     assert "moce.top_k: 2 here, 1 in the loaded model" in message
     assert "moce.adapter_dim: 16 here, 8 in the loaded model" in message
+
+
+def test_continued_run_assigns_new_data_with_the_loaded_artifact(tmp_path, tiny_model_dir):
+    """Stage 1 + SFT, then SFT on new rows from that output: the new rows are assigned by the
+    output's own cluster artifact (kept in the new output); data its text template cannot
+    read is refused."""
+    import subprocess
+    import sys
+
+    import yaml
+    from axolotl_helpers import ROOT, env
+
+    def rows(part):
+        return [{k: r[k] for k in ("instruction", "input", "output")} for r in part]
+
+    first = tmp_path / "first"
+    first.mkdir()
+    data = first / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows(sample_rows(150))))
+    cfg = base_config(tiny_model_dir, data, first, max_steps=2, save_steps=2)
+    cfg["moce"] = dict(num_clusters=3, experts_per_group=2, top_k=1, adapter_dim=8,
+                       cluster_artifact=str(first / "clusters"),
+                       clustering=dict(seed=0, cache_dir=str(first / "cache"),
+                                       text_template="{instruction}"))
+    (first / "config.yml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, str(ROOT / "preprocess" / "cluster.py"),
+                           str(first / "config.yml")], cwd=first, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train(cfg, first)
+    source = first / "model"
+
+    new = tmp_path / "new.jsonl"
+    new.write_text("\n".join(json.dumps(r) for r in rows(sample_rows()[150:240])))
+    cfg = base_config(source, new, tmp_path, max_steps=2, save_steps=2, plugins=PLUGINS,
+                      moce=dict(router_aux_loss_coef=0.02))
+    proc = run_train(cfg, tmp_path)
+    console = proc.stdout + proc.stderr
+    assigned = re.search(r"(\d+) rows kept their cluster, (\d+) new rows assigned by the "
+                         r"loaded model's artifact", console)
+    assert assigned and int(assigned.group(2)) > 0, console[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "model" / "start_logits.pt"),
+                               _loaded_logits(source), rtol=0, atol=1e-5)
+    kept = json.loads((tmp_path / "model" / "cluster_artifact" / "metadata.json").read_text())
+    made = json.loads((first / "clusters" / "metadata.json").read_text())
+    assert kept["fingerprint"] == made["fingerprint"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    text = other / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": r["instruction"] + "\n" + r["output"]})
+                              for r in sample_rows(40)))
+    cfg = base_config(source, text, other, max_steps=2, plugins=PLUGINS,
+                      moce=dict(router_aux_loss_coef=0.02),
+                      datasets=[dict(path=str(text), type="completion", ds_type="json")])
+    with pytest.raises(AssertionError) as err:
+        run_train(cfg, other, timeout=600)
+    assert "text template '{instruction}' reads ['instruction']" in str(err.value)
