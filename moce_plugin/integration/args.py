@@ -19,6 +19,7 @@ from ..clustering import ClusteringOptions, ClusterModel
 from ..model.architectures import get_architecture
 from ..model.config import MoCEConfig
 from ..utils import read_json
+from .continuation import prepare_continuation
 
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
 
@@ -83,7 +84,9 @@ class MoCEArgs(BaseModel):
             return data
         moce = data["moce"]
         if isinstance(moce, dict):
-            moce = dict(moce)
+            # base_model may be a MoCE output: its moce keys and artifact, before resolving.
+            prepare_continuation(data)
+            moce = dict(data["moce"])
             _resolve_num_clusters(moce)
             data["moce"] = moce
         _check_local_architecture(data)

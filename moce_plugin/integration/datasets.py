@@ -32,6 +32,7 @@ from ..model.cluster_ids import (
 )
 from ..model.routing import current_thread_value, thread_value
 from .args import cluster_model_of, moce_config_from_cfg
+from .continuation import assign_rows, moce_source
 
 # The cluster column of the dataset get_dataset_wrapper is preparing, for the process wrapper
 # axolotl calls in between.
@@ -75,7 +76,9 @@ def attach_cluster_column(dataset: Any, dataset_config: Any, cfg: Any) -> Any:
     columns = list(getattr(dataset, "column_names", None) or [])
     if moce.cluster_artifact:
         model = cluster_model_of(moce)
-        ids = model.lookup(dataset, dataset_name=name)
+        # Starting from a MoCE model: its artifact assigns the new rows too.
+        ids = (assign_rows(model, dataset, name) if moce_source(cfg.get("base_model"))
+               else model.lookup(dataset, dataset_name=name))
         if column in columns:
             dataset = dataset.remove_columns(column)
         return dataset.add_column(column, [int(i) for i in ids])

@@ -38,6 +38,7 @@ from ..outputs.folder import (
     write_moce_config,
 )
 from .args import moce_config_from_cfg
+from .continuation import load_moce_source, moce_source
 from .datasets import check_prepared_dataset
 from .patches import install_patches
 from .trainer import MoCECheckpointCallback, attach_moce_to_trainer
@@ -128,6 +129,11 @@ class MoCEPlugin(BasePlugin):
     def post_model_build(self, cfg: Any, moce: MoCEConfig, model: Any) -> None:
         freeze = not (cfg.get("adapter") is None and moce.train_base_model)
         upcycle_model(model, moce, dtype=_compute_dtype(cfg), freeze_base=freeze)
+        source = moce_source(cfg.get("base_model"))
+        if source is not None:  # a MoCE model: its experts and routers, not fresh ones
+            file = load_moce_source(model, source)
+            LOG.info("MoCE: continuing from %s: FFN, experts and routers loaded (%s), cluster "
+                     "artifact %s", source.folder, file, moce.cluster_artifact or "none")
         LOG.info(
             "MoCE: %s groups x %s experts (+%s general), top-k=%s, adapter dim %s, layers %s",
             moce.groups, moce.experts_per_group, moce.num_general_experts, moce.top_k,
