@@ -9,7 +9,7 @@ needs is missing: no CUDA, no flash_attn, no bitsandbytes; the whole run also ha
 and a step that would start with too little of it left is skipped):
 
 - ``tests``:      the GPU-only pytest files (their CUDA skips lifted by the GPU).
-- ``layer576``:   bench/bench_layer.py in bf16, d=576/1536, 8192 tokens, C7 E4 top-2:
+- ``layer576``:   bench.bench_layer in bf16, d=576/1536, 8192 tokens, C7 E4 top-2:
                   MoCE vs FFN + one adapter of equal rank (figure: MoCE/adapter time).
 - ``layer4096``:  the same at d=4096/11008.
 - ``compile``:    a train step (fwd + bwd + AdamW) of a small upcycled llama, eager vs
@@ -151,7 +151,7 @@ def tagged_figure(_ctx: Context, text: str) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------- steps
 def _layer_step(name: str, hidden: int, inter: int, timeout: int) -> Step:
     def command(ctx: Context) -> list[str]:
-        return [ctx.python, "bench/bench_layer.py", "--device", "cuda", "--dtype", "bfloat16",
+        return [ctx.python, "-m", "bench.bench_layer", "--device", "cuda", "--dtype", "bfloat16",
                 "--hidden", str(hidden), "--intermediate", str(inter),
                 "--part", "tokens", "--tokens", "8192", "--impls", "moce,adapter,ffn",
                 "--reps", "10", "--warmup", "3", "--csv", str(ctx.out / f"{name}.csv")]

@@ -163,19 +163,23 @@ def test_commands_name_existing_files_and_flags(tmp_path):
             files = [a for a in cmd[3:] if a.endswith(".py")]
             assert files and all((ROOT / f).is_file() for f in files), files
             continue
-        script = ROOT / cmd[1]
+        if cmd[1] == "-m":  # a bench module, run from the repository root
+            script, argv = ROOT / (cmd[2].replace(".", "/") + ".py"), ["-m", cmd[2]]
+            args = cmd[3:]
+        else:
+            script, argv, args = ROOT / cmd[1], [str(ROOT / cmd[1])], cmd[2:]
         assert script.is_file(), cmd
         if script.name == "gpu_check.py":  # a child step: its own argument parser
             import gpu_check_children
 
             with pytest.raises(SystemExit) as e:  # argparse --help exits 0
-                gpu_check_children.main([*cmd[2:], "--help"])
+                gpu_check_children.main([*args, "--help"])
             assert e.value.code == 0
             continue
         if script not in helps:
-            helps[script] = subprocess.run([sys.executable, str(script), "--help"],
+            helps[script] = subprocess.run([sys.executable, *argv, "--help"],
                                            capture_output=True, text=True, cwd=ROOT).stdout
-        for flag in (a for a in cmd[2:] if a.startswith("--")):
+        for flag in (a for a in args if a.startswith("--")):
             assert re.search(rf"{flag}\b", helps[script]), (script.name, flag)
 
 
