@@ -26,8 +26,8 @@ from .hf_native import (
     BASE_TYPE_KEY,
     ENCODER_DIR_NAME,
     HAS_ARTIFACT_KEY,
-    MODEL_TYPE,
     MOCE_KEY,
+    MODEL_TYPE,
 )
 
 #: What exported remote code imports: :mod:`moce_plugin.hf`, the path kept stable because the

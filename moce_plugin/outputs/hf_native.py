@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from ..model.architectures import get_architecture
-from ..model.config import MoCEConfig
 from ..errors import ExportError, MissingClusterIdsError
+from ..model.architectures import get_architecture
 from ..model.cluster_ids import CLUSTER_IDS_KWARG, check_cluster_ids, single_group_ids
+from ..model.config import MoCEConfig
 from ..model.upcycle import upcycle_model
 from .folder import ARTIFACT_DIR_NAME
 

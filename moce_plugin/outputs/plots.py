@@ -12,7 +12,6 @@ from ..utils import FileFormatError, pyplot, read_jsonl
 from .folder import EXPERT_USAGE_PNG, ROUTING_LOG_NAME
 
 
-
 def mean_group_load(stats: list[dict]) -> np.ndarray:
     """Token-weighted mean of per-step ``expert_load`` [C, E] over ``group_tokens`` [C]."""
     loads = [np.asarray(s["expert_load"], dtype=float) for s in stats]

@@ -24,13 +24,12 @@ import torch
 from tqdm import tqdm
 
 from ..clustering.text import CHAT_KEYS, chat_messages, request_text
-from ..model.routing import CLUSTER_IDS_KWARG, routing_stats
 from ..model.metrics import RoutingMetrics
+from ..model.routing import CLUSTER_IDS_KWARG, routing_stats
 from ..model.wrappers import pop_last_routing
 from ..utils import cli_errors, read_json, read_jsonl
 from .load import MoCEInferenceModel, MoCELoadError, add_loading_arguments, load_moce_model
 from .plots import plot_usage
-
 
 # Where the answer of a row sits, per training format (alpaca, user-defined, DPO-like).
 _ANSWER_KEYS = ("output", "answer", "response", "completion", "chosen")
