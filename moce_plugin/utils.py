@@ -10,6 +10,7 @@ import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,57 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     return path
 
 
-def atomic_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Build a directory next to ``target`` and swap it in, so readers never see a half one.
-    The temporary directory is removed on every failure."""
+@dataclass(frozen=True)
+class FolderKind:
+    """A kind of folder the package writes (cluster artifact, export, ...): how an earlier one
+    is recognised, so that writing replaces only that and never a user's files."""
+
+    name: str  # "cluster artifact", named in the refusal
+    is_own: Callable[[Path], bool]  # True for an earlier folder of this kind
+    fix: str  # what to do instead, appended to the refusal
+    error: type[Exception] = ValueError  # the writing module's error class
+
+
+def _describe(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "a broken symbolic link"
+    if not path.is_dir():
+        return "a file"
+    entries = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    return f"a folder of {len(entries)} entries ({shown})"
+
+
+def check_replaceable(target: str | os.PathLike, kind: FolderKind) -> None:
+    """Refuse (``kind.error``) to write a ``kind`` folder at ``target`` when something that is
+    not an earlier one of that kind is there: a file, a user's folder, the training data.
+    Nothing there, or an empty folder, is fine. Callers run this before any heavy work;
+    :func:`atomic_dir` runs it again just before the swap."""
     target = Path(target)
+    if not os.path.lexists(target):
+        return
+    if target.is_dir() and (not any(target.iterdir()) or kind.is_own(target)):
+        return
+    raise kind.error(
+        f"{target} already exists and is not a {kind.name} ({_describe(target)}): writing the "
+        f"{kind.name} there would replace it, so nothing was done. {kind.fix}"
+    )
+
+
+def atomic_dir(target: str | os.PathLike, fill: Callable[[Path], None],
+               kind: FolderKind) -> Path:
+    """Build a directory next to ``target`` and swap it in, so readers never see a half one.
+    Only an earlier ``kind`` folder (or nothing) at ``target`` is replaced
+    (:func:`check_replaceable`). The temporary directory is removed on every failure."""
+    target = Path(target)
+    if target.is_symlink() and target.is_dir():
+        target = Path(os.path.realpath(target))  # write where the link points, keep the link
+    check_replaceable(target, kind)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         fill(tmp)
+        check_replaceable(target, kind)  # something may have appeared while filling
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..utils import read_json
+from ..utils import FolderKind, read_json
 from .encode import SentenceTransformerEncoder, embed_texts, l2_normalize
 from .errors import ClusterArtifactError, ClusteringError
 from .kmeans import nearest_centroid
@@ -36,6 +36,25 @@ ELBOW_PLOT = "elbow.png"
 CLUSTER_MAP_PLOT = "cluster_map.png"
 BY_SOURCE_PLOT = "cluster_by_source.png"
 REQUIRED_FILES = (METADATA_FILE, CENTROIDS_FILE, ASSIGNMENTS_FILE)
+
+
+def is_cluster_artifact(path: Path) -> bool:
+    """An earlier artifact (which re-clustering may replace): a metadata.json recording a
+    format version and k. A damaged one does not count: it may be anything."""
+    try:
+        meta = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(meta, dict) and isinstance(meta.get("format_version"), int)
+            and "num_clusters" in meta)
+
+
+ARTIFACT_KIND = FolderKind(
+    "cluster artifact", is_cluster_artifact,
+    "Point moce.cluster_artifact (or --output) at a new folder, e.g. `clusters` beside your "
+    "data, or move this one away first.",
+    ClusterArtifactError,
+)
 
 
 def data_fingerprint(keys: Iterable[str], labels: Iterable[int] | None = None) -> str:
@@ -104,6 +123,12 @@ class ClusterModel:
     def load(cls, path: str | os.PathLike) -> ClusterModel:
         path = Path(path)
         rerun = "Run `python preprocess/cluster.py <your.yml>` to (re)create it."
+        if path.exists() and not path.is_dir():
+            raise ClusterArtifactError(
+                f"cluster artifact {path} is a file, not the folder preprocess/cluster.py "
+                "writes: point moce.cluster_artifact at a new folder (e.g. `clusters` beside "
+                "your data) and run `python preprocess/cluster.py <your.yml>`."
+            )
         if not path.is_dir():
             raise ClusterArtifactError(f"cluster artifact {path} does not exist. {rerun}")
         missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]

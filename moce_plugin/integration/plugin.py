@@ -30,6 +30,7 @@ from ..model.upcycle import (
 )
 from ..outputs.folder import (
     MOCE_WEIGHTS_NAME,
+    check_artifact_copy_target,
     copy_cluster_artifact,
     output_meta,
     save_moce_files,
@@ -107,6 +108,9 @@ class MoCEPlugin(BasePlugin):
         # Runs after axolotl normalised the config and before the model loader reads it;
         # returns None so axolotl loads the datasets itself (with our cluster-id hooks).
         get_architecture(cfg.get("model_config_type"))
+        if not preprocess and cfg.get("output_dir"):
+            # training will copy the artifact there: refuse a user's folder before any work
+            check_artifact_copy_target(moce.cluster_artifact, cfg.output_dir)
         device_map = cfg.get("device_map")
         if isinstance(device_map, dict) and not torch.cuda.is_available():
             # axolotl pins each DDP rank to {"": LOCAL_RANK}, a CUDA index; on a

@@ -21,6 +21,7 @@ interrupted run never sees half a file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,7 +30,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..model.config import MoCEConfig
-from ..utils import FileFormatError, atomic_write_text, atomic_write_with, read_json
+from ..utils import (
+    FileFormatError,
+    FolderKind,
+    atomic_dir,
+    atomic_write_text,
+    atomic_write_with,
+    check_replaceable,
+    read_json,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -131,6 +140,23 @@ def save_moce_files(
     )
 
 
+def _output_artifact_kind() -> FolderKind:
+    from ..clustering.artifact import ARTIFACT_KIND
+
+    return dataclasses.replace(ARTIFACT_KIND, fix=(
+        f"An output folder keeps a copy of its cluster artifact in {ARTIFACT_DIR_NAME}/: move "
+        "this one away, or choose another output_dir."))
+
+
+def check_artifact_copy_target(artifact: str | os.PathLike | None,
+                               output_dir: str | os.PathLike) -> None:
+    """Refuse, before training loads anything, an ``output_dir/cluster_artifact`` that is not
+    an earlier copy of an artifact (:func:`copy_cluster_artifact` would replace it)."""
+    dest = Path(output_dir) / ARTIFACT_DIR_NAME
+    if artifact and Path(artifact).resolve() != dest.resolve():
+        check_replaceable(dest, _output_artifact_kind())
+
+
 def copy_cluster_artifact(artifact: str | os.PathLike | None, output_dir: str | os.PathLike
                           ) -> Path | None:
     """Copy the cluster artifact into ``output_dir`` so the folder is self-contained."""
@@ -139,9 +165,8 @@ def copy_cluster_artifact(artifact: str | os.PathLike | None, output_dir: str | 
     dest = Path(output_dir) / ARTIFACT_DIR_NAME
     if Path(artifact).resolve() == dest.resolve():
         return dest
-    from ..utils import atomic_dir
-
-    return atomic_dir(dest, lambda tmp: shutil.copytree(artifact, tmp, dirs_exist_ok=True))
+    return atomic_dir(dest, lambda tmp: shutil.copytree(artifact, tmp, dirs_exist_ok=True),
+                      _output_artifact_kind())
 
 
 # ---- MoCE tensors inside the model's own weights ------------------------------------------
