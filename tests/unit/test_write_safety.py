@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +176,96 @@ def test_atomic_dir_failure_keeps_the_earlier_artifact(tmp_path: Path, artifact:
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_dir(artifact, boom, ARTIFACT_KIND)
     assert _tree(artifact) == before and _hidden(tmp_path) == []
+
+
+# ---- item 14: the user's umask, not mkdtemp's 0700 ---------------------------------------------
+@pytest.fixture
+def umask():
+    def set_umask(mask: int) -> None:
+        os.umask(mask)
+
+    old = os.umask(0o022)
+    os.umask(old)
+    yield set_umask
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize(("mask", "want"), [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_written_folders_follow_the_umask(tmp_path: Path, umask, mask: int, want: int) -> None:
+    umask(mask)
+    art = run_clustering(_rows(), tmp_path / "art", 3, fake_options(tmp_path), FakeEncoder(),
+                         progress=False).path
+    assert _mode(art) == want
+    art.chmod(0o700)  # an artifact made private (or by an older version): its copy still follows
+    copy = copy_cluster_artifact(art, tmp_path / "run")
+    assert _mode(copy) == want and _mode(tmp_path / "run") == want
+
+
+# ---- item 15: a killed run's temporaries are removed by the next run --------------------------
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def _leftover(parent: Path, name: str, mtime: float | None = None) -> Path:
+    path = parent / name
+    path.mkdir()
+    (path / "centroids.npy").write_bytes(b"half")
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_stale_temporaries_of_the_target_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    from moce_plugin.utils import _HOST
+
+    dead, live = _dead_pid(), os.getppid()
+    stale = [
+        _leftover(tmp_path, f".art.tmp-{_HOST}-{dead}-0123abcd"),  # its process is gone
+        _leftover(tmp_path, f".art.tmp-{_HOST}-{live}-0123abcd", mtime=946684800),  # pid reused
+        _leftover(tmp_path, ".art.tmp-k3x_9a2z", mtime=946684800),  # an older version's name
+    ]
+    kept = [
+        _leftover(tmp_path, f".art.tmp-{_HOST}-{live}-4567abcd"),  # a run still writing
+        _leftover(tmp_path, f".art.tmp-otherhost-{dead}-0123abcd"),  # pid not checkable here
+        _leftover(tmp_path, f".arty.tmp-{_HOST}-{dead}-0123abcd"),  # another target's
+        _leftover(tmp_path, ".art.tmp-mine"),  # not a name the package writes
+        _leftover(tmp_path, f".art.old-{_HOST}-{dead}-0123abcd"),  # the only earlier artifact
+    ]
+    run_clustering(_rows(), tmp_path / "art", 3, fake_options(tmp_path), FakeEncoder(),
+                   progress=False)
+    assert [p.exists() for p in stale] == [False] * 3
+    assert [p.exists() for p in kept] == [True, True, True, True, False]  # .old-: superseded
+
+
+def test_a_run_killed_while_writing_is_cleaned_up_by_the_next(tmp_path: Path,
+                                                               artifact: Path) -> None:
+    before = _tree(artifact)
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from moce_plugin.clustering.artifact import ARTIFACT_KIND\n"
+        "from moce_plugin.utils import atomic_dir\n"
+        "def fill(tmp):\n"
+        "    (tmp / 'centroids.npy').write_bytes(b'half')\n"
+        "    print('filling', flush=True)\n"
+        "    time.sleep(60)\n"
+        f"atomic_dir(Path({str(artifact)!r}), fill, ARTIFACT_KIND)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        assert proc.stdout.readline().strip() == "filling"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert [p for p in _hidden(tmp_path) if p.startswith(".art.tmp-")]
+    assert _tree(artifact) == before  # the earlier artifact is intact
+    run_clustering(_rows(), artifact, 2, fake_options(tmp_path), FakeEncoder(), progress=False)
+    assert _hidden(tmp_path) == [] and ClusterModel.load(artifact).num_clusters == 2
