@@ -126,6 +126,12 @@ MUTANTS = [
     ("write: reused pid taken for a live run", "moce_plugin/utils.py",
      "started is None or started > mtime + 1.0", "started is None",
      "tests/unit/test_write_safety.py", "temporaries"),
+    ("stale: clustering settings not compared", "moce_plugin/integration/args.py",
+     "    model.check_settings(ClusteringOptions.from_dict(moce.get(\"clustering\")))\n", "",
+     "tests/unit/test_stale_state.py", "clustering_settings or without_the_settings"),
+    ("stale: algorithm auto not resolved", "moce_plugin/clustering/artifact.py",
+     "given = choose_algorithm(int(meta[\"num_rows\"]), \"auto\")", "pass",
+     "tests/unit/test_stale_state.py", "same_clustering_settings"),
     # slow: a real axolotl train each (about a minute)
     ("plugin: nothing written when training starts", "moce_plugin/integration/plugin.py",
      "MoCECheckpointCallback(moce, self._meta), MoCEOutputDirCallback(moce, self._meta)]",

@@ -38,6 +38,21 @@ BY_SOURCE_PLOT = "cluster_by_source.png"
 REQUIRED_FILES = (METADATA_FILE, CENTROIDS_FILE, ASSIGNMENTS_FILE)
 
 
+# moce.clustering option -> where metadata.json records it: the settings that decide the
+# clusters (checked by ClusterModel.check_settings when training starts).
+CLUSTER_SETTINGS = {
+    "text_template": ("text", "template"),
+    "embedding_model": ("embedding", "model"),
+    "prefix": ("embedding", "prefix"),
+    "prompt": ("embedding", "prompt"),
+    "normalize": ("embedding", "normalize"),
+    "seed": ("kmeans", "seed"),
+    "n_init": ("kmeans", "n_init"),
+    "algorithm": ("kmeans", "algorithm"),
+    "k_max": ("k_selection", "k_max"),
+}
+
+
 def is_cluster_artifact(path: Path) -> bool:
     """An earlier artifact (which re-clustering may replace): a metadata.json recording a
     format version and k. A damaged one does not count: it may be anything."""
@@ -274,6 +289,42 @@ class ClusterModel:
     def assign_examples(self, examples: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Rows in the training format are requests too (kept for existing callers)."""
         return self.assign_requests(examples)
+
+    def settings_difference(self, options: Any) -> dict[str, tuple[Any, Any]]:
+        """``moce.clustering`` keys (of :class:`.options.ClusteringOptions` ``options``) whose
+        value would make other clusters than this artifact's: {key: (recorded, given)}.
+        Settings that do not change the clusters (batch_size, device, cache, report) are not
+        compared; neither are keys an older artifact did not record."""
+        from .kmeans import choose_algorithm
+
+        meta = self.metadata
+        diff = {}
+        for name, (section, key) in CLUSTER_SETTINGS.items():
+            recorded = meta.get(section) or {}
+            if key not in recorded:
+                continue
+            if name == "k_max" and recorded.get("requested") != "auto":
+                continue  # k_max chose k only with num_clusters: auto
+            given = getattr(options, name)
+            if name == "algorithm" and given == "auto" and meta.get("num_rows") is not None:
+                given = choose_algorithm(int(meta["num_rows"]), "auto")
+            if recorded[key] != given:
+                diff[name] = (recorded[key], given)
+        return diff
+
+    def check_settings(self, options: Any, config: str = "<your.yml>") -> None:
+        """Refuse a ``moce.clustering`` block that differs from the one this artifact was made
+        with: training would use clusters its YAML (and its moce_config.json) does not
+        describe."""
+        diff = self.settings_difference(options)
+        if diff:
+            details = "; ".join(f"{k}: artifact {a!r}, YAML {b!r}" for k, (a, b) in diff.items())
+            raise ClusterArtifactError(
+                f"moce.clustering differs from the settings the cluster artifact {self.path} "
+                f"was made with ({details}). Re-cluster with `moce-cluster {config}` (or "
+                f"`python preprocess/cluster.py {config}`), or set "
+                f"{', '.join(f'moce.clustering.{k}' for k in diff)} back to the artifact's."
+            )
 
     def check_num_clusters(self, configured: int | str | None) -> int:
         if configured is None or configured == "auto":
