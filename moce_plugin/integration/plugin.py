@@ -111,6 +111,8 @@ class MoCEPlugin(BasePlugin):
         if not preprocess and cfg.get("output_dir"):
             # training will copy the artifact there: refuse a user's folder before any work
             check_artifact_copy_target(moce.cluster_artifact, cfg.output_dir)
+        if not preprocess:
+            check_resume_config(cfg, moce)
         device_map = cfg.get("device_map")
         if isinstance(device_map, dict) and not torch.cuda.is_available():
             # axolotl pins each DDP rank to {"": LOCAL_RANK}, a CUDA index; on a
@@ -184,6 +186,52 @@ class MoCEPlugin(BasePlugin):
         if is_main:
             copy_cluster_artifact(moce.cluster_artifact, cfg.output_dir)
             plot_routing_log(cfg.output_dir)
+
+
+# moce: keys a resumed run may change: where the artifact is (its content is compared by
+# fingerprint), the stage-1 options (compared with the artifact), the initialisation seed
+# (the checkpoint's weights replace the initialisation).
+RESUME_FREE_KEYS = ("cluster_artifact", "clustering", "init_seed")
+
+
+def _resume_checkpoint(cfg: Any) -> Path | None:
+    """The checkpoint training will resume from: ``resume_from_checkpoint``, or with
+    ``auto_resume_from_checkpoints`` the newest ``checkpoint-*`` (as axolotl picks it later)."""
+    if cfg.get("resume_from_checkpoint"):
+        return Path(str(cfg["resume_from_checkpoint"]))
+    if cfg.get("auto_resume_from_checkpoints") and cfg.get("output_dir"):
+        steps = [(int(p.name.split("-")[-1]), p) for p in Path(cfg.output_dir).glob("checkpoint-*")
+                 if p.name.split("-")[-1].isdigit()]
+        return max(steps)[1] if steps else None
+    return None
+
+
+def check_resume_config(cfg: Any, moce: MoCEConfig) -> None:
+    """Refuse, before anything is loaded, to resume a checkpoint trained with another
+    ``moce:`` block: a shape change would fail deep in torch, a behaviour change (top_k,
+    adapter_activation, ...) would silently train another model for the remaining steps."""
+    from ..outputs.folder import MOCE_CONFIG_NAME, read_moce_config
+
+    checkpoint = _resume_checkpoint(cfg)
+    if checkpoint is None:
+        return
+    config_dir = next((d for d in (checkpoint, checkpoint.parent)
+                       if (d / MOCE_CONFIG_NAME).is_file()), None)
+    if config_dir is None:
+        return  # not a MoCE checkpoint: nothing recorded to compare (axolotl reports it)
+    trained = read_moce_config(config_dir).model_dump(mode="json")
+    given = moce.model_dump(mode="json")
+    diff = {k: (trained.get(k), v) for k, v in given.items()
+            if k not in RESUME_FREE_KEYS and trained.get(k) != v}
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {a!r}, YAML {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"resume_from_checkpoint {checkpoint}: the YAML's moce: block differs from the one "
+            f"the checkpoint was trained with ({details}); resuming would train another model "
+            f"(or fail to load it). Set moce.{', moce.'.join(diff)} back to the values in "
+            f"{config_dir / MOCE_CONFIG_NAME}, or start a new run (another output_dir, "
+            "without resume_from_checkpoint)."
+        )
 
 
 def _is_preprocess(cfg: Any) -> bool:

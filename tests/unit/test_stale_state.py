@@ -66,3 +66,57 @@ def test_check_settings_raises_the_artifact_error(artifact: Path) -> None:
     with pytest.raises(ClusterArtifactError, match="prefix"):
         ClusterModel.load(artifact).check_settings(ClusteringOptions(**{**MADE_WITH,
                                                                         "prefix": ""}))
+
+
+# ---- item 3: a resume keeps the checkpoint's moce: block -------------------------------------
+TRAINED = {"num_clusters": 3, "experts_per_group": 2, "top_k": 1, "adapter_dim": 8,
+           "adapter_activation": "sigmoid"}
+
+
+def _run_with_checkpoint(tmp_path: Path, in_checkpoint: bool = True) -> Path:
+    from moce_plugin.model.config import MoCEConfig
+    from moce_plugin.outputs.folder import write_moce_config
+
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (out / "checkpoint-2").mkdir()
+    write_moce_config(checkpoint if in_checkpoint else out, MoCEConfig(**TRAINED),
+                      {"saved": "checkpoint", "step": 4})
+    return out
+
+
+def _load_datasets(out: Path, moce: dict, **cfg) -> None:
+    from axolotl.utils.dict import DictDefault
+
+    from moce_plugin.integration.plugin import MoCEPlugin
+
+    MoCEPlugin().load_datasets(DictDefault(moce=moce, output_dir=str(out),
+                                           model_config_type="llama", **cfg), preprocess=False)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"top_k": 2}, "top_k: checkpoint 1, YAML 2"),
+    ({"adapter_activation": "relu"}, "adapter_activation: checkpoint 'sigmoid', YAML 'relu'"),
+    ({"adapter_dim": 16}, "adapter_dim: checkpoint 8, YAML 16"),
+    ({"router_aux_loss_coef": 0.1, "layers": [0]}, "router_aux_loss_coef: checkpoint 0.01"),
+])
+@pytest.mark.parametrize("how", ["explicit", "auto", "config in output_dir"])
+def test_resume_with_another_moce_block_is_refused_naming_the_keys(tmp_path: Path, change: dict,
+                                                                    named: str, how: str):
+    out = _run_with_checkpoint(tmp_path, in_checkpoint=how != "config in output_dir")
+    resume = ({"auto_resume_from_checkpoints": True} if how == "auto" else
+              {"resume_from_checkpoint": str(out / "checkpoint-4")})
+    with pytest.raises(ValueError, match=rf"resume_from_checkpoint {out / 'checkpoint-4'}: the "
+                       "YAML's moce: block differs") as err:
+        _load_datasets(out, {**TRAINED, **change}, **resume)
+    message = str(err.value)
+    assert named in message and "start a new run" in message
+    assert all(f"moce.{k}" in message for k in change)
+
+
+def test_resume_with_the_same_moce_block_goes_on(tmp_path: Path) -> None:
+    out = _run_with_checkpoint(tmp_path)
+    _load_datasets(out, {**TRAINED, "init_seed": 5},  # the seed only initialises
+                   resume_from_checkpoint=str(out / "checkpoint-4"))
+    _load_datasets(out, {**TRAINED, "top_k": 2})  # a new run into the same folder
