@@ -22,10 +22,12 @@ interrupted run never sees half a file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +118,46 @@ def saved_meta(meta: dict | None, saved: str, step: int | None = None) -> dict:
     return out
 
 
+WEIGHTS_META_KEY = "moce_weights"  # _meta entry: {"sha256": ..., "tensors": n}
+
+
+def moce_weights_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the MoCE tensors (names, dtypes, shapes, bytes), independent of how the
+    file lays them out; recorded in ``_meta`` and compared at load."""
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_moce_weights(state: Mapping[str, torch.Tensor], source: str | os.PathLike,
+                       meta: dict | None = None) -> None:
+    """Refuse MoCE tensors that are not the ones saved (``meta``'s checksum, when given and
+    recorded) or hold NaN/inf: either would generate garbage for some clusters only."""
+    import torch
+
+    recorded = (meta or {}).get(WEIGHTS_META_KEY, {}).get("sha256")
+    if recorded and moce_weights_checksum(state) != recorded:
+        raise FileFormatError(
+            f"{source} is damaged: its MoCE tensors differ from the checksum recorded in "
+            f"{MOCE_CONFIG_NAME} when they were saved (changed or overwritten since). Restore "
+            "the folder from a copy, or use another checkpoint-* of the run."
+        )
+    for key in sorted(state):
+        t = state[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise FileFormatError(
+                f"{source}: MoCE tensor {key} holds {bad} non-finite values (NaN/inf) of "
+                f"{t.numel()}: the weights are damaged or training diverged. Use an earlier "
+                "checkpoint-* of the run (or train again with a lower learning rate)."
+            )
+
+
 def save_moce_files(
     model: Any, config: MoCEConfig, directory: str | os.PathLike, meta: dict | None = None,
     write: bool = True,
@@ -132,6 +174,8 @@ def save_moce_files(
     if not write:
         return
     directory = Path(directory)
+    meta = {**(meta or {}),
+            WEIGHTS_META_KEY: {"sha256": moce_weights_checksum(state), "tensors": len(state)}}
     write_moce_config(directory, config, meta)
     atomic_write_with(
         directory / MOCE_WEIGHTS_NAME,

@@ -36,6 +36,7 @@ from .folder import (
     ARTIFACT_DIR_NAME,
     MOCE_CONFIG_NAME,
     MOCE_WEIGHTS_NAME,
+    check_moce_weights,
     model_weight_files,
     read_meta,
     read_moce_config,
@@ -364,6 +365,10 @@ def load_moce_model(
             f"{path}: {source_file} holds no MoCE tensors (moce_experts): these weights were "
             "not saved from a MoCE model. Use the training's output_dir or a checkpoint-*."
         )
+    # the checksum in _meta is this folder's own weights' (a checkpoint borrowing its run's
+    # config has none of its own); non-finite values are refused everywhere
+    check_moce_weights(state, path / source_file,
+                       meta if config_dir == path and source_file == MOCE_WEIGHTS_NAME else None)
     load_moce_state_dict(model, state)
     if device is not None:
         model.to(device)

@@ -120,3 +120,86 @@ def test_resume_with_the_same_moce_block_goes_on(tmp_path: Path) -> None:
     _load_datasets(out, {**TRAINED, "init_seed": 5},  # the seed only initialises
                    resume_from_checkpoint=str(out / "checkpoint-4"))
     _load_datasets(out, {**TRAINED, "top_k": 2})  # a new run into the same folder
+
+
+# ---- item 4: MoCE weights are the saved ones, and finite --------------------------------------
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from axolotl_helpers import sample_rows
+    from tiny_models import save_tiny_model_dir
+
+    texts = [t for r in sample_rows(200) for t in (r["instruction"], r["output"])]
+    return save_tiny_model_dir(tmp_path_factory.mktemp("base"), texts)
+
+
+def _overwrite_tensor_bytes(file: Path, count: int = 16) -> None:
+    """Overwrite ``count`` float32 values inside the last tensor's data with NaN, header kept:
+    what a bad disk block or a stray write does."""
+    import struct
+
+    data = bytearray(file.read_bytes())
+    data[-4 * count:] = struct.pack("<f", float("nan")) * count
+    file.write_bytes(bytes(data))
+
+
+def test_overwritten_moce_weights_are_refused_by_checksum(tmp_path: Path, base_dir) -> None:
+    from test_inference import _full_output
+
+    from moce_plugin.outputs.export import export_model
+    from moce_plugin.outputs.folder import MOCE_WEIGHTS_NAME, read_meta
+    from moce_plugin.outputs.load import load_moce_model
+    from moce_plugin.utils import FileFormatError
+
+    out = tmp_path / "run"
+    _full_output(base_dir, out)
+    recorded = read_meta(out)["moce_weights"]
+    assert len(recorded["sha256"]) == 64 and recorded["tensors"] > 0
+    load_moce_model(out)  # intact: loads
+    _overwrite_tensor_bytes(out / MOCE_WEIGHTS_NAME)
+    with pytest.raises(FileFormatError, match=rf"{out / MOCE_WEIGHTS_NAME} is damaged: its MoCE "
+                       "tensors differ from the checksum recorded in moce_config.json"):
+        load_moce_model(out)
+    with pytest.raises(FileFormatError, match="differ from the checksum"):  # export loads too
+        export_model(out, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_non_finite_moce_weights_are_refused_naming_the_tensor(tmp_path: Path, base_dir) -> None:
+    import torch
+    from test_inference import CFG, _full_output
+
+    from moce_plugin.outputs.folder import read_meta, save_moce_files
+    from moce_plugin.outputs.load import load_moce_model
+    from moce_plugin.utils import FileFormatError
+
+    out = tmp_path / "run"
+    model = _full_output(base_dir, out)
+    name, param = next((n, p) for n, p in model.named_parameters() if "moce_experts" in n)
+    with torch.no_grad():
+        param.view(-1)[:16] = float("nan")  # diverged training: saved with a matching checksum
+    save_moce_files(model, CFG, out, read_meta(out))
+    with pytest.raises(FileFormatError, match=r"MoCE tensor layers\.\d+\.\S+ holds 16 "
+                       r"non-finite values \(NaN/inf\)"):
+        load_moce_model(out)
+
+
+def test_a_checkpoint_borrowing_its_runs_config_is_not_checked_against_its_checksum(
+        tmp_path: Path, base_dir) -> None:
+    import shutil
+
+    import torch
+    from test_inference import CFG, IDS, _full_output, _logits, _perturb
+
+    from moce_plugin.outputs.folder import MOCE_CONFIG_NAME, read_meta, save_moce_files
+    from moce_plugin.outputs.load import load_moce_model
+
+    out = tmp_path / "run"
+    model = _full_output(base_dir, out)
+    checkpoint = out / "checkpoint-2"
+    shutil.copytree(out, checkpoint)
+    _perturb(model, seed=5)  # the checkpoint's MoCE weights differ from the final ones
+    save_moce_files(model, CFG, checkpoint, read_meta(out))
+    (checkpoint / MOCE_CONFIG_NAME).unlink()  # stopped between the trainer's save and ours
+    clusters = torch.tensor([0, 2])
+    torch.testing.assert_close(_logits(load_moce_model(checkpoint).model, IDS, clusters),
+                               _logits(model, IDS, clusters), atol=1e-5, rtol=1e-5)
