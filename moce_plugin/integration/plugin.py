@@ -29,6 +29,7 @@ from ..model.upcycle import (
     upcycle_model,
 )
 from ..outputs.folder import (
+    ARTIFACT_META_KEY,
     MOCE_WEIGHTS_NAME,
     check_artifact_copy_target,
     copy_cluster_artifact,
@@ -37,7 +38,7 @@ from ..outputs.folder import (
     saved_meta,
     write_moce_config,
 )
-from .args import moce_config_from_cfg
+from .args import cluster_model_of, moce_config_from_cfg
 from .datasets import check_prepared_dataset
 from .patches import install_patches
 from .trainer import MoCECheckpointCallback, attach_moce_to_trainer
@@ -169,6 +170,8 @@ class MoCEPlugin(BasePlugin):
     @_moce_only(default=list)
     def add_callbacks_pre_trainer(self, cfg: Any, moce: MoCEConfig, model: Any) -> list:
         self._meta = output_meta(cfg, model)
+        if moce.cluster_artifact:
+            self._meta[ARTIFACT_META_KEY] = cluster_model_of(moce).fingerprint
         return [MoCECheckpointCallback(moce, self._meta), MoCEOutputDirCallback(moce, self._meta)]
 
     @_moce_only()
@@ -210,7 +213,7 @@ def check_resume_config(cfg: Any, moce: MoCEConfig) -> None:
     """Refuse, before anything is loaded, to resume a checkpoint trained with another
     ``moce:`` block: a shape change would fail deep in torch, a behaviour change (top_k,
     adapter_activation, ...) would silently train another model for the remaining steps."""
-    from ..outputs.folder import MOCE_CONFIG_NAME, read_moce_config
+    from ..outputs.folder import MOCE_CONFIG_NAME, read_meta, read_moce_config
 
     checkpoint = _resume_checkpoint(cfg)
     if checkpoint is None:
@@ -223,6 +226,12 @@ def check_resume_config(cfg: Any, moce: MoCEConfig) -> None:
     given = moce.model_dump(mode="json")
     diff = {k: (trained.get(k), v) for k, v in given.items()
             if k not in RESUME_FREE_KEYS and trained.get(k) != v}
+    recorded = read_meta(config_dir).get(ARTIFACT_META_KEY)
+    if recorded and moce.cluster_artifact:
+        current = cluster_model_of(moce).fingerprint
+        if current != recorded:  # re-clustered since: the same rows now have other ids
+            diff["cluster_artifact"] = (f"fingerprint {recorded[:12]}",
+                                        f"{moce.cluster_artifact} (fingerprint {current[:12]})")
     if diff:
         details = "; ".join(f"{k}: checkpoint {a!r}, YAML {b!r}" for k, (a, b) in diff.items())
         raise ValueError(

@@ -118,6 +118,9 @@ def saved_meta(meta: dict | None, saved: str, step: int | None = None) -> dict:
     return out
 
 
+# _meta entry: the fingerprint of the cluster artifact the run was trained with; a loader
+# (or a resume) refuses another artifact (re-clustered since: other ids for the same text).
+ARTIFACT_META_KEY = "cluster_artifact_fingerprint"
 WEIGHTS_META_KEY = "moce_weights"  # _meta entry: {"sha256": ..., "tensors": n}
 
 

@@ -34,6 +34,7 @@ from .fingerprint import fingerprint_checked, fingerprint_difference
 from .hf_native import plain_base_config
 from .folder import (
     ARTIFACT_DIR_NAME,
+    ARTIFACT_META_KEY,
     MOCE_CONFIG_NAME,
     MOCE_WEIGHTS_NAME,
     check_moce_weights,
@@ -262,7 +263,8 @@ def _transformers_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _load_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | None):
+def _load_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | None,
+                        meta: dict | None = None):
     candidates = [cluster_artifact, path / ARTIFACT_DIR_NAME, path.parent / ARTIFACT_DIR_NAME,
                   config.cluster_artifact]
     for candidate in candidates:
@@ -271,6 +273,15 @@ def _load_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | 
 
             model = ClusterModel.load(candidate)
             model.check_num_clusters(config.groups)
+            recorded = (meta or {}).get(ARTIFACT_META_KEY)
+            if recorded and model.fingerprint != recorded:
+                raise MoCELoadError(
+                    f"The cluster artifact {candidate} is not the one this model was trained "
+                    f"with (fingerprint {model.fingerprint[:12]}, recorded "
+                    f"{recorded[:12]}): it was re-clustered since, so its ids mean other "
+                    f"clusters. Restore {path / ARTIFACT_DIR_NAME} (the copy training made), "
+                    "or pass cluster_artifact=<the artifact training used>."
+                )
             return model
     if config.cluster_artifact or cluster_artifact:
         raise MoCELoadError(
@@ -375,7 +386,7 @@ def load_moce_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source,
                                               **plain_base_config(tokenizer_source))
-    cluster_model = _load_cluster_model(path, config, cluster_artifact)
+    cluster_model = _load_cluster_model(path, config, cluster_artifact, meta)
     assert config_of(model) is not None
     return MoCEInferenceModel(
         model=model,

@@ -203,3 +203,81 @@ def test_a_checkpoint_borrowing_its_runs_config_is_not_checked_against_its_check
     clusters = torch.tensor([0, 2])
     torch.testing.assert_close(_logits(load_moce_model(checkpoint).model, IDS, clusters),
                                _logits(model, IDS, clusters), atol=1e-5, rtol=1e-5)
+
+
+# ---- item 5: an output uses only the artifact it was trained with -----------------------------
+def _cluster(path: Path, n_per_topic: int) -> str:
+    rows = rows_from_examples("topics.jsonl", topic_examples(n_per_topic), "auto")
+    options = ClusteringOptions(cache_dir=str(path.parent / "cache"), report=False)
+    return run_clustering(rows, path, 3, options, FakeEncoder(), progress=False).fingerprint
+
+
+def _output_with_artifact(tmp_path: Path, base_dir) -> tuple[Path, Path]:
+    """A full output trained with the artifact at the YAML's path ``art`` (training records
+    its fingerprint, as the plugin does, and copies it into the output)."""
+    from test_inference import CFG, _full_output
+
+    from moce_plugin.outputs.folder import copy_cluster_artifact, read_meta, write_moce_config
+
+    art, out = tmp_path / "art", tmp_path / "run"
+    fingerprint = _cluster(art, 10)
+    _full_output(base_dir, out)
+    write_moce_config(out, CFG.model_copy(update={"cluster_artifact": str(art)}),
+                      {**read_meta(out), "cluster_artifact_fingerprint": fingerprint})
+    copy_cluster_artifact(art, out)
+    return out, art
+
+
+def test_training_records_the_artifact_fingerprint(tmp_path: Path, base_dir) -> None:
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoModelForCausalLM
+
+    from moce_plugin.clustering import ClusterModel
+    from moce_plugin.integration.plugin import MoCEPlugin
+
+    fingerprint = _cluster(tmp_path / "art", 10)
+    plugin = MoCEPlugin()
+    cfg = DictDefault(moce={"cluster_artifact": str(tmp_path / "art")},
+                      base_model=str(base_dir), datasets=[])
+    plugin.add_callbacks_pre_trainer(cfg, AutoModelForCausalLM.from_pretrained(base_dir))
+    assert plugin._meta["cluster_artifact_fingerprint"] == fingerprint == \
+        ClusterModel.load(tmp_path / "art").fingerprint
+
+
+def test_output_without_its_copy_refuses_a_reclustered_artifact(tmp_path: Path,
+                                                                base_dir) -> None:
+    import shutil
+
+    from moce_plugin.outputs.load import MoCELoadError, load_moce_model
+
+    out, art = _output_with_artifact(tmp_path, base_dir)
+    assert load_moce_model(out).cluster_model.path == out / "cluster_artifact"
+    shutil.rmtree(out / "cluster_artifact")
+    assert load_moce_model(out).cluster_model.path == art  # the same artifact: fine
+    _cluster(art, 12)  # re-clustered since (other rows): same k, other ids
+    with pytest.raises(MoCELoadError, match=rf"cluster artifact {art} is not the one this model "
+                       r"was trained with \(fingerprint \w{12}, recorded \w{12}\).*Restore"):
+        load_moce_model(out)
+    with pytest.raises(MoCELoadError, match="is not the one this model was trained with"):
+        load_moce_model(out, cluster_artifact=str(art))
+
+
+def test_resume_refuses_a_reclustered_artifact(tmp_path: Path) -> None:
+    from moce_plugin.model.config import MoCEConfig
+    from moce_plugin.outputs.folder import write_moce_config
+
+    art, out = tmp_path / "art", tmp_path / "run"
+    fingerprint = _cluster(art, 10)
+    moce = {**TRAINED, "cluster_artifact": str(art)}
+    (out / "checkpoint-4").mkdir(parents=True)
+    write_moce_config(out / "checkpoint-4", MoCEConfig(**moce),
+                      {"cluster_artifact_fingerprint": fingerprint})
+    _load_datasets(out, moce, resume_from_checkpoint=str(out / "checkpoint-4"))
+    _cluster(art, 12)
+    from moce_plugin.integration import args
+
+    args._load_artifact.cache_clear()  # a new process in real use
+    args._resolved.cache_clear()
+    with pytest.raises(ValueError, match=rf"cluster_artifact: checkpoint 'fingerprint \w{{12}}', "
+                       rf"YAML '{art} \(fingerprint \w{{12}}\)'"):
+        _load_datasets(out, moce, resume_from_checkpoint=str(out / "checkpoint-4"))
