@@ -3,7 +3,7 @@
     python bench/bench_expert_plans.py                       # 8k tokens, d=576, C=7, E=4, r=64
     python bench/bench_expert_plans.py --modes "soft:0,2:2" --reps 9
 
-The numbers behind ``moce_plugin.model.layer.choose_plan`` (docs/performance.md): the FFN, which
+The numbers behind ``moce_plugin.model.plans.choose_plan`` (docs/performance.md): the FFN, which
 is shared by every plan and dominates bench_layer.py's times, is left out, so the plans'
 differences are not lost in its noise. One thread, process CPU time, plans interleaved in
 each repetition; ``adapter`` = one PESC adapter of rank r on the same h, for scale.
@@ -23,19 +23,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moce_plugin.model.config import MoCEConfig  # noqa: E402
-from moce_plugin.model.layer import (  # noqa: E402
-    GENERAL_PLANS,
-    GROUP_PLANS,
-    MoCEExperts,
-    choose_plan,
-    plan_is_valid,
-)
-
-
-def plans(general: int) -> list[tuple[str, str | None]]:
-    if not general:
-        return [(g, None) for g in GROUP_PLANS]
-    return [(g, v) for g in GROUP_PLANS for v in GENERAL_PLANS if plan_is_valid((g, v))]
+from moce_plugin.model.layer import MoCEExperts  # noqa: E402
+from moce_plugin.model.plans import all_plans, choose_plan  # noqa: E402
 
 
 def main() -> None:
@@ -66,7 +55,7 @@ def main() -> None:
         cfg = MoCEConfig(num_clusters=C, experts_per_group=args.experts, top_k=top_k,
                          num_general_experts=int(general), adapter_dim=args.rank)
         mods: dict[str, nn.Module] = {}
-        for plan in plans(int(general)):
+        for plan in all_plans(bool(int(general))):
             m = MoCEExperts(d, cfg).train()
             m.plan = plan
             with torch.no_grad():

@@ -7,7 +7,7 @@ Clusters the bundled training sample (examples/data/moce_sample.jsonl, the packa
 all-MiniLM-L6-v2 encoder), then for every held-out row (moce_sample_heldout.jsonl) and every
 training row compares:
 
-* training: ``ClusterModel.assign_examples([row])`` / the artifact's stored id, i.e. the
+* training: ``ClusterModel.assign_requests([row])`` / the artifact's stored id, i.e. the
   request text of the row in its training format (alpaca row, or the same row as chat
   messages);
 * the model: the prompt formatted as the model sees it (axolotl's alpaca prompt; the
@@ -102,8 +102,8 @@ def main() -> None:
     print(f"tokenizer: {args.tokenizer} ({type(tok).__name__}); k={cluster_model.num_clusters};"
           f" chat user turn: {assigner._user_turn!r}")
     for split, data in (("held-out", heldout), ("training", train)):
-        expected = cluster_model.assign_examples(data).tolist()
-        chat_expected = cluster_model.assign_examples([as_chat(r) for r in data]).tolist()
+        expected = cluster_model.assign_requests(data).tolist()
+        chat_expected = cluster_model.assign_requests([as_chat(r) for r in data]).tolist()
         forms = {
             "alpaca prompt": ([next(alpaca.build_prompt(r["instruction"], r["input"]))
                                for r in data], expected),

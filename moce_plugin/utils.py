@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class FileFormatError(ValueError):
-    """A file the package wrote (or expects) cannot be read; the message names the file."""
+from .errors import FileFormatError
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

@@ -82,7 +82,7 @@ class LoadedRun:
             return [0] * len(rows)
         if self.moce.cluster_model is None:  # one group (PESC)
             return [0] * len(rows)
-        return [int(c) for c in self.moce.cluster_model.assign_examples(rows)]
+        return [int(c) for c in self.moce.cluster_model.assign_requests(rows)]
 
     def forward(self, batch: dict, clusters: list[int]) -> torch.Tensor:
         kwargs = {}

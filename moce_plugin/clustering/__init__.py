@@ -48,7 +48,6 @@ from .kmeans import (
 )
 from .options import ClusteringOptions, resolve_num_clusters
 from .pipeline import (
-    Row,
     build_metadata,
     check_rows,
     load_yaml_datasets,
@@ -58,12 +57,12 @@ from .pipeline import (
     write_assignments,
 )
 from .report import purity, report_markdown, top_keywords
+from .rows import Row
 from .text import (
     CHAT_KEYS,
     Request,
     check_template,
     content_key,
-    example_text,
     iter_rows,
     request_text,
     template_fields,
@@ -103,7 +102,6 @@ __all__ = [
     "elbow_sweep",
     "embed_texts",
     "encoder_signature",
-    "example_text",
     "find_elbow",
     "fit_kmeans",
     "iter_rows",

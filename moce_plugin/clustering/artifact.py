@@ -286,10 +286,6 @@ class ClusterModel:
             texts.append(text)
         return self.assign_texts(texts)
 
-    def assign_examples(self, examples: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        """Rows in the training format are requests too (kept for existing callers)."""
-        return self.assign_requests(examples)
-
     def settings_difference(self, options: Any) -> dict[str, tuple[Any, Any]]:
         """``moce.clustering`` keys (of :class:`.options.ClusteringOptions` ``options``) whose
         value would make other clusters than this artifact's: {key: (recorded, given)}.

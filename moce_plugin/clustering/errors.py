@@ -1,11 +1,11 @@
-"""Errors of stage 1: each message names the problem and the fix."""
+"""Errors of stage 1: each message names the problem and the fix.
+
+The classes are :mod:`moce_plugin.errors`' (one family with every other error); this module
+keeps the names stage 1's code and its users import.
+"""
 
 from __future__ import annotations
 
+from ..errors import ClusterArtifactError, ClusteringError
 
-class ClusteringError(ValueError):
-    """A user-facing clustering problem (bad options, data that cannot be clustered)."""
-
-
-class ClusterArtifactError(ClusteringError):
-    """A cluster artifact is missing, damaged, or does not match the data or the model."""
+__all__ = ["ClusterArtifactError", "ClusteringError"]

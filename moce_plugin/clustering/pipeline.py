@@ -11,7 +11,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,19 +33,11 @@ from .errors import ClusteringError
 from .kmeans import ElbowResult, KMeansFit, choose_algorithm, elbow_sweep, fit_kmeans
 from .options import ClusteringOptions, resolve_num_clusters
 from .report import plot_elbow, purity, write_report
+from .rows import Row
 from .text import content_key, iter_rows, request_text
 
 if TYPE_CHECKING:
     import datasets
-
-@dataclass
-class Row:
-    """One training example as clustered: where it came from and what was embedded."""
-
-    dataset: str
-    index: int
-    text: str
-    source: str
 
 
 def write_assignments(path: Path, rows: Sequence[Row], keys: Sequence[str], labels: np.ndarray):

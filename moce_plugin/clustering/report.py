@@ -15,7 +15,7 @@ from .kmeans import ElbowResult, KMeansFit
 
 if TYPE_CHECKING:
     from .options import ClusteringOptions
-    from .pipeline import Row
+    from .rows import Row
 
 def top_keywords(texts: Sequence[str], labels: np.ndarray, k: int, n_terms: int = 8):
     """Per cluster, the terms with the highest mean TF-IDF: a quick "what is this cluster"."""

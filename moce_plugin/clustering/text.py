@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 #: Columns that hold chat turns, in the order they are looked for.
 CHAT_KEYS = ("messages", "conversations", "conversation")
-_USER_ROLES = {"user", "human"}
+# ShareGPT-style speaker names -> the chat-template roles (user, assistant, system).
+_ROLE_NAMES = {"human": "user", "gpt": "assistant", "model": "assistant"}
 _PROMPT_KEYS = ("instruction", "question", "prompt", "query", "text")
 _INPUT_KEYS = ("input", "context")
 
@@ -104,14 +105,22 @@ def _as_text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _chat_user_text(turns: Sequence[Any]) -> str:
-    parts = []
+def chat_messages(turns: Sequence[Any]) -> list[dict[str, Any]]:
+    """Chat turns in any supported spelling (``role``/``content`` or ShareGPT's
+    ``from``/``value``, ``human``/``gpt`` speakers) as ``{"role", "content"}`` messages with
+    the chat-template role names; entries that are not turns are skipped."""
+    out = []
     for turn in turns:
         if not isinstance(turn, Mapping):
             continue
         role = str(turn.get("role", turn.get("from", ""))).lower()
-        if role in _USER_ROLES:
-            parts.append(_as_text(turn.get("content", turn.get("value"))))
+        out.append({"role": _ROLE_NAMES.get(role, role),
+                    "content": turn.get("content", turn.get("value", ""))})
+    return out
+
+
+def _chat_user_text(turns: Sequence[Any]) -> str:
+    parts = [_as_text(m["content"]) for m in chat_messages(turns) if m["role"] == "user"]
     return "\n".join(p for p in parts if p)
 
 
@@ -190,11 +199,6 @@ def request_text(request: Request, template: str = "auto") -> str:
         f"a request must be a prompt string, a list of chat messages or a row (mapping), "
         f"got {type(request).__name__}."
     )
-
-
-def example_text(example: Mapping[str, Any], template: str = "auto") -> str:
-    """The request text of a training row: :func:`request_text` (kept for existing imports)."""
-    return request_text(example, template)
 
 
 def content_key(text: str) -> str:

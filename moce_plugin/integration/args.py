@@ -6,12 +6,14 @@ Everything that can be checked without loading a model is checked here, so a bad
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
 
 from ..clustering import ClusteringOptions, ClusterModel
 from ..model.architectures import get_architecture
@@ -36,10 +38,43 @@ UNSUPPORTED_OPTIONS = (
 )
 
 
-class MoCEArgs(BaseModel):
-    """``moce:`` block of the axolotl YAML (see :class:`moce_plugin.model.config.MoCEConfig`)."""
+class MoCEOptions(MoCEConfig):
+    """The ``moce:`` block as axolotl validates it: :class:`MoCEConfig` with ``clustering``
+    typed as :class:`ClusteringOptions` (stage 1's options, checked at config load).
 
-    moce: MoCEConfig | None = None
+    It serialises ``clustering`` back to the options the YAML set (those differing from their
+    defaults), so the ``moce_config.json`` a run writes stays readable by :class:`MoCEConfig`
+    alone: :mod:`moce_plugin.outputs` loads it without importing the integration."""
+
+    clustering: ClusteringOptions = Field(  # type: ignore[assignment]
+        default_factory=ClusteringOptions,
+        description="Options of stage 1 (moce-cluster / preprocess/cluster.py): embedding "
+        "model, text template, k_max, seed, ...; see docs/clustering.md. Training reads only "
+        "the artifact.",
+    )
+
+    @field_validator("clustering", mode="before")
+    @classmethod
+    def _clustering_options(cls, value: Any) -> ClusteringOptions:
+        if value is None or isinstance(value, ClusteringOptions):
+            return value or ClusteringOptions()
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"moce.clustering must be a mapping of options (see docs/clustering.md), got "
+                f"{type(value).__name__}: {value!r}."
+            )
+        return ClusteringOptions.from_dict(value)
+
+    @field_serializer("clustering")
+    def _clustering_as_set(self, options: ClusteringOptions) -> dict[str, Any]:
+        return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+                if getattr(options, f.name) != f.default}
+
+
+class MoCEArgs(BaseModel):
+    """``moce:`` block of the axolotl YAML (see :class:`MoCEOptions`)."""
+
+    moce: MoCEOptions | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -49,7 +84,6 @@ class MoCEArgs(BaseModel):
         moce = data["moce"]
         if isinstance(moce, dict):
             moce = dict(moce)
-            _check_clustering(moce.get("clustering"))
             _resolve_num_clusters(moce)
             data["moce"] = moce
         _check_local_architecture(data)
@@ -80,17 +114,6 @@ class MoCEArgs(BaseModel):
                 "per-token cluster ids; use gradient_checkpointing: true instead."
             )
         return data
-
-
-def _check_clustering(block: Any) -> None:
-    """The ``moce.clustering`` options, checked as ``preprocess/cluster.py`` checks them, so a
-    typo (``kmax: 4``) fails ``axolotl train`` / ``preprocess`` at config load, not silently."""
-    if block is not None and not isinstance(block, dict):
-        raise ValueError(
-            f"moce.clustering must be a mapping of options (see docs/clustering.md), got "
-            f"{type(block).__name__}: {block!r}."
-        )
-    ClusteringOptions.from_dict(block)  # ClusteringError is a ValueError: pydantic reports it
 
 
 def _check_local_architecture(data: dict) -> None:
@@ -137,7 +160,7 @@ def cluster_model_of(moce: MoCEConfig) -> ClusterModel:
 def _resolved(block_json: str) -> MoCEConfig:
     raw = json.loads(block_json)
     _resolve_num_clusters(raw)
-    return MoCEConfig(**raw)
+    return MoCEOptions(**raw)
 
 
 def moce_config_from_cfg(cfg: Any) -> MoCEConfig:

@@ -17,21 +17,29 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..model.routing import CLUSTER_IDS_KWARG, IGNORE_CLUSTER_ID
+from ..errors import ClusterIdsError
+from ..model.cluster_ids import (
+    CLUSTER_IDS_KWARG,
+    IGNORE_CLUSTER_ID,
+    check_cluster_ids,
+    single_group_ids,
+)
+from ..model.routing import current_thread_value, thread_value
 from .args import cluster_model_of, moce_config_from_cfg
 
-_local = threading.local()
+# The cluster column of the dataset get_dataset_wrapper is preparing, for the process wrapper
+# axolotl calls in between.
+_PREPARING_COLUMN = "moce_preparing_cluster_column"
 
 
-class ClusterIdError(ValueError):
-    """Bad or missing cluster ids in a dataset (message names the dataset and the fix)."""
+#: Bad or missing cluster ids in a dataset: the one cluster-id error family.
+ClusterIdError = ClusterIdsError
 
 
 # ---- 1. raw rows -> cluster column -------------------------------------------------------
@@ -51,36 +59,12 @@ def _check_ids(values: Sequence[Any], num_clusters: int, column: str, name: str)
     refused; one float (``1.5``) makes the whole column float64, so the row named is the first
     non-integral value, not row 0's ``0.0`` (docs/clustering.md, "Your own cluster ids").
     """
-
-    def bad(v: Any) -> bool:
-        if isinstance(v, (float, np.floating)):
-            return not float(v).is_integer()
-        return isinstance(v, bool) or not isinstance(v, (int, np.integer))
-
-    def reject(i: int, v: Any, why: str) -> ClusterIdError:
-        return ClusterIdError(
-            f"Dataset '{name}': row {i} has '{column}' = {v!r} ({type(v).__name__}){why}; "
-            f"cluster ids must be integers in [0, {num_clusters}). Fix the data or let "
-            "preprocess/cluster.py assign them (moce.cluster_artifact)."
-        )
-
-    first_bad = next(((i, v) for i, v in enumerate(values) if bad(v)), None)
-    if first_bad is not None:
-        raise reject(*first_bad, "")
-    first_float = next(
-        ((i, v) for i, v in enumerate(values) if isinstance(v, (float, np.floating))), None
-    )
-    if first_float is not None:
-        raise reject(*first_float, ": the column is stored as floats")
-    arr = np.asarray(values, dtype=np.int64)
-    out = np.flatnonzero((arr < 0) | (arr >= num_clusters))
-    if out.size:
-        i = int(out[0])
-        raise ClusterIdError(
-            f"Dataset '{name}': {out.size} rows have '{column}' outside [0, {num_clusters}) "
-            f"(first: row {i} = {int(arr[i])}); moce.num_clusters={num_clusters}. Fix the "
-            "column or set moce.num_clusters to the number of clusters in the data."
-        )
+    check_cluster_ids(
+        list(values), num_clusters, allow_ignore=False, what=f"'{column}'",
+        where=f"Dataset '{name}': ",
+        fix=f". moce.num_clusters={num_clusters}: fix the column, set moce.num_clusters to the "
+            "number of clusters in the data, or let preprocess/cluster.py assign them "
+            "(moce.cluster_artifact).")
 
 
 def attach_cluster_column(dataset: Any, dataset_config: Any, cfg: Any) -> Any:
@@ -95,10 +79,10 @@ def attach_cluster_column(dataset: Any, dataset_config: Any, cfg: Any) -> Any:
         if column in columns:
             dataset = dataset.remove_columns(column)
         return dataset.add_column(column, [int(i) for i in ids])
-    if column not in columns and moce.groups == 1:
-        # One group is PESC-style MoE without clustering: every row is cluster 0.
-        return dataset.add_column(column, [0] * len(dataset))
     if column not in columns:
+        ids = single_group_ids(moce.groups, len(dataset))
+        if ids is not None:
+            return dataset.add_column(column, ids)
         raise ClusterIdError(
             f"Dataset '{name}' has no '{column}' column, and moce.cluster_artifact is not "
             f"set. Run `python preprocess/cluster.py <your.yml>` and set moce.cluster_artifact, "
@@ -180,11 +164,8 @@ def wrap_get_dataset_wrapper(original: Callable) -> Callable:
         bound.arguments["dataset"] = dataset
         if "input_ids" in dataset.column_names and "labels" in dataset.column_names:
             return _tokenized_with_ids(dataset, column), None
-        _local.column = column
-        try:
+        with thread_value(_PREPARING_COLUMN, column):
             wrapped, prompter = original(*bound.args, **bound.kwargs)
-        finally:
-            _local.column = None
         names = getattr(wrapped, "column_names", None)
         if names is not None and CLUSTER_IDS_KWARG not in names:
             raise ClusterIdError(
@@ -204,7 +185,7 @@ def wrap_tokenized_process(original: Callable) -> Callable:
 
     @functools.wraps(original)
     def process(self: Any, dataset: Any) -> Any:
-        column = getattr(_local, "column", None)
+        column = current_thread_value(_PREPARING_COLUMN)
         if column:
             _wrap_strategy(self.prompt_tokenizer, column)
         return original(self, dataset)

@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-
-def _gather(p: torch.Tensor) -> torch.Tensor:
-    return (p.full_tensor() if hasattr(p, "full_tensor") else p.data).detach()
+from ..model.state_dict import full_tensor
 
 
 def save_fsdp2_adapter_with_moce(model: Any, output_dir: str) -> bool:
@@ -29,7 +27,7 @@ def save_fsdp2_adapter_with_moce(model: Any, output_dir: str) -> bool:
     names = [n for n, _ in model.named_parameters()]
     if not any("lora_" in n for n in names):
         return False
-    state = {n: _gather(p) for n, p in model.named_parameters()
+    state = {n: full_tensor(p) for n, p in model.named_parameters()
              if "lora_" in n or "modules_to_save" in n}
     adapter_state = get_peft_model_state_dict(model, state_dict=state)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -53,7 +51,7 @@ def wrap_save_fsdp2_lora_adapter(original: Any) -> Any:
 
     @functools.wraps(original)
     def save_fsdp2_lora_adapter(model: Any, output_dir: str) -> bool:
-        from ..model.upcycle import is_moce_model
+        from ..model.wrappers import is_moce_model
 
         if is_moce_model(model):
             return save_fsdp2_adapter_with_moce(model, output_dir)

@@ -20,9 +20,11 @@ from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 from transformers import TrainerCallback
 
+from ..errors import ConfigError
 from ..model.architectures import get_architecture
 from ..model.config import MoCEConfig
 from ..model.upcycle import (
+    MOCE_MODULE_NAME,
     cast_moce_parameters,
     is_moce_model,
     moce_experts_modules,
@@ -48,7 +50,6 @@ LOG = get_logger("axolotl.integrations.moce")
 
 # PEFT keeps modules listed in modules_to_save trainable and saves them with the adapter,
 # so LoRA/QLoRA checkpoints (and axolotl's resume / merge-lora) include MoCE.
-MOCE_MODULE_NAME = "moce_experts"
 
 
 def _compute_dtype(cfg: Any) -> torch.dtype:
@@ -234,7 +235,7 @@ def check_resume_config(cfg: Any, moce: MoCEConfig) -> None:
                                         f"{moce.cluster_artifact} (fingerprint {current[:12]})")
     if diff:
         details = "; ".join(f"{k}: checkpoint {a!r}, YAML {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(
+        raise ConfigError(
             f"resume_from_checkpoint {checkpoint}: the YAML's moce: block differs from the one "
             f"the checkpoint was trained with ({details}); resuming would train another model "
             f"(or fail to load it). Set moce.{', moce.'.join(diff)} back to the values in "

@@ -23,8 +23,8 @@ import torch
 from transformers import TrainerCallback
 
 from ..model.config import MoCEConfig
-from ..model.routing import CLUSTER_IDS_KWARG
-from ..model.upcycle import aux_loss_of, metrics_of, pop_last_routing
+from ..model.routing import CLUSTER_IDS_KWARG, aux_loss_of
+from ..model.wrappers import metrics_of, pop_last_routing
 from ..outputs.folder import ROUTING_LOG_NAME, save_moce_files, saved_meta
 from .datasets import MoCEDataCollator
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import UnsupportedArchitectureError
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -35,10 +37,6 @@ for _model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ph
 
 def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
 
 
 def get_architecture(model_type: str | None) -> ArchitectureSpec:

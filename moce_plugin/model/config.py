@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from ..errors import ConfigError
+
 # Activations accepted for the adapter bottleneck; anything in transformers' ACT2FN works,
 # these are the ones we test.
 AdapterActivation = Literal["sigmoid", "silu", "gelu", "relu", "tanh", "identity"]
@@ -90,7 +92,9 @@ class MoCEConfig(BaseModel):
     clustering: dict[str, Any] = Field(
         default_factory=dict,
         description="Options of preprocess/cluster.py (embedding model, text template, k_max, "
-        "seed, ...); see docs/clustering.md. Training reads only the artifact.",
+        "seed, ...); see docs/clustering.md. Training reads only the artifact. A plain mapping "
+        "here (the model layer knows nothing of stage 1); the plugin validates it as "
+        "ClusteringOptions (integration.args.MoCEOptions).",
     )
     train_base_model: bool = Field(
         default=False,
@@ -144,7 +148,7 @@ class MoCEConfig(BaseModel):
     @property
     def groups(self) -> int:
         if not isinstance(self.num_clusters, int):
-            raise ValueError(
+            raise ConfigError(
                 "moce.num_clusters is not resolved yet; it is read from the cluster artifact "
                 "when the plugin loads (moce.cluster_artifact)."
             )
@@ -157,7 +161,7 @@ class MoCEConfig(BaseModel):
         for i in self.layers:
             j = i + num_layers if i < 0 else i
             if not 0 <= j < num_layers:
-                raise ValueError(
+                raise ConfigError(
                     f"moce.layers contains {i}, but the model has {num_layers} decoder layers "
                     f"(valid: 0..{num_layers - 1} or negative from the end)."
                 )

@@ -16,7 +16,12 @@ custom autograd functions keep the backward lean:
 The products are the ones autograd forms for ``torch._grouped_mm`` (``grad @ W^T`` for
 the input, ``input^T @ grad`` with the same offsets for the weights), with the same
 operand layouts, so a device that runs the forward kernel runs the backward too.
-Everything stays on the device: no host sync on the grouped path.
+Both entry points sort their rows once with :func:`~.dispatch.sort_by_bin` and call the two
+functions through :func:`gather_grouped_mm` and :func:`weighted_grouped_mm_combine`
+(keyword-only arguments). Everything stays on the device: no host sync on the grouped path;
+the split-loop fallback (no grouped kernel for the device/dtype, e.g. CPU under
+torch.compile in float32, CUDA in float32) reads the bin sizes on the host
+(``counts.tolist()``), which a split needs.
 
 :func:`block_adapter_sum` runs the same two functions without slots, for tokens that share
 a set of experts (soft merging: a group's E experts; top-k: the k chosen ones; (V): plus the
@@ -32,6 +37,8 @@ from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .dispatch import sort_by_bin
 
 
 def grouped_mm_supported(a: torch.Tensor, b: torch.Tensor, cols: int | None = None) -> bool:
@@ -93,22 +100,22 @@ def grouped_weight_grad(
 
 
 def _sum_slots(
-    rows: torch.Tensor, position: torch.Tensor | None, num_tokens: int, k: int
+    rows: torch.Tensor, inverse: torch.Tensor | None, num_tokens: int, k: int
 ) -> torch.Tensor:
     """Sorted-slot rows back to token order, summed over each token's k slots.
 
-    ``position[t * k + j]``: the sorted row of token t's slot j (the inverse permutation of
+    ``inverse[t * k + j]``: the sorted row of token t's slot j (the inverse permutation of
     the sort); None: the rows are already in token order (one slot per token). k gathers of
     [T, d] and in-place adds: no scatter-add (atomic, non-deterministic on CUDA) and no
     [T*k, d] temporary (on the CPU an allocation above glibc's 32 MB mmap threshold is
     page-faulted afresh on every call, which cost more than the copy itself).
     """
-    if position is None:
+    if inverse is None:
         return rows
-    position = position.view(num_tokens, k)
-    out = rows.index_select(0, position[:, 0])
+    inverse = inverse.view(num_tokens, k)
+    out = rows.index_select(0, inverse[:, 0])
     for j in range(1, k):
-        out += rows.index_select(0, position[:, j])
+        out += rows.index_select(0, inverse[:, j])
     return out
 
 
@@ -174,9 +181,9 @@ def _split_shared(t: torch.Tensor, shared: torch.Tensor | None,
 
 
 class _GatherGroupedMM(torch.autograd.Function):
-    """``h[token_of_slot] @ down[expert]`` for every sorted slot -> [A, r].
+    """``h[token_of_row] @ down[expert]`` for every sorted slot -> [A, r].
 
-    ``position``/``token_of_slot`` None: no gather (h is already in slot order, one slot
+    ``inverse``/``token_of_row`` None: no gather (h is already in slot order, one slot
     per token). ``keep_gathered``: save the gathered rows instead of ``h`` and skip the
     re-gather in the backward (for one slot per token, when nothing else keeps ``h``: the
     same bytes, one [T, d] gather less). ``blocks`` [S, B]: ``down`` holds the experts and
@@ -185,12 +192,12 @@ class _GatherGroupedMM(torch.autograd.Function):
     not stacked per group)."""
 
     @staticmethod
-    def forward(ctx, h, down, position, token_of_slot, offsets, counts, k: int,
+    def forward(ctx, h, down, inverse, token_of_row, offsets, counts, k: int,
                 use_grouped: bool, keep_gathered: bool = False, blocks=None, shared=None):
-        h_sorted = h if token_of_slot is None else h.index_select(0, token_of_slot)
-        ctx.regather = token_of_slot is not None and not keep_gathered
+        h_sorted = h if token_of_row is None else h.index_select(0, token_of_row)
+        ctx.regather = token_of_row is not None and not keep_gathered
         ctx.num_tokens, ctx.k, ctx.use_grouped = h.shape[0], k, use_grouped
-        ctx.save_for_backward(h if ctx.regather else h_sorted, down, position, token_of_slot,
+        ctx.save_for_backward(h if ctx.regather else h_sorted, down, inverse, token_of_row,
                               offsets, counts, blocks, shared)
         z = grouped_matmul(h_sorted, _stack_down(down, blocks), offsets, counts, use_grouped)
         if shared is None:
@@ -200,12 +207,12 @@ class _GatherGroupedMM(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z):
-        h_saved, down, position, token_of_slot, offsets, counts, blocks, shared = (
+        h_saved, down, inverse, token_of_row, offsets, counts, blocks, shared = (
             ctx.saved_tensors)
         grad_z, grad_shared = _split_shared(grad_z.contiguous(), shared, down.shape[-1])
         grad_h = grad_down = None
         if ctx.needs_input_grad[1]:
-            h_sorted = h_saved.index_select(0, token_of_slot) if ctx.regather else h_saved
+            h_sorted = h_saved.index_select(0, token_of_row) if ctx.regather else h_saved
             if blocks is None:
                 grad_down = grouped_weight_grad(h_sorted, grad_z, offsets, counts,
                                                 ctx.use_grouped)
@@ -221,7 +228,7 @@ class _GatherGroupedMM(torch.autograd.Function):
                                        offsets, counts, ctx.use_grouped)
             if shared is not None:  # accumulated in place by the product: no [T, d] sum
                 grad_rows.addmm_(grad_shared, _shared_down(down, shared).t())
-            grad_h = _sum_slots(grad_rows, position, ctx.num_tokens, ctx.k)
+            grad_h = _sum_slots(grad_rows, inverse, ctx.num_tokens, ctx.k)
         return grad_h, grad_down, None, None, None, None, None, None, None, None, None
 
 
@@ -235,24 +242,24 @@ class _WeightedGroupedMMCombine(torch.autograd.Function):
     accumulated into the grouped one in place."""
 
     @staticmethod
-    def forward(ctx, z, weight, up, position, token_of_slot, offsets, counts, k: int,
+    def forward(ctx, z, weight, up, inverse, token_of_row, offsets, counts, k: int,
                 use_grouped: bool, blocks=None, shared=None):
         zw, zw_shared = _split_shared(_scale_blocks(z, weight), shared, up.shape[1])
         rows = grouped_matmul(zw, _stack_up(up, blocks), offsets, counts, use_grouped)
         if shared is not None:
             rows.addmm_(zw_shared, _stack_up(up, shared[None])[0])
-        ctx.save_for_backward(z, weight, up, token_of_slot, offsets, counts, blocks, shared)
+        ctx.save_for_backward(z, weight, up, token_of_row, offsets, counts, blocks, shared)
         ctx.use_grouped = use_grouped
-        return _sum_slots(rows, position, z.shape[0] // k, k)
+        return _sum_slots(rows, inverse, z.shape[0] // k, k)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        z, weight, up, token_of_slot, offsets, counts, blocks, shared = ctx.saved_tensors
+        z, weight, up, token_of_row, offsets, counts, blocks, shared = ctx.saved_tensors
         # Every slot of token t receives t's output gradient.
         grad_rows = grad_out.contiguous()
-        if token_of_slot is not None:
-            grad_rows = grad_rows.index_select(0, token_of_slot)
+        if token_of_row is not None:
+            grad_rows = grad_rows.index_select(0, token_of_row)
         grad_zw = grouped_matmul(grad_rows, _stack_up(up, blocks).transpose(-2, -1), offsets,
                                  counts, ctx.use_grouped)
         if shared is not None:
@@ -275,10 +282,31 @@ class _WeightedGroupedMMCombine(torch.autograd.Function):
         return grad_z, grad_weight, grad_up, None, None, None, None, None, None, None, None
 
 
-def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    """``position`` with ``position[order[i]] = i``: where each unsorted row went."""
-    arange = torch.arange(order.shape[0], device=order.device, dtype=order.dtype)
-    return torch.empty_like(order).scatter_(0, order, arange)
+def gather_grouped_mm(
+    h: torch.Tensor, down: torch.Tensor, *, token_of_row: torch.Tensor | None,
+    inverse: torch.Tensor | None, offsets: torch.Tensor | None, counts: torch.Tensor | None,
+    slots_per_token: int, use_grouped: bool, keep_gathered: bool = False,
+    blocks: torch.Tensor | None = None, shared: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:class:`_GatherGroupedMM` with named arguments: ``h[token_of_row] @ down`` per bin.
+
+    token_of_row [A]: the token of each sorted row (None: h is in row order); inverse: the
+    sorted row of each (token, slot), what the backward sums the input gradient through;
+    offsets/counts: from :func:`~.dispatch.sort_by_bin` (None with one bin)."""
+    return _GatherGroupedMM.apply(h, down, inverse, token_of_row, offsets, counts,
+                                  slots_per_token, use_grouped, keep_gathered, blocks, shared)
+
+
+def weighted_grouped_mm_combine(
+    z: torch.Tensor, weight: torch.Tensor, up: torch.Tensor, *,
+    token_of_row: torch.Tensor | None, inverse: torch.Tensor | None,
+    offsets: torch.Tensor | None, counts: torch.Tensor | None, slots_per_token: int,
+    use_grouped: bool, blocks: torch.Tensor | None = None, shared: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:class:`_WeightedGroupedMMCombine` with named arguments (as :func:`gather_grouped_mm`):
+    the weighted ``z @ up`` per bin, summed back to token order -> [T, d]."""
+    return _WeightedGroupedMMCombine.apply(z, weight, up, inverse, token_of_row, offsets,
+                                           counts, slots_per_token, use_grouped, blocks, shared)
 
 
 def routed_adapter_sum(
@@ -292,28 +320,22 @@ def routed_adapter_sum(
     """``sum_j weights[t, j] * up_e(act(down_e(h[t])))`` with e = expert_ids[t, j].
 
     h: [T, d]; expert_ids, weights: [T, k]; down: [N, d, r]; up: [N, r, d] -> [T, d].
-    h and weights are cast to the experts' dtype.
+    h and weights are cast to the experts' dtype. The bins are the experts: one row per
+    (token, slot), flattened token-major.
     """
-    num_tokens, k = expert_ids.shape
+    k = expert_ids.shape[1]
     h = h.to(down.dtype)
-    flat_ids = expert_ids.reshape(-1)
-    sorted_ids, order = torch.sort(flat_ids, stable=True)
-    token_of_slot = order // k if k > 1 else order
-    position = _inverse_permutation(order)
-    # End offset of each expert's rows, from the sorted ids (static shapes: no bincount,
-    # so no graph break under torch.compile and no host sync).
-    experts = torch.arange(down.shape[0], device=flat_ids.device)
-    ends = torch.searchsorted(sorted_ids, experts, right=True)
-    offsets = ends.to(torch.int32)
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))  # only read by the split loop
-    slot_weights = weights.to(down.dtype).reshape(-1).index_select(0, order)
+    rows = sort_by_bin(expert_ids.reshape(-1), down.shape[0])
+    sorted_rows = dict(token_of_row=rows.order // k if k > 1 else rows.order,
+                       inverse=rows.inverse, offsets=rows.offsets, counts=rows.counts,
+                       slots_per_token=k)
+    slot_weights = weights.to(down.dtype).reshape(-1).index_select(0, rows.order)
     # h is saved (and re-gathered in the backward), not the [T*k, d] gathered rows; a
     # general-expert call beside this one shares that same tensor.
-    z_pre = _GatherGroupedMM.apply(h, down, position, token_of_slot, offsets, counts, k,
-                                   grouped_mm_supported(h, down), False)
-    z = act(z_pre)
-    return _WeightedGroupedMMCombine.apply(z, slot_weights, up, position, token_of_slot, offsets,
-                                           counts, k, grouped_mm_supported(z, up))
+    z = act(gather_grouped_mm(h, down, use_grouped=grouped_mm_supported(h, down),
+                              **sorted_rows))
+    return weighted_grouped_mm_combine(z, slot_weights, up,
+                                       use_grouped=grouped_mm_supported(z, up), **sorted_rows)
 
 
 def block_adapter_sum(
@@ -346,26 +368,22 @@ def block_adapter_sum(
     num_sets, width = members.shape
     h = h.to(down.dtype)
     weights = weights.to(down.dtype)
-    order = position = offsets = counts = None
+    sorted_rows = dict(token_of_row=None, inverse=None, offsets=None, counts=None,
+                       slots_per_token=1, blocks=members, shared=shared)
     if num_sets > 1:
         if sets is None:
             raise ValueError("sets is required with more than one set of experts")
-        sorted_sets, order = torch.sort(sets, stable=True)
-        ends = torch.searchsorted(sorted_sets, torch.arange(num_sets, device=h.device),
-                                  right=True)
-        offsets = ends.to(torch.int32)
-        counts = torch.diff(ends, prepend=ends.new_zeros(1))  # only read by the split loop
-        weights = weights.index_select(0, order)
-        position = _inverse_permutation(order)
+        rows = sort_by_bin(sets, num_sets)
+        weights = weights.index_select(0, rows.order)
+        sorted_rows.update(token_of_row=rows.order, inverse=rows.inverse,
+                           offsets=rows.offsets, counts=rows.counts)
     rank = down.shape[-1] * width
     # The sorted copy of h is saved instead of h (same bytes, no re-gather in the backward).
-    z_pre = _GatherGroupedMM.apply(h, down, position, order, offsets, counts, 1,
-                                   grouped_mm_supported(h, down, cols=rank), True, members,
-                                   shared)
-    z = act(z_pre)
-    return _WeightedGroupedMMCombine.apply(z, weights, up, position, order, offsets, counts, 1,
-                                           grouped_mm_supported(z, up), members, shared)
+    z = act(gather_grouped_mm(h, down, use_grouped=grouped_mm_supported(h, down, cols=rank),
+                              keep_gathered=True, **sorted_rows))
+    return weighted_grouped_mm_combine(z, weights, up, use_grouped=grouped_mm_supported(z, up),
+                                       **sorted_rows)
 
 
-__all__ = ["block_adapter_sum", "grouped_matmul", "grouped_mm_supported", "grouped_weight_grad",
-           "routed_adapter_sum"]
+__all__ = ["block_adapter_sum", "gather_grouped_mm", "grouped_matmul", "grouped_mm_supported",
+           "grouped_weight_grad", "routed_adapter_sum", "weighted_grouped_mm_combine"]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .acmoe import cluster_mad, feature_weights, transform
 from .config import MoCEConfig
 
@@ -138,11 +139,12 @@ def build_router(config: MoCEConfig, hidden_size: int) -> Router:
                            config.acmoe_eps, config.acmoe_clamp, config.acmoe_momentum)
     if config.router == "linear":
         return LinearRouter(hidden_size, config.groups, config.experts_per_group)
-    raise ValueError(f"unknown moce.router {config.router!r}")
+    raise ConfigError(f"unknown moce.router {config.router!r}: use 'linear' or 'acmoe'.")
 
 
-# Saved-weight keys before the router was its own module -> current keys (relative to
-# ``layers.<i>.``), for load_moce_state_dict.
+# 0.1.0 output folders (a supported format, tests/data/legacy_v0_1) name the router tensors
+# with flat keys; load_moce_state_dict maps them to the Router module's keys (relative to
+# ``layers.<i>.``) so those folders keep loading.
 LEGACY_KEYS = {"router": "router.weight", "acmoe_dispersion": "router.dispersion",
                "acmoe_seen": "router.seen"}
 

@@ -1,4 +1,8 @@
-"""Per-forward routing context: which cluster (expert group) each token belongs to.
+"""Per-forward routing context (which cluster each token belongs to) and routing records.
+
+This module holds all of the package's per-thread state: the cluster-id stack, the record
+collectors of the running forwards, the records of each backbone's last forward, and named
+per-thread values other parts set for a call's duration (:func:`thread_value`).
 
 The cluster ids enter the model as the ``moce_cluster_ids`` keyword of the top-level
 forward and travel, like every other HF ``**kwargs`` entry, into each decoder layer's
@@ -21,24 +25,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-CLUSTER_IDS_KWARG = "moce_cluster_ids"
-# Token-level id of positions that are not real tokens (padding, packing gaps).
-IGNORE_CLUSTER_ID = -1
+# The cluster-id names and errors stay importable from here, beside the context that carries
+# the ids.
+from ..errors import (  # noqa: F401
+    ClusterIdsError,
+    InvalidClusterIdsError,
+    MissingClusterIdsError,
+)
+from .cluster_ids import CLUSTER_IDS_KWARG, IGNORE_CLUSTER_ID, check_cluster_ids  # noqa: F401
 
 _state = threading.local()
-
-
-class ClusterIdsError(ValueError):
-    """``moce_cluster_ids`` are missing or do not fit the batch / the model."""
-
-
-class MissingClusterIdsError(ClusterIdsError, RuntimeError):
-    """A MoCE forward ran without ``moce_cluster_ids``."""
-
-
-class InvalidClusterIdsError(ClusterIdsError):
-    """``moce_cluster_ids`` have the wrong dtype, shape or values."""
 
 
 def _thread_list(name: str) -> list:
@@ -87,39 +85,17 @@ def token_cluster_ids(batch_shape: torch.Size, device: torch.device) -> torch.Te
     """
     ids = current_cluster_ids()
     if ids is None:
-        raise MissingClusterIdsError(
-            "A MoCE layer ran without cluster ids. Pass `moce_cluster_ids` (per sequence [B] "
-            "or per token [B, S]) to the model's forward/generate, or wrap direct layer calls "
-            "in moce_plugin.cluster_ids_context(...). In training, the MoCE collator "
-            "adds them: check that `plugins: [moce_plugin.MoCEPlugin]` is set."
-        )
-    ids = ids.to(device=device, dtype=torch.long)
+        raise MissingClusterIdsError("A MoCE layer ran without cluster ids.")
+    # dtype and shape only: the values were checked once per forward by the backbone hook.
+    ids = check_cluster_ids(ids, batch_shape=batch_shape).to(device=device, dtype=torch.long)
     if len(batch_shape) == 1:  # already flattened tokens
-        if ids.shape != batch_shape:
-            raise InvalidClusterIdsError(
-                f"moce_cluster_ids has shape {tuple(ids.shape)}, expected {tuple(batch_shape)}"
-            )
         return ids
     bsz, seq = batch_shape[0], batch_shape[1]
     if ids.dim() == 1:
-        if ids.shape[0] != bsz:
-            raise InvalidClusterIdsError(
-                f"moce_cluster_ids has {ids.shape[0]} per-sequence ids for a batch of {bsz}"
-            )
         return ids[:, None].expand(bsz, seq)
-    if ids.shape[0] != bsz:
-        raise InvalidClusterIdsError(
-            f"moce_cluster_ids has batch size {ids.shape[0]}, the hidden states {bsz}"
-        )
-    if ids.shape[1] != seq:
-        if ids.shape[1] > seq:
-            # Generation with a KV cache passes the prompt's ids; later steps see only the
-            # newest positions, which inherit the sequence's id (the last real one).
-            return ids[:, -seq:]
-        raise InvalidClusterIdsError(
-            f"moce_cluster_ids covers {ids.shape[1]} positions but the sequence has {seq}"
-        )
-    return ids
+    # Generation with a KV cache passes the prompt's ids; later steps see only the newest
+    # positions, which inherit the sequence's id (the last real one).
+    return ids[:, -seq:] if ids.shape[1] > seq else ids
 
 
 @dataclass
@@ -172,3 +148,52 @@ def record_routing(record: RoutingRecord) -> None:
     stack = collector_stack()
     if stack:
         stack[-1].append(record)
+
+
+# ---- routing records of the last forward (per thread, per backbone) ---------------------
+def _last_records() -> dict[int, list[RoutingRecord]]:
+    last = getattr(_state, "last", None)
+    if last is None:
+        last = _state.last = {}
+    return last
+
+
+def keep_last_records(backbone: nn.Module, records: list[RoutingRecord]) -> None:
+    """Called by the backbone's post-hook with the records of the forward that just ended."""
+    _last_records()[id(backbone)] = records
+
+
+def pop_last_records(backbone: nn.Module | None) -> list[RoutingRecord]:
+    """Records of ``backbone``'s last forward on this thread (consumed); see
+    :func:`~moce_plugin.model.wrappers.pop_last_routing` for a (wrapped) model."""
+    if backbone is None:
+        return []
+    return _last_records().pop(id(backbone), [])
+
+
+def aux_loss_of(records: list[RoutingRecord]) -> torch.Tensor | None:
+    """Load-balancing loss averaged over converted layers."""
+    losses = [r.aux_loss for r in records if r.aux_loss is not None]
+    if not losses:
+        return None
+    return torch.stack(losses).mean()
+
+
+# ---- named per-thread values --------------------------------------------------------------
+@contextmanager
+def thread_value(name: str, value: object) -> Iterator[None]:
+    """Make ``value`` visible to :func:`current_thread_value` on this thread for the block
+    (for code called by a library in between, where no argument can carry it)."""
+    values = getattr(_state, "values", None)
+    if values is None:
+        values = _state.values = {}
+    previous = values.get(name)
+    values[name] = value
+    try:
+        yield
+    finally:
+        values[name] = previous
+
+
+def current_thread_value(name: str) -> object | None:
+    return getattr(_state, "values", {}).get(name)

@@ -10,174 +10,64 @@ installs three hooks:
 * on each converted decoder layer: moves ``moce_cluster_ids`` from the layer's call
   kwargs into the thread-local routing context (see :mod:`moce_plugin.model.routing`).
 
-The records of the last forward are kept per thread and per backbone, and read by the
-trainer integration (:mod:`moce_plugin.integration.trainer`) to add the load-balancing loss.
+The records of the last forward are kept per thread and per backbone
+(:mod:`moce_plugin.model.routing`) and read by the trainer integration
+(:mod:`moce_plugin.integration.trainer`) to add the load-balancing loss. Finding the MoCE parts
+of a wrapped model is :mod:`.wrappers`' job, the running statistics :mod:`.metrics`', the MoCE
+state dicts :mod:`.state_dict`'s.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, decoder_layers, get_architecture
+from .cluster_ids import check_cluster_ids
 from .config import MoCEConfig
-from .layer import MoCEExperts, MoCEMLP
-from .routers import LEGACY_KEYS
+from .layer import MoCEMLP
+from .metrics import RoutingMetrics
 from .routing import (
     CLUSTER_IDS_KWARG,
-    IGNORE_CLUSTER_ID,
-    InvalidClusterIdsError,
     MissingClusterIdsError,
-    RoutingRecord,
+    aux_loss_of,  # noqa: F401 - re-exported, see below
     collector_stack,
     current_cluster_ids,
+    keep_last_records,
     pop_cluster_ids,
     push_cluster_ids,
 )
 
-_local = threading.local()
+# The routing records, metrics, wrapper lookups and state dicts have their own modules; their
+# names stay importable from here for the code and tests that read them here.
+from .state_dict import load_moce_state_dict, moce_state_dict  # noqa: F401
+from .wrappers import (  # noqa: F401
+    config_of,
+    find_backbone,
+    is_moce_model,
+    metrics_of,
+    moce_experts_modules,
+    moce_layers,
+    pop_last_routing,
+    unwrap_model,
+)
 
-
-# ---- routing records of the last forward --------------------------------------------------
-def _last_records() -> dict[int, list[RoutingRecord]]:
-    if not hasattr(_local, "last"):
-        _local.last = {}
-    return _local.last
-
-
-def pop_last_routing(model: nn.Module) -> list[RoutingRecord]:
-    """Routing records of ``model``'s last forward on this thread (consumed)."""
-    backbone = find_backbone(model)
-    if backbone is None:
-        return []
-    return _last_records().pop(id(backbone), [])
-
-
-def aux_loss_of(records: list[RoutingRecord]) -> torch.Tensor | None:
-    """Load-balancing loss averaged over converted layers."""
-    losses = [r.aux_loss for r in records if r.aux_loss is not None]
-    if not losses:
-        return None
-    return torch.stack(losses).mean()
-
-
-class RoutingMetrics:
-    """Running sums of detached routing statistics between two logging steps.
-
-    Updated on device without host syncs; read (and reset) at logging time.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps = 0
-        self.aux_sum: torch.Tensor | None = None
-        self.load_sum: dict[int, torch.Tensor] = {}  # layer -> [C, E] token-weighted load
-        self.tokens_sum: dict[int, torch.Tensor] = {}  # layer -> [C]
-        self.entropy_sum: dict[int, torch.Tensor] = {}
-        self.general_load_sum: dict[int, torch.Tensor] = {}
-
-    def update(self, records: list[RoutingRecord]) -> None:
-        records = [r for r in records if r.aux_loss is not None]
-        if not records:
-            return
-        self.steps += 1
-        aux = torch.stack([r.aux_loss.detach() for r in records]).mean()
-        self.aux_sum = aux if self.aux_sum is None else self.aux_sum + aux
-        for r in records:
-            i = r.layer_index
-            weighted = r.expert_load * r.group_tokens[:, None]
-            self.load_sum[i] = self.load_sum.get(i, 0) + weighted
-            self.tokens_sum[i] = self.tokens_sum.get(i, 0) + r.group_tokens
-            self.entropy_sum[i] = self.entropy_sum.get(i, 0) + r.entropy
-            if r.general_load is not None:
-                self.general_load_sum[i] = self.general_load_sum.get(i, 0) + r.general_load
-
-    def expert_load(self, layer: int) -> torch.Tensor:
-        """Token-weighted mean expert load [C, E] of ``layer`` since the last reset."""
-        return self.load_sum[layer] / self.tokens_sum[layer].clamp(min=1)[:, None]
-
-
-# ---- finding things ---------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    """PeftModel / DDP / compiled wrappers -> the underlying *ForCausalLM."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        for attr in ("module", "_orig_mod"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module):
-                model = inner
-                break
-        else:
-            get_base = getattr(model, "get_base_model", None)
-            if callable(get_base):
-                model = get_base()
-    return model
-
-
-def find_backbone(model: nn.Module) -> nn.Module | None:
-    return getattr(_unwrap(model), "_moce_backbone", None)
-
-
-def moce_layers(model: nn.Module) -> Iterator[MoCEMLP]:
-    for module in model.modules():
-        if isinstance(module, MoCEMLP):
-            yield module
-
-
-def moce_experts_modules(model: nn.Module) -> Iterator[tuple[str, MoCEExperts]]:
-    """Trainable MoCE modules, by name (the active copy under PEFT's modules_to_save)."""
-    for name, module in model.named_modules():
-        if isinstance(module, MoCEExperts) and "original_module" not in name:
-            yield name, module
-
-
-def is_moce_model(model: nn.Module) -> bool:
-    return find_backbone(model) is not None
-
-
-def metrics_of(model: nn.Module) -> RoutingMetrics | None:
-    backbone = find_backbone(model)
-    return getattr(backbone, "_moce_metrics", None)
-
-
-def config_of(model: nn.Module) -> MoCEConfig | None:
-    return getattr(_unwrap(model), "_moce_config", None)
+#: The attribute of :class:`~moce_plugin.model.layer.MoCEMLP` holding the trainable part:
+#: every MoCE parameter's name contains ``.moce_experts.`` (how saves and freezing find them).
+MOCE_MODULE_NAME = "moce_experts"
 
 
 # ---- hooks --------------------------------------------------------------------------------
 def validate_cluster_ids(ids: Any, num_groups: int) -> torch.Tensor:
+    """The forward's ``moce_cluster_ids``, checked once per forward (dtype and values)."""
     if ids is None:
-        raise MissingClusterIdsError(
-            "The MoCE model was called without `moce_cluster_ids`. Pass cluster ids per "
-            "sequence ([B]) or per token ([B, S], -1 for padding) to forward/generate; "
-            "moce_plugin.inference assigns them from text. In axolotl training the MoCE "
-            "collator adds them: check `plugins: [moce_plugin.MoCEPlugin]` is in the YAML."
-        )
-    if not isinstance(ids, torch.Tensor):
-        ids = torch.as_tensor(ids)
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise InvalidClusterIdsError(
-            f"moce_cluster_ids must be integers, got dtype {ids.dtype}"
-        )
-    bad = (ids != IGNORE_CLUSTER_ID) & ((ids < 0) | (ids >= num_groups))
-    if ids.device.type == "cpu":
-        if bool(bad.any()):
-            raise InvalidClusterIdsError(
-                f"moce_cluster_ids contains {sorted(set(ids[bad].tolist()))[:5]}, outside "
-                f"[0, {num_groups}) (moce.num_clusters={num_groups}). The cluster ids do not "
-                "match the model: re-run preprocess/cluster.py with this k, or fix the data's "
-                "cluster column."
-            )
-    else:  # no host sync on accelerators
-        torch._assert_async(~bad.any(), "moce_cluster_ids outside [0, num_clusters)")
-    return ids
+        raise MissingClusterIdsError()
+    return check_cluster_ids(
+        ids, num_groups,
+        fix=f". The cluster ids do not match the model (moce.num_clusters={num_groups}): "
+            "re-run preprocess/cluster.py with this k, or fix the data's cluster column.")
 
 
 def _backbone_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -188,7 +78,7 @@ def _backbone_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
 def _backbone_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     stack = collector_stack()
     records = stack.pop() if stack else []
-    _last_records()[id(module)] = records
+    keep_last_records(module, records)
     if module.training:
         module._moce_metrics.update(records)
 
@@ -220,7 +110,7 @@ def upcycle_model(
             quantized base pass the compute dtype).
         freeze_base: freeze every non-MoCE parameter (the paper's setting).
     """
-    causal_lm = _unwrap(model)
+    causal_lm = unwrap_model(model)
     if is_moce_model(causal_lm):
         return model
     # An exported MoCE config (model_type "moce") records its base family beside it.
@@ -263,7 +153,7 @@ def upcycle_model(
     causal_lm._moce_layers = selected
     if freeze_base:
         for name, param in causal_lm.named_parameters():
-            param.requires_grad_(".moce_experts." in name)
+            param.requires_grad_(f".{MOCE_MODULE_NAME}." in name)
     else:
         for module in moce_layers(causal_lm):
             module.moce_experts.requires_grad_(True)
@@ -301,72 +191,3 @@ def cast_moce_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     bf16 grouped-GEMM kernel."""
     for _, module in moce_experts_modules(model):
         module.to(dtype=dtype)
-
-
-def _full_tensor(p: torch.Tensor) -> torch.Tensor:
-    """The whole parameter, also when sharded: FSDP2 DTensors and DeepSpeed ZeRO-3
-    partitions are gathered (a collective: every rank must call this)."""
-    if hasattr(p, "full_tensor"):  # FSDP2 / DTensor
-        return p.full_tensor()
-    if hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            return p.data.detach().clone()
-    return p
-
-
-def moce_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the MoCE parameters, keyed ``layers.<i>.<param>`` (independent of wrappers).
-
-    Under FSDP2 / ZeRO-3 this gathers the shards, so call it on every rank."""
-    out = {}
-    for _, module in moce_experts_modules(model):
-        for pname, p in module.named_parameters():
-            full = _full_tensor(p)
-            out[f"layers.{module.layer_index}.{pname}"] = full.detach().cpu().contiguous()
-        for bname, b in module.named_buffers():  # ACMoE running statistics
-            out[f"layers.{module.layer_index}.{bname}"] = b.detach().cpu().contiguous()
-    return out
-
-
-def _remap_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys saved before the router was a module (``layers.<i>.router``,
-    ``layers.<i>.acmoe_dispersion``, ``layers.<i>.acmoe_seen``) -> current names."""
-    out = {}
-    for key, value in state.items():
-        prefix, _, name = key.rpartition(".")
-        if prefix.startswith("layers.") and prefix.count(".") == 1 and name in LEGACY_KEYS:
-            key = f"{prefix}.{LEGACY_KEYS[name]}"
-        out[key] = value
-    return out
-
-
-def load_moce_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`moce_state_dict` (also reads files saved with the pre-router-module
-    key names); shape mismatches are explained."""
-    modules = {m.layer_index: m for _, m in moce_experts_modules(model)}
-    state = _remap_legacy_keys(state)
-
-    def tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return list(m.named_parameters()) + list(m.named_buffers())
-
-    expected = {f"layers.{i}.{n}" for i, m in modules.items() for n, _ in tensors(m)}
-    missing = expected - set(state)
-    unexpected = set(state) - expected
-    if missing or unexpected:
-        raise ValueError(
-            f"MoCE weights do not match this model: missing {sorted(missing)[:4]}, "
-            f"unexpected {sorted(unexpected)[:4]}. Was it trained with another moce config "
-            "(layers, groups, experts, general experts)?"
-        )
-    with torch.no_grad():
-        for i, module in modules.items():
-            for n, p in tensors(module):
-                src = state[f"layers.{i}.{n}"]
-                if src.shape != p.shape:
-                    raise ValueError(
-                        f"MoCE weight layers.{i}.{n} has shape {tuple(src.shape)}, the model "
-                        f"expects {tuple(p.shape)}: the moce config differs from training."
-                    )
-                p.copy_(src.to(p.dtype))

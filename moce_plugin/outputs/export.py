@@ -1,15 +1,15 @@
 """Merge LoRA into the base and write one self-contained MoCE directory.
 
-    python -m moce_plugin.export OUTPUT_DIR DEST [--base-model PATH] [--dtype bfloat16]
+    moce-export OUTPUT_DIR DEST [--base-model PATH] [--dtype bfloat16]
         [--overwrite] [--allow-different-base] [--debug]
 
-DEST must be new or empty (``--overwrite`` replaces an earlier export, never anything else) and
-may not be, contain or lie inside OUTPUT_DIR; these checks run before anything is loaded, the folder is built
-beside DEST and swapped in at the end, and a failure leaves DEST as it was.
+DEST must be new or empty (``--overwrite`` replaces an earlier export, never anything else)
+and may not be, contain or lie inside OUTPUT_DIR; these checks run before anything is loaded,
+the folder is built beside DEST and swapped in at the end, and a failure leaves DEST as it was.
 
 DEST holds the merged weights (safetensors, with the MoCE parameters), config, tokenizer,
 ``moce_config.json`` / ``moce_weights.safetensors``, the cluster artifact and a README card;
-``moce_plugin.inference.load_moce_model(DEST)`` reloads it with one call.
+``moce_plugin.load_moce_model(DEST)`` reloads it with one call.
 """
 
 from __future__ import annotations
@@ -23,16 +23,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ExportError
 from ..utils import FolderKind, atomic_dir, cli_errors
 from .folder import ARTIFACT_DIR_NAME, save_moce_files
 from .hf_export import write_hf_native
 from .load import add_loading_arguments, load_moce_model
 
 EXPORT_RECORD = "moce_export.json"
-
-
-class ExportError(ValueError):
-    """DEST cannot be written safely (message says why and what to do)."""
 
 
 def is_export(path: Path) -> bool:

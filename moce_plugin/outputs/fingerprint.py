@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..model.upcycle import MOCE_MODULE_NAME
+
 METHOD = "samples-v1"
 SAMPLES = 16
 # bf16 keeps ~3 significant digits; other weights of the same shape differ far more.
@@ -47,7 +49,7 @@ def _chosen(model: Any) -> list[tuple[str, torch.Tensor]]:
     """(canonical name, tensor) of the embedding and the first MLP weight of the first and
     the last decoder layer; MoCE and LoRA parameters are never chosen."""
     params = [(_canonical(n), p) for n, p in model.named_parameters()
-              if "moce_experts" not in n and "lora_" not in n and "modules_to_save" not in n]
+              if MOCE_MODULE_NAME not in n and "lora_" not in n and "modules_to_save" not in n]
     chosen = []
     try:
         emb_weight = getattr(model.get_input_embeddings(), "weight", None)

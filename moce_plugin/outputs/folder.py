@@ -8,7 +8,7 @@ an export) holds, besides whatever transformers/PEFT wrote:
   format, and ``saved``: when the folder was written: start / checkpoint / interrupted /
   final / export, with the ``step``);
 * ``moce_weights.safetensors``: the MoCE parameters and buffers only, keyed
-  ``layers.<i>.<name>`` (:func:`~moce_plugin.model.upcycle.moce_state_dict`); when it is
+  ``layers.<i>.<name>`` (:func:`~moce_plugin.model.state_dict.moce_state_dict`); when it is
   missing (a run interrupted by SIGINT), the same tensors are read from the model's own
   weights (:func:`read_moce_weights`);
 * ``cluster_artifact/``: a copy of the stage-1 artifact (written when training starts), so
@@ -171,7 +171,7 @@ def save_moce_files(
     collective); only those with ``write=True`` write files."""
     from safetensors.torch import save_file
 
-    from ..model.upcycle import moce_state_dict
+    from ..model.state_dict import moce_state_dict
 
     state = moce_state_dict(model)
     if not write:
@@ -254,9 +254,10 @@ def moce_weights_from_model_files(directory: str | os.PathLike, model: Any
     file ``base_model.model.<same>``. Empty when the folder has none."""
     from safetensors import safe_open
 
-    from ..model.upcycle import moce_experts_modules
+    from ..model.upcycle import MOCE_MODULE_NAME
+    from ..model.wrappers import moce_experts_modules
 
-    layer_of = {_module_path(n).removesuffix(".moce_experts"): m.layer_index
+    layer_of = {_module_path(n).removesuffix(f".{MOCE_MODULE_NAME}"): m.layer_index
                 for n, m in moce_experts_modules(model)}
     out: dict[str, torch.Tensor] = {}
     for file in model_weight_files(directory):

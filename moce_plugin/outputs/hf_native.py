@@ -26,7 +26,8 @@ import torch
 
 from ..model.architectures import get_architecture
 from ..model.config import MoCEConfig
-from ..model.routing import CLUSTER_IDS_KWARG, MissingClusterIdsError
+from ..errors import ExportError, MissingClusterIdsError
+from ..model.cluster_ids import CLUSTER_IDS_KWARG, check_cluster_ids, single_group_ids
 from ..model.upcycle import upcycle_model
 from .folder import ARTIFACT_DIR_NAME
 
@@ -41,8 +42,8 @@ LOG_ENV = "MOCE_LOG_CLUSTERS"
 log = logging.getLogger("moce_plugin.clusters")
 
 
-class MoCEExportError(ValueError):
-    """An exported MoCE folder can't be used as asked (the message names the fix)."""
+#: The export errors' name here (exported folders' users catch it): the one ExportError.
+MoCEExportError = ExportError
 
 
 @functools.cache
@@ -105,7 +106,7 @@ class ClusterAssigner:
             raise MoCEExportError(
                 f"{self.folder} has no {ARTIFACT_DIR_NAME}/ (the cluster artifact), so prompts "
                 "can't be assigned to clusters. Copy it back from the training output (or "
-                "re-export with `python -m moce_plugin.export OUTPUT_DIR DEST`), or pass "
+                "re-export with `moce-export OUTPUT_DIR DEST`), or pass "
                 "moce_cluster_ids=<id per row> to generate/forward."
             )
         cluster_model = ClusterModel.load(artifact)
@@ -157,8 +158,9 @@ class ClusterAssigner:
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if self._cluster_model is None:
-            if self.num_groups == 1:  # one group (PESC-style): nothing to assign
-                return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            ids = single_group_ids(self.num_groups, input_ids.shape[0])
+            if ids is not None:
+                return torch.tensor(ids, dtype=torch.long, device=input_ids.device)
             raise MoCEExportError(
                 "This MoCE model has no cluster artifact (it was trained on a cluster_id "
                 "column, or was not loaded from an exported folder), so clusters can't be "
@@ -204,15 +206,11 @@ def chat_user_turn(tokenizer: Any) -> tuple[str, str] | None:
     return (header, end) if header.strip() else None
 
 
-def _check_range(ids: Any, num_groups: int) -> None:
-    values = torch.as_tensor(ids).flatten().tolist()
-    bad = sorted({v for v in values if v != -1 and not 0 <= v < num_groups})
-    if bad:
-        raise MoCEExportError(
-            f"moce_cluster_ids contains {bad[:5]}, but this model has {num_groups} clusters: "
-            f"pass ids in [0, {num_groups}), or leave moce_cluster_ids out to let the model "
-            "assign each prompt's cluster."
-        )
+def _check_ids(ids: Any, num_groups: int) -> torch.Tensor:
+    return check_cluster_ids(
+        ids, num_groups,
+        fix=f": this model has {num_groups} clusters: pass ids in [0, {num_groups}), or leave "
+            "moce_cluster_ids out to let the model assign each prompt's cluster.")
 
 
 def _assign_in_forward(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -222,7 +220,7 @@ def _assign_in_forward(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, d
     if ids is not None:
         if isinstance(ids, torch.Tensor) and ids.device.type != "cpu":
             return None  # validated without a host sync by the backbone hook
-        _check_range(ids, module._moce_assigner.num_groups)
+        _check_ids(ids, module._moce_assigner.num_groups)
         return None
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if input_ids is None:
@@ -248,7 +246,7 @@ class MoCECausalLMMixin:
         if not isinstance(moce, dict):
             raise MoCEExportError(
                 "This config has no `moce` block: it is not a MoCE export. Re-export with "
-                "`python -m moce_plugin.export OUTPUT_DIR DEST`."
+                "`moce-export OUTPUT_DIR DEST`."
             )
         moce_config = MoCEConfig(**moce)
         upcycle_model(self, moce_config)
@@ -276,8 +274,7 @@ class MoCECausalLMMixin:
                 kwargs[CLUSTER_IDS_KWARG] = self.moce_assign_clusters(
                     input_ids, kwargs.get("attention_mask"))
         else:
-            _check_range(ids, self._moce_assigner.num_groups)
-            ids = torch.as_tensor(ids, dtype=torch.long)
+            ids = _check_ids(ids, self._moce_assigner.num_groups).to(torch.long)
             if ids.dim() == 0:  # one id for every row
                 input_ids = inputs if inputs is not None else kwargs["input_ids"]
                 ids = ids.expand(input_ids.shape[0]).clone()

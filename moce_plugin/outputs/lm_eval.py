@@ -8,7 +8,7 @@ Python:
     from moce_plugin.lm_eval_model import MoCELM
     lm_eval.simple_evaluate(model=MoCELM(path="outputs/.../model"), tasks=["gsm8k"])
 Command line (registers the model as `moce`, then runs lm_eval's own CLI):
-    python -m moce_plugin.lm_eval_model --model moce --model_args path=OUTPUT_DIR --tasks ...
+    python -m moce_plugin lm-eval --model moce --model_args path=OUTPUT_DIR --tasks ...
 """
 
 from __future__ import annotations

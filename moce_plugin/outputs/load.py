@@ -1,11 +1,11 @@
 """Loading trained MoCE outputs and generating with automatic cluster assignment.
 
-    from moce_plugin.inference import load_moce_model
+    from moce_plugin import load_moce_model
     moce = load_moce_model("outputs/cpu-smollm2-moce/model")
     print(moce.generate(["Write a python function that reverses a list."])[0])
 
 An output directory is what ``axolotl train`` wrote with the plugin enabled (or what
-:func:`moce_plugin.export.export_model` wrote): ``moce_config.json`` (written when training
+:func:`moce_plugin.outputs.export.export_model` wrote): ``moce_config.json`` (written when training
 starts) and ``moce_weights.safetensors`` (at every checkpoint and the end); the full model
 (``config.json`` + safetensors) when no adapter was used, or ``adapter_config.json`` +
 ``adapter_model.safetensors`` for LoRA/QLoRA; and the cluster artifact (``cluster_artifact/``,
@@ -25,10 +25,14 @@ from typing import Any
 import torch
 
 from ..clustering.text import Request
+from ..errors import LoadError
+from ..model.cluster_ids import check_cluster_ids, single_group_ids
 from ..model.config import MoCEConfig
 from ..model.routers import LEGACY_PEFT_KEY_MAPPING
 from ..model.routing import CLUSTER_IDS_KWARG
-from ..model.upcycle import config_of, load_moce_state_dict, upcycle_model
+from ..model.state_dict import load_moce_state_dict
+from ..model.upcycle import upcycle_model
+from ..model.wrappers import config_of
 from ..utils import read_json
 from .fingerprint import fingerprint_checked, fingerprint_difference
 from .hf_native import plain_base_config
@@ -63,8 +67,8 @@ def _forget_base_mlp_mapping(model: Any) -> None:
         ]
 
 
-class MoCELoadError(ValueError):
-    """The directory can't be loaded as a MoCE model (message says why and what to do)."""
+#: The load errors' name here (documented for ``moce_plugin.inference`` users).
+MoCELoadError = LoadError
 
 
 def _config_dir(path: Path) -> Path:
@@ -78,7 +82,7 @@ def _config_dir(path: Path) -> Path:
         return path.parent
     raise MoCELoadError(
         f"{path} is missing {MOCE_CONFIG_NAME}: it is not the output of a MoCE training "
-        "(axolotl train with plugins: [moce_plugin.MoCEPlugin]) or of moce_plugin.export. "
+        "(axolotl train with plugins: [moce_plugin.MoCEPlugin]) or of moce-export. "
         "Use the training's output_dir or one of its checkpoint-* folders."
     )
 
@@ -159,9 +163,10 @@ class MoCEInferenceModel:
         """Cluster of each request: a plain prompt (as given to :meth:`generate`, or already
         formatted by :meth:`format_prompt`), chat messages, or a row in the training format.
         The request text is the training rows' (:func:`moce_plugin.clustering.request_text`)."""
-        if self.cluster_model is None and self.config.groups == 1:
-            return [0] * len(requests)  # one group (PESC-style): nothing to assign
         if self.cluster_model is None:
+            ids = single_group_ids(self.config.groups, len(requests))
+            if ids is not None:
+                return ids
             raise MoCELoadError(
                 "This model has no cluster artifact (it was trained on a cluster_id column), so "
                 "clusters can't be assigned from text: pass the cluster explicitly (--cluster "
@@ -176,12 +181,11 @@ class MoCEInferenceModel:
             ids = [cluster] * len(prompts)
         else:
             ids = list(cluster)
-        bad = [c for c in ids if not 0 <= c < self.config.groups]
-        if bad or len(ids) != len(prompts):
-            raise ValueError(
-                f"cluster ids {ids} must be one per prompt in [0, {self.config.groups})"
-            )
-        return torch.tensor(ids, dtype=torch.long)
+        groups = self.config.groups
+        return check_cluster_ids(
+            ids, groups, batch_shape=(len(prompts),), allow_ignore=False, what="cluster",
+            fix=f"; cluster= takes one id per prompt in [0, {groups}) (or one id for all)",
+        ).to(torch.long)
 
     # ---- prompts ---------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
@@ -337,7 +341,7 @@ def load_moce_model(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         check_base(model, base)
         upcycle_model(model, config, dtype=dtype)
-        # Adapters saved before the router module had other MoCE key names.
+        # 0.1.0 LoRA adapters store the router tensors under flat keys (LEGACY_KEYS).
         key_mapping = {**(getattr(model, "_checkpoint_conversion_mapping", None) or {}),
                        **LEGACY_PEFT_KEY_MAPPING}
         model = PeftModel.from_pretrained(model, path, key_mapping=key_mapping)

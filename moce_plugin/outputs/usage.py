@@ -1,6 +1,6 @@
 """Which groups and experts a dataset's tokens use, per cluster and per layer.
 
-    python -m moce_plugin.usage OUTPUT_DIR --data rows.jsonl [--max-rows 200] [--out usage]
+    moce-usage OUTPUT_DIR --data rows.jsonl [--max-rows 200] [--out usage]
 
 Rows may be in any format training accepts (alpaca, chat ``messages``/``conversations``,
 completion ``text``, user-defined fields); each is assigned its cluster from the row itself by
@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..clustering.text import CHAT_KEYS, request_text
+from ..clustering.text import CHAT_KEYS, chat_messages, request_text
 from ..model.routing import CLUSTER_IDS_KWARG, routing_stats
-from ..model.upcycle import RoutingMetrics, pop_last_routing
+from ..model.metrics import RoutingMetrics
+from ..model.wrappers import pop_last_routing
 from ..utils import cli_errors, read_json, read_jsonl
 from .load import MoCEInferenceModel, MoCELoadError, add_loading_arguments, load_moce_model
 from .plots import plot_usage
@@ -33,17 +34,6 @@ from .plots import plot_usage
 
 # Where the answer of a row sits, per training format (alpaca, user-defined, DPO-like).
 _ANSWER_KEYS = ("output", "answer", "response", "completion", "chosen")
-_ROLE_NAMES = {"human": "user", "gpt": "assistant", "model": "assistant"}
-
-
-def _chat_messages(turns: list) -> list[dict]:
-    """role/content or from/value turns as role/content messages for a chat template."""
-    out = []
-    for t in turns:
-        role = str(t.get("role", t.get("from", ""))).lower()
-        out.append({"role": _ROLE_NAMES.get(role, role),
-                    "content": t.get("content", t.get("value", ""))})
-    return out
 
 
 def model_text(moce: MoCEInferenceModel, row: dict) -> str:
@@ -53,7 +43,7 @@ def model_text(moce: MoCEInferenceModel, row: dict) -> str:
     for key in CHAT_KEYS:
         turns = row.get(key)
         if isinstance(turns, list) and turns:
-            messages = _chat_messages(turns)
+            messages = chat_messages(turns)
             if getattr(moce.tokenizer, "chat_template", None):
                 return moce.tokenizer.apply_chat_template(messages, tokenize=False)
             return "\n".join(f"{m['role']}: {m['content']}" for m in messages)

@@ -1,4 +1,4 @@
-"""An exported MoCE folder is a standard Hugging Face model (issue 15): AutoModel /
+"""An exported MoCE folder is a standard Hugging Face model: AutoModel /
 AutoTokenizer / pipeline with trust_remote_code, clusters chosen by the model itself, every
 supported family, and clear errors for bad input."""
 
@@ -22,6 +22,7 @@ from hf_native_helpers import (
 from tiny_models import save_tiny_model_dir
 
 from moce_plugin.clustering.text import prompt_request, request_text
+from moce_plugin.errors import InvalidClusterIdsError
 from moce_plugin.export import export_model
 from moce_plugin.outputs.hf_native import MoCECausalLMMixin, MoCEExportError, chat_user_turn
 from moce_plugin.outputs.load import load_moce_model
@@ -175,9 +176,9 @@ def test_missing_artifact_and_out_of_range_cluster(exported, tmp_path):
         _auto_model(broken)
     model, tok = _auto_model(dest), _tokenizer(dest)
     enc = tok(["hello"], return_tensors="pt")
-    with pytest.raises(MoCEExportError, match=r"has 3 clusters: pass ids in \[0, 3\)"):
+    with pytest.raises(InvalidClusterIdsError, match=r"has 3 clusters: pass ids in \[0, 3\)"):
         model.generate(**enc, moce_cluster_ids=[3], max_new_tokens=2)
-    with pytest.raises(MoCEExportError, match=r"pass ids in \[0, 3\)"):
+    with pytest.raises(InvalidClusterIdsError, match=r"pass ids in \[0, 3\)"):
         model(**enc, moce_cluster_ids=torch.tensor([-2]))
 
 

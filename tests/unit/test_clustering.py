@@ -27,10 +27,10 @@ from moce_plugin.clustering import (
     EmbeddingCache,
     elbow_sweep,
     embed_texts,
-    example_text,
     fit_kmeans,
     load_sentence_transformer,
     purity,
+    request_text,
     rows_from_examples,
     run_clustering,
 )
@@ -99,8 +99,8 @@ def blobs(k: int, n: int = 600, dim: int = 64, seed: int = 0) -> np.ndarray:
 # ---- text of a row ------------------------------------------------------------------------------
 def test_text_of_alpaca_gsm8k_chat_and_template() -> None:
     alpaca = {"instruction": "Sort the list", "input": "[3, 1]", "output": "[1, 3]"}
-    assert example_text(alpaca) == "Sort the list\n[3, 1]"
-    assert example_text({"question": "2+2?", "answer": "4"}) == "2+2?"
+    assert request_text(alpaca) == "Sort the list\n[3, 1]"
+    assert request_text({"question": "2+2?", "answer": "4"}) == "2+2?"
     chat = {
         "messages": [
             {"role": "system", "content": "be nice"},
@@ -109,10 +109,10 @@ def test_text_of_alpaca_gsm8k_chat_and_template() -> None:
             {"role": "user", "content": "bye"},
         ]
     }
-    assert example_text(chat) == "hi\nbye"
+    assert request_text(chat) == "hi\nbye"
     sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
-    assert example_text(sharegpt) == "q"
-    assert example_text(alpaca, "{instruction} | {missing}") == "Sort the list |"
+    assert request_text(sharegpt) == "q"
+    assert request_text(alpaca, "{instruction} | {missing}") == "Sort the list |"
 
 
 def test_bad_template_and_unknown_option() -> None:
@@ -336,7 +336,7 @@ def test_sample_clusters_follow_domains(sample_artifact) -> None:
 def test_sample_inference_matches_training(sample_artifact) -> None:
     model, examples = sample_artifact
     pick = examples[::50]
-    assert model.assign_examples(pick).tolist() == model.lookup(pick, "sample")
+    assert model.assign_requests(pick).tolist() == model.lookup(pick, "sample")
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

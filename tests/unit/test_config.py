@@ -88,11 +88,16 @@ def test_clustering_block_is_validated_at_config_load(clustering, match):
     with pytest.raises(ValueError, match=match):
         MoCEArgs.model_validate({"moce": {"num_clusters": 2, "clustering": clustering}})
     ok = {"moce": {"num_clusters": 2, "clustering": {"k_max": 4, "text_template": "{question}"}}}
-    assert MoCEArgs.model_validate(ok).moce.clustering["k_max"] == 4
+    moce = MoCEArgs.model_validate(ok).moce
+    assert moce.clustering.k_max == 4 and moce.clustering.text_template == "{question}"
+    # Saved as the options the YAML set, so MoCEConfig (what outputs/ loads) reads it back.
+    dumped = moce.model_dump(mode="json")
+    assert dumped["clustering"] == {"k_max": 4, "text_template": "{question}"}
+    assert MoCEConfig(**dumped).clustering == dumped["clustering"]
 
 
 def test_clustering_typo_fails_axolotl_config_load(tmp_path, model_dir):
-    """Issue 17 case 4: `kmax: 4` passed `axolotl train`; now axolotl's own load_cfg refuses."""
+    """A typo such as `kmax: 4` must stop axolotl's own load_cfg, not be silently ignored."""
     import yaml
     from axolotl.cli.config import load_cfg
     from axolotl_helpers import base_config, write_cluster_jsonl

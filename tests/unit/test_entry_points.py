@@ -32,6 +32,34 @@ def test_console_scripts_resolve_to_main_functions():
         assert exit_info.value.code == 0, name
 
 
+def test_python_m_moce_plugin_dispatches_every_command(capsys):
+    from moce_plugin.__main__ import COMMANDS
+    from moce_plugin.__main__ import main as moce_main
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    # Every console script is one `python -m moce_plugin <command>`, running the same main.
+    assert {c.script: f"{c.module}:main" for c in COMMANDS.values() if c.script} == scripts
+    assert moce_main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    for name in COMMANDS:
+        assert f"\n  {name} " in listing, name
+    for name in ("cluster", "generate", "export", "usage"):
+        with pytest.raises(SystemExit) as exit_info:
+            moce_main([name, "--help"])
+        assert exit_info.value.code == 0, name
+        assert f"usage: python -m moce_plugin {name} " in capsys.readouterr().out, name
+    assert moce_main(["expot", "a", "b"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'expot'" in err and err.count("\n") == 1
+
+
+def test_python_m_moce_plugin_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "moce_plugin", "--help"], capture_output=True,
+                          text=True, env=env(), cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "commands:" in proc.stdout and "generate" in proc.stdout
+
+
 @pytest.fixture
 def bag_encoder(monkeypatch):
     """Stage 1 without loading a sentence encoder (the CLI builds it from the options)."""

@@ -10,6 +10,7 @@ from tiny_models import save_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from moce_plugin.clustering.text import request_text
+from moce_plugin.errors import InvalidClusterIdsError
 from moce_plugin.export import export_model
 from moce_plugin.generate import main as generate_main
 from moce_plugin.model.config import MoCEConfig
@@ -101,7 +102,7 @@ def test_generate_mixed_clusters_matches_single_prompt_runs(tmp_path, base_dir):
     assert streamed == alone[0]
     with pytest.raises(MoCELoadError, match="--cluster ID"):
         moce.generate(prompts)  # no artifact: clusters can't be assigned from text
-    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+    with pytest.raises(InvalidClusterIdsError, match=r"in \[0, 3\)"):
         moce.generate(prompts, cluster=[0, 5])
 
 

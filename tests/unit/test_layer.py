@@ -8,14 +8,8 @@ from naive_moce import naive_aux_loss, naive_moce
 
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.expert_ops import grouped_matmul
-from moce_plugin.model.layer import (
-    GENERAL_PLANS,
-    GROUP_PLANS,
-    MoCEExperts,
-    MoCEMLP,
-    choose_plan,
-    plan_is_valid,
-)
+from moce_plugin.model.layer import MoCEExperts, MoCEMLP
+from moce_plugin.model.plans import all_plans, choose_plan
 from moce_plugin.model.routing import cluster_ids_context
 
 D = 32
@@ -72,18 +66,13 @@ CASES = [
 
 
 def plans(kwargs):
-    """Every execution plan of the layer for this routing mode, then the default choice."""
-    out = [None]
-    for group in GROUP_PLANS:
-        if not kwargs.get("general"):
-            out.append((group, None))
-            continue
-        out += [(group, gen) for gen in GENERAL_PLANS if plan_is_valid((group, gen))]
-    return out
+    """The default choice, the eager reference and every registered plan for this routing
+    mode."""
+    return [None, "eager", *all_plans(bool(kwargs.get("general")))]
 
 
 def _plan_id(plan):
-    return "auto" if plan is None else "+".join(map(str, plan))
+    return plan if isinstance(plan, str) else "auto" if plan is None else "+".join(map(str, plan))
 
 
 CASES_X_PLANS = [

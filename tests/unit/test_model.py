@@ -70,7 +70,7 @@ def test_missing_and_out_of_range_cluster_ids_are_clear():
     ids = torch.randint(0, 128, (2, 5))
     with pytest.raises(MissingClusterIdsError, match="moce_cluster_ids"):
         model(input_ids=ids)
-    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+    with pytest.raises(InvalidClusterIdsError, match=r"outside \[0, 3\)"):
         model(input_ids=ids, moce_cluster_ids=torch.tensor([0, 3]))
     with pytest.raises(InvalidClusterIdsError, match="integers"):
         model(input_ids=ids, moce_cluster_ids=torch.tensor([0.0, 1.0]))

@@ -125,3 +125,79 @@ def test_pre_tokenized_dataset_gets_per_token_ids(tmp_path, model_dir):
         assert row[CLUSTER_IDS_KWARG] == [by_tokens[tuple(row["input_ids"])]] * len(
             row["input_ids"])
     assert len(meta.train_dataset) == 24
+
+
+# ---- the remote code of exported folders ----------------------------------------------------
+# Written verbatim by 0.1.x exports (before moce_plugin.hf existed): folders on disk and on the
+# Hub carry these files, so the path they import must keep working.
+_CONFIG_CODE_0_1 = '''"""MoCE (moce-plugin) configuration; base family: llama."""
+
+try:
+    from moce_plugin.outputs.hf_native import moce_config_class
+except ImportError as exc:  # the classes live in the package, versioned with it
+    raise ImportError("pip install moce-plugin") from exc
+
+MoCEConfig = moce_config_class("llama")
+'''
+_MODELING_CODE_0_1 = '''"""MoCE (moce-plugin) model; base family: llama."""
+
+from .configuration_moce import MoCEConfig
+
+try:
+    from moce_plugin.outputs.hf_native import moce_causal_lm_class
+except ImportError as exc:  # the classes live in the package, versioned with it
+    raise ImportError("pip install moce-plugin") from exc
+
+MoCEForCausalLM = moce_causal_lm_class(MoCEConfig)
+'''
+
+
+def _remote_code(tmp_path, monkeypatch, package: str, config_code: str, modeling_code: str):
+    """Import an export's two remote-code files as transformers does (a package, relative
+    import of the config), without a model folder."""
+    import importlib
+
+    pkg = tmp_path / package
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "configuration_moce.py").write_text(config_code)
+    (pkg / "modeling_moce.py").write_text(modeling_code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return importlib.import_module(f"{package}.modeling_moce")
+
+
+@pytest.mark.parametrize("written_by", ["current", "0.1.x"])
+def test_export_remote_code_builds_a_moce_model(tmp_path, monkeypatch, written_by):
+    from tiny_models import TINY_KWARGS
+    from transformers import LlamaForCausalLM
+
+    from moce_plugin.outputs.hf_export import CONFIG_CODE, MODELING_CODE
+    from moce_plugin.outputs.hf_native import MoCECausalLMMixin
+
+    if written_by == "current":
+        config_code, modeling_code = (CONFIG_CODE.format(base="llama"),
+                                      MODELING_CODE.format(base="llama"))
+        # New exports import the documented stable path, never the internal module.
+        for code in (config_code, modeling_code):
+            assert "from moce_plugin.hf import " in code and "hf_native" not in code
+    else:
+        config_code, modeling_code = _CONFIG_CODE_0_1, _MODELING_CODE_0_1
+    remote = _remote_code(tmp_path, monkeypatch, f"moce_export_{written_by.replace('.', '_')}",
+                          config_code, modeling_code)
+    config = remote.MoCEConfig(**TINY_KWARGS, moce={"num_clusters": 2, "adapter_dim": 4},
+                               moce_base_model_type="llama")
+    assert config.model_type == "moce"
+    model = remote.MoCEForCausalLM(config)
+    assert isinstance(model, LlamaForCausalLM) and isinstance(model, MoCECausalLMMixin)
+    assert is_moce_model(model)
+    out = model(input_ids=torch.randint(3, 100, (2, 5)),
+                **{CLUSTER_IDS_KWARG: torch.tensor([0, 1])})
+    assert out.logits.shape == (2, 5, TINY_KWARGS["vocab_size"])
+
+
+def test_stable_hf_path_is_the_implementation():
+    import moce_plugin.hf as hf
+    from moce_plugin.outputs import hf_native
+
+    for name in hf.__all__:
+        assert getattr(hf, name) is getattr(hf_native, name), name

@@ -1,6 +1,6 @@
 """Same cluster everywhere: a training row's own prompt, sent through the inference path as a
 plain prompt, as chat messages, as a formatted prompt or as the row, gets the cluster the
-training lookup gave that row, for every supported dataset shape (issue 17, case 2)."""
+training lookup gave that row, for every supported dataset shape."""
 
 from __future__ import annotations
 
