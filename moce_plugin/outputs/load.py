@@ -35,7 +35,6 @@ from ..model.upcycle import upcycle_model
 from ..model.wrappers import config_of
 from ..utils import read_json
 from .fingerprint import fingerprint_checked, fingerprint_difference
-from .hf_native import plain_base_config
 from .folder import (
     ARTIFACT_DIR_NAME,
     ARTIFACT_META_KEY,
@@ -47,6 +46,7 @@ from .folder import (
     read_moce_config,
     read_moce_weights,
 )
+from .hf_native import plain_base_config
 
 LOG = logging.getLogger(__name__)
 
