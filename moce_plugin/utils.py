@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+import re
 import shutil
+import socket
+import stat
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,21 +77,154 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     return path
 
 
-def atomic_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Build a directory next to ``target`` and swap it in, so readers never see a half one.
-    The temporary directory is removed on every failure."""
+@dataclass(frozen=True)
+class FolderKind:
+    """A kind of folder the package writes (cluster artifact, export, ...): how an earlier one
+    is recognised, so that writing replaces only that and never a user's files."""
+
+    name: str  # "cluster artifact", named in the refusal
+    is_own: Callable[[Path], bool]  # True for an earlier folder of this kind
+    fix: str  # what to do instead, appended to the refusal
+    error: type[Exception] = ValueError  # the writing module's error class
+
+
+def _describe(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "a broken symbolic link"
+    if not path.is_dir():
+        return "a file"
+    entries = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    return f"a folder of {len(entries)} entries ({shown})"
+
+
+def check_replaceable(target: str | os.PathLike, kind: FolderKind) -> None:
+    """Refuse (``kind.error``) to write a ``kind`` folder at ``target`` when something that is
+    not an earlier one of that kind is there: a file, a user's folder, the training data.
+    Nothing there, or an empty folder, is fine. Callers run this before any heavy work;
+    :func:`atomic_dir` runs it again just before the swap."""
     target = Path(target)
+    if not os.path.lexists(target):
+        return
+    if target.is_dir() and (not any(target.iterdir()) or kind.is_own(target)):
+        return
+    raise kind.error(
+        f"{target} already exists and is not a {kind.name} ({_describe(target)}): writing the "
+        f"{kind.name} there would replace it, so nothing was done. {kind.fix}"
+    )
+
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+# .NAME.tmp-<host>-<pid>-<random> (and .old-): host and pid tell a killed run's leftovers
+# from a live run's; the names of earlier versions (mkdtemp's 8 characters; .old-<pid>) too.
+_SIDE = re.compile(r"(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{8}|(?P<legacy>[a-z0-9_]{8})"
+                   r"|(?P<legacy_pid>\d+)")
+
+
+def _side_path(target: Path, role: str) -> Path:
+    return target.with_name(f".{target.name}.{role}-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def _apply_mode(root: Path, mode: int) -> None:
+    """Give every folder under ``root`` the mode a new folder gets (copytree copies a source's
+    0700 otherwise); files keep theirs (written with the umask, or copied)."""
+    for folder, _, _ in os.walk(root):
+        os.chmod(folder, mode)
+
+
+def _process_started(pid: int) -> float | None:
+    """Start time (epoch seconds) of a live process; None when it is gone; +inf when unknown."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return float("-inf")  # alive, start unknown: never taken for a reused pid
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.Error:  # pragma: no cover - access denied: alive
+        return float("-inf")
+
+
+def _is_stale(path: Path, rest: str) -> bool:
+    """A temporary of ``target`` left by a run that is gone: its pid (on this host) is dead or
+    now belongs to a process started after the folder was last written (a reused pid), or,
+    for names without a pid, it is older than this process. Other hosts' are kept (their
+    pids cannot be checked from here)."""
+    match = _SIDE.fullmatch(rest)
+    if match is None:
+        return False
+    try:
+        mtime = path.lstat().st_mtime
+    except OSError:
+        return False
+    if match["legacy"]:
+        return mtime < (_process_started(os.getpid()) or float("-inf"))
+    if match["host"] is not None and match["host"] != _HOST:
+        return False
+    pid = int(match["pid"] or match["legacy_pid"])
+    if pid == os.getpid():
+        return False
+    started = _process_started(pid)
+    return started is None or started > mtime + 1.0
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the ``.NAME.tmp-*`` / ``.NAME.old-*`` folders of ``target`` that a killed run
+    (kill -9, power loss) left beside it; only ``target``'s, only stale ones
+    (:func:`_is_stale`). Returns what was removed."""
+    target = Path(target)
+    removed: list[Path] = []
+    if not target.parent.is_dir():
+        return removed
+    # a killed swap may leave the earlier folder only as .old-*: kept until a new one is in
+    for role in ("tmp", "old") if os.path.lexists(target) else ("tmp",):
+        prefix = f".{target.name}.{role}-"
+        for path in target.parent.glob(glob.escape(prefix) + "*"):
+            if _is_stale(path, path.name[len(prefix):]):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    if removed:
+        logging.getLogger(__name__).info("removed %d stale temporaries of %s (a killed run's): %s",
+                                         len(removed), target, [p.name for p in removed])
+    return removed
+
+
+def atomic_dir(target: str | os.PathLike, fill: Callable[[Path], None],
+               kind: FolderKind) -> Path:
+    """Build a directory next to ``target`` and swap it in, so readers never see a half one.
+    Only an earlier ``kind`` folder (or nothing) at ``target`` is replaced
+    (:func:`check_replaceable`). The temporary directory is removed on every failure."""
+    target = Path(target)
+    if target.is_symlink() and target.is_dir():
+        target = Path(os.path.realpath(target))  # write where the link points, keep the link
+    check_replaceable(target, kind)
+    remove_stale_temporaries(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = _side_path(target, "tmp")
+    tmp.mkdir()  # not mkdtemp (always 0700): the user's umask decides who may read the result
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         fill(tmp)
+        _apply_mode(tmp, mode)
+        check_replaceable(target, kind)  # something may have appeared while filling
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = _side_path(target, "old")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        remove_stale_temporaries(target)  # a killed swap's .old-* copy, now superseded
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

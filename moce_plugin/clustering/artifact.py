@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..utils import read_json
+from ..utils import FolderKind, read_json
 from .encode import SentenceTransformerEncoder, embed_texts, l2_normalize
 from .errors import ClusterArtifactError, ClusteringError
 from .kmeans import nearest_centroid
@@ -36,6 +36,40 @@ ELBOW_PLOT = "elbow.png"
 CLUSTER_MAP_PLOT = "cluster_map.png"
 BY_SOURCE_PLOT = "cluster_by_source.png"
 REQUIRED_FILES = (METADATA_FILE, CENTROIDS_FILE, ASSIGNMENTS_FILE)
+
+
+# moce.clustering option -> where metadata.json records it: the settings that decide the
+# clusters (checked by ClusterModel.check_settings when training starts).
+CLUSTER_SETTINGS = {
+    "text_template": ("text", "template"),
+    "embedding_model": ("embedding", "model"),
+    "prefix": ("embedding", "prefix"),
+    "prompt": ("embedding", "prompt"),
+    "normalize": ("embedding", "normalize"),
+    "seed": ("kmeans", "seed"),
+    "n_init": ("kmeans", "n_init"),
+    "algorithm": ("kmeans", "algorithm"),
+    "k_max": ("k_selection", "k_max"),
+}
+
+
+def is_cluster_artifact(path: Path) -> bool:
+    """An earlier artifact (which re-clustering may replace): a metadata.json recording a
+    format version and k. A damaged one does not count: it may be anything."""
+    try:
+        meta = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(meta, dict) and isinstance(meta.get("format_version"), int)
+            and "num_clusters" in meta)
+
+
+ARTIFACT_KIND = FolderKind(
+    "cluster artifact", is_cluster_artifact,
+    "Point moce.cluster_artifact (or --output) at a new folder, e.g. `clusters` beside your "
+    "data, or move this one away first.",
+    ClusterArtifactError,
+)
 
 
 def data_fingerprint(keys: Iterable[str], labels: Iterable[int] | None = None) -> str:
@@ -104,6 +138,12 @@ class ClusterModel:
     def load(cls, path: str | os.PathLike) -> ClusterModel:
         path = Path(path)
         rerun = "Run `python preprocess/cluster.py <your.yml>` to (re)create it."
+        if path.exists() and not path.is_dir():
+            raise ClusterArtifactError(
+                f"cluster artifact {path} is a file, not the folder preprocess/cluster.py "
+                "writes: point moce.cluster_artifact at a new folder (e.g. `clusters` beside "
+                "your data) and run `python preprocess/cluster.py <your.yml>`."
+            )
         if not path.is_dir():
             raise ClusterArtifactError(f"cluster artifact {path} does not exist. {rerun}")
         missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
@@ -245,6 +285,42 @@ class ClusterModel:
                 )
             texts.append(text)
         return self.assign_texts(texts)
+
+    def settings_difference(self, options: Any) -> dict[str, tuple[Any, Any]]:
+        """``moce.clustering`` keys (of :class:`.options.ClusteringOptions` ``options``) whose
+        value would make other clusters than this artifact's: {key: (recorded, given)}.
+        Settings that do not change the clusters (batch_size, device, cache, report) are not
+        compared; neither are keys an older artifact did not record."""
+        from .kmeans import choose_algorithm
+
+        meta = self.metadata
+        diff = {}
+        for name, (section, key) in CLUSTER_SETTINGS.items():
+            recorded = meta.get(section) or {}
+            if key not in recorded:
+                continue
+            if name == "k_max" and recorded.get("requested") != "auto":
+                continue  # k_max chose k only with num_clusters: auto
+            given = getattr(options, name)
+            if name == "algorithm" and given == "auto" and meta.get("num_rows") is not None:
+                given = choose_algorithm(int(meta["num_rows"]), "auto")
+            if recorded[key] != given:
+                diff[name] = (recorded[key], given)
+        return diff
+
+    def check_settings(self, options: Any, config: str = "<your.yml>") -> None:
+        """Refuse a ``moce.clustering`` block that differs from the one this artifact was made
+        with: training would use clusters its YAML (and its moce_config.json) does not
+        describe."""
+        diff = self.settings_difference(options)
+        if diff:
+            details = "; ".join(f"{k}: artifact {a!r}, YAML {b!r}" for k, (a, b) in diff.items())
+            raise ClusterArtifactError(
+                f"moce.clustering differs from the settings the cluster artifact {self.path} "
+                f"was made with ({details}). Re-cluster with `moce-cluster {config}` (or "
+                f"`python preprocess/cluster.py {config}`), or set "
+                f"{', '.join(f'moce.clustering.{k}' for k in diff)} back to the artifact's."
+            )
 
     def check_num_clusters(self, configured: int | str | None) -> int:
         if configured is None or configured == "auto":

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..utils import atomic_dir
+from ..utils import atomic_dir, check_replaceable
 from . import encode
 from .artifact import (
+    ARTIFACT_KIND,
     ASSIGNMENTS_FILE,
     CENTROIDS_FILE,
     ELBOW_PLOT,
@@ -156,6 +157,7 @@ def run_clustering(
     """Embed ``rows``, choose k, cluster, and write the artifact at ``output`` atomically."""
     options = options or ClusteringOptions()
     output = Path(output)
+    check_replaceable(output, ARTIFACT_KIND)  # before embedding: never replace a user's files
     num_clusters = resolve_num_clusters(num_clusters)
     check_rows(rows, num_clusters, options.text_template)
     if encoder is None:
@@ -203,7 +205,7 @@ def run_clustering(
         metadata["files"] = file_checksums(tmp)  # checked by ClusterModel.load
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
-    atomic_dir(output, fill)
+    atomic_dir(output, fill, ARTIFACT_KIND)
     log(
         f"k={fit.k}, sizes {metadata['cluster_sizes']}, purity vs source "
         f"{metadata['purity_vs_source']:.3f}; wrote {output}"

@@ -141,8 +141,9 @@ def _resolve_num_clusters(moce: dict) -> None:
             "`python preprocess/cluster.py <this yaml>` (or `axolotl preprocess <this yaml>`) "
             "first (relative paths are relative to the working directory)."
         )
-    k = _load_artifact(str(Path(artifact).resolve())).check_num_clusters(moce.get("num_clusters"))
-    moce["num_clusters"] = k
+    model = _load_artifact(str(Path(artifact).resolve()))
+    model.check_settings(ClusteringOptions.from_dict(moce.get("clustering")))
+    moce["num_clusters"] = model.check_num_clusters(moce.get("num_clusters"))
 
 
 @functools.lru_cache(maxsize=8)

@@ -20,6 +20,7 @@ from axolotl.integrations.base import BasePlugin
 from axolotl.utils.logging import get_logger
 from transformers import TrainerCallback
 
+from ..errors import ConfigError
 from ..model.architectures import get_architecture
 from ..model.config import MoCEConfig
 from ..model.upcycle import (
@@ -30,14 +31,16 @@ from ..model.upcycle import (
     upcycle_model,
 )
 from ..outputs.folder import (
+    ARTIFACT_META_KEY,
     MOCE_WEIGHTS_NAME,
+    check_artifact_copy_target,
     copy_cluster_artifact,
     output_meta,
     save_moce_files,
     saved_meta,
     write_moce_config,
 )
-from .args import moce_config_from_cfg
+from .args import cluster_model_of, moce_config_from_cfg
 from .continuation import load_moce_source, moce_source
 from .datasets import check_prepared_dataset
 from .patches import install_patches
@@ -108,6 +111,11 @@ class MoCEPlugin(BasePlugin):
         # Runs after axolotl normalised the config and before the model loader reads it;
         # returns None so axolotl loads the datasets itself (with our cluster-id hooks).
         get_architecture(cfg.get("model_config_type"))
+        if not preprocess and cfg.get("output_dir"):
+            # training will copy the artifact there: refuse a user's folder before any work
+            check_artifact_copy_target(moce.cluster_artifact, cfg.output_dir)
+        if not preprocess:
+            check_resume_config(cfg, moce)
         device_map = cfg.get("device_map")
         if isinstance(device_map, dict) and not torch.cuda.is_available():
             # axolotl pins each DDP rank to {"": LOCAL_RANK}, a CUDA index; on a
@@ -169,6 +177,8 @@ class MoCEPlugin(BasePlugin):
     @_moce_only(default=list)
     def add_callbacks_pre_trainer(self, cfg: Any, moce: MoCEConfig, model: Any) -> list:
         self._meta = output_meta(cfg, model)
+        if moce.cluster_artifact:
+            self._meta[ARTIFACT_META_KEY] = cluster_model_of(moce).fingerprint
         return [MoCECheckpointCallback(moce, self._meta), MoCEOutputDirCallback(moce, self._meta)]
 
     @_moce_only()
@@ -186,6 +196,58 @@ class MoCEPlugin(BasePlugin):
         if is_main:
             copy_cluster_artifact(moce.cluster_artifact, cfg.output_dir)
             plot_routing_log(cfg.output_dir)
+
+
+# moce: keys a resumed run may change: where the artifact is (its content is compared by
+# fingerprint), the stage-1 options (compared with the artifact), the initialisation seed
+# (the checkpoint's weights replace the initialisation).
+RESUME_FREE_KEYS = ("cluster_artifact", "clustering", "init_seed")
+
+
+def _resume_checkpoint(cfg: Any) -> Path | None:
+    """The checkpoint training will resume from: ``resume_from_checkpoint``, or with
+    ``auto_resume_from_checkpoints`` the newest ``checkpoint-*`` (as axolotl picks it later)."""
+    if cfg.get("resume_from_checkpoint"):
+        return Path(str(cfg["resume_from_checkpoint"]))
+    if cfg.get("auto_resume_from_checkpoints") and cfg.get("output_dir"):
+        steps = [(int(p.name.split("-")[-1]), p) for p in Path(cfg.output_dir).glob("checkpoint-*")
+                 if p.name.split("-")[-1].isdigit()]
+        return max(steps)[1] if steps else None
+    return None
+
+
+def check_resume_config(cfg: Any, moce: MoCEConfig) -> None:
+    """Refuse, before anything is loaded, to resume a checkpoint trained with another
+    ``moce:`` block: a shape change would fail deep in torch, a behaviour change (top_k,
+    adapter_activation, ...) would silently train another model for the remaining steps."""
+    from ..outputs.folder import MOCE_CONFIG_NAME, read_meta, read_moce_config
+
+    checkpoint = _resume_checkpoint(cfg)
+    if checkpoint is None:
+        return
+    config_dir = next((d for d in (checkpoint, checkpoint.parent)
+                       if (d / MOCE_CONFIG_NAME).is_file()), None)
+    if config_dir is None:
+        return  # not a MoCE checkpoint: nothing recorded to compare (axolotl reports it)
+    trained = read_moce_config(config_dir).model_dump(mode="json")
+    given = moce.model_dump(mode="json")
+    diff = {k: (trained.get(k), v) for k, v in given.items()
+            if k not in RESUME_FREE_KEYS and trained.get(k) != v}
+    recorded = read_meta(config_dir).get(ARTIFACT_META_KEY)
+    if recorded and moce.cluster_artifact:
+        current = cluster_model_of(moce).fingerprint
+        if current != recorded:  # re-clustered since: the same rows now have other ids
+            diff["cluster_artifact"] = (f"fingerprint {recorded[:12]}",
+                                        f"{moce.cluster_artifact} (fingerprint {current[:12]})")
+    if diff:
+        details = "; ".join(f"{k}: checkpoint {a!r}, YAML {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(
+            f"resume_from_checkpoint {checkpoint}: the YAML's moce: block differs from the one "
+            f"the checkpoint was trained with ({details}); resuming would train another model "
+            f"(or fail to load it). Set moce.{', moce.'.join(diff)} back to the values in "
+            f"{config_dir / MOCE_CONFIG_NAME}, or start a new run (another output_dir, "
+            "without resume_from_checkpoint)."
+        )
 
 
 def _is_preprocess(cfg: Any) -> bool:

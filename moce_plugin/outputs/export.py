@@ -3,9 +3,9 @@
     moce-export OUTPUT_DIR DEST [--base-model PATH] [--dtype bfloat16]
         [--overwrite] [--allow-different-base] [--debug]
 
-DEST must be new or empty (``--overwrite`` replaces a non-empty one) and may not be, contain
-or lie inside OUTPUT_DIR; these checks run before anything is loaded, the folder is built
-beside DEST and swapped in at the end, and a failure leaves DEST as it was.
+DEST must be new or empty (``--overwrite`` replaces an earlier export, never anything else)
+and may not be, contain or lie inside OUTPUT_DIR; these checks run before anything is loaded,
+the folder is built beside DEST and swapped in at the end, and a failure leaves DEST as it was.
 
 DEST holds the merged weights (safetensors, with the MoCE parameters), config, tokenizer,
 ``moce_config.json`` / ``moce_weights.safetensors``, the cluster artifact and a README card;
@@ -24,12 +24,21 @@ from pathlib import Path
 import torch
 
 from ..errors import ExportError
-from ..utils import atomic_dir, cli_errors
+from ..utils import FolderKind, atomic_dir, cli_errors
 from .folder import ARTIFACT_DIR_NAME, save_moce_files
 from .hf_export import write_hf_native
 from .load import add_loading_arguments, load_moce_model
 
 EXPORT_RECORD = "moce_export.json"
+
+
+def is_export(path: Path) -> bool:
+    """An earlier export (what --overwrite may replace): it holds the export record."""
+    return (path / EXPORT_RECORD).is_file()
+
+
+EXPORT_KIND = FolderKind("MoCE export", is_export,
+                         "Choose a new or empty DEST, or move that folder away first.", ExportError)
 
 
 def _writable_ancestor(dest: Path) -> Path:
@@ -48,7 +57,8 @@ def check_export_paths(
 
     DEST may not be SRC, contain SRC (replacing it would delete the training run) or, unless
     ``allow_inside_source`` (axolotl merge-lora's fixed ``<output_dir>/merged``), lie inside
-    SRC; a non-empty DEST is replaced only with ``overwrite``; DEST's parent must be writable.
+    SRC; a non-empty DEST is replaced only when it is an earlier export and ``overwrite`` is
+    given; DEST's parent must be writable.
     """
     src, dst = Path(source).resolve(), Path(dest).resolve()
     if dst == src:
@@ -65,10 +75,15 @@ def check_export_paths(
         )
     if dst.exists() and not dst.is_dir():
         raise ExportError(f"DEST {dest} exists and is not a folder: choose a new folder.")
+    if dst.is_dir() and any(dst.iterdir()) and not is_export(dst):
+        raise ExportError(
+            f"DEST {dest} is not empty and is not an earlier export (no {EXPORT_RECORD}): it "
+            "is never replaced, also with --overwrite. Choose a new or empty folder."
+        )
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ExportError(
-            f"DEST {dest} is not empty: pass --overwrite (overwrite=True) to replace its "
-            "contents, or choose a new folder."
+            f"DEST {dest} holds an earlier export: pass --overwrite (overwrite=True) to "
+            "replace it, or choose a new folder."
         )
     parent = _writable_ancestor(dst)
     try:  # os.access is not enough (root, read-only mounts): try to create what export will
@@ -106,7 +121,7 @@ def export_model(
         write_hf_native(tmp, moce, source)  # config/auto_map, remote code, model card
         (tmp / EXPORT_RECORD).write_text(json.dumps({"source": str(source)}, indent=2))
 
-    return atomic_dir(dest, fill)
+    return atomic_dir(dest, fill, EXPORT_KIND)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", help="directory to write (new or empty; see --overwrite)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty DEST (never one that is or holds SOURCE)")
+                        help="replace an earlier export at DEST (never other files, nor SOURCE)")
     add_loading_arguments(parser)
     args = parser.parse_args(argv)
     with cli_errors(args.debug, "moce_plugin.export"):

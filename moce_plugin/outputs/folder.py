@@ -21,15 +21,26 @@ interrupted run never sees half a file.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..model.config import MoCEConfig
-from ..utils import FileFormatError, atomic_write_text, atomic_write_with, read_json
+from ..utils import (
+    FileFormatError,
+    FolderKind,
+    atomic_dir,
+    atomic_write_text,
+    atomic_write_with,
+    check_replaceable,
+    read_json,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -107,6 +118,49 @@ def saved_meta(meta: dict | None, saved: str, step: int | None = None) -> dict:
     return out
 
 
+# _meta entry: the fingerprint of the cluster artifact the run was trained with; a loader
+# (or a resume) refuses another artifact (re-clustered since: other ids for the same text).
+ARTIFACT_META_KEY = "cluster_artifact_fingerprint"
+WEIGHTS_META_KEY = "moce_weights"  # _meta entry: {"sha256": ..., "tensors": n}
+
+
+def moce_weights_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the MoCE tensors (names, dtypes, shapes, bytes), independent of how the
+    file lays them out; recorded in ``_meta`` and compared at load."""
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_moce_weights(state: Mapping[str, torch.Tensor], source: str | os.PathLike,
+                       meta: dict | None = None) -> None:
+    """Refuse MoCE tensors that are not the ones saved (``meta``'s checksum, when given and
+    recorded) or hold NaN/inf: either would generate garbage for some clusters only."""
+    import torch
+
+    recorded = (meta or {}).get(WEIGHTS_META_KEY, {}).get("sha256")
+    if recorded and moce_weights_checksum(state) != recorded:
+        raise FileFormatError(
+            f"{source} is damaged: its MoCE tensors differ from the checksum recorded in "
+            f"{MOCE_CONFIG_NAME} when they were saved (changed or overwritten since). Restore "
+            "the folder from a copy, or use another checkpoint-* of the run."
+        )
+    for key in sorted(state):
+        t = state[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise FileFormatError(
+                f"{source}: MoCE tensor {key} holds {bad} non-finite values (NaN/inf) of "
+                f"{t.numel()}: the weights are damaged or training diverged. Use an earlier "
+                "checkpoint-* of the run (or train again with a lower learning rate)."
+            )
+
+
 def save_moce_files(
     model: Any, config: MoCEConfig, directory: str | os.PathLike, meta: dict | None = None,
     write: bool = True,
@@ -123,12 +177,31 @@ def save_moce_files(
     if not write:
         return
     directory = Path(directory)
+    meta = {**(meta or {}),
+            WEIGHTS_META_KEY: {"sha256": moce_weights_checksum(state), "tensors": len(state)}}
     write_moce_config(directory, config, meta)
     atomic_write_with(
         directory / MOCE_WEIGHTS_NAME,
         lambda tmp: save_file(state, str(tmp),
                               metadata={"format": "pt", "moce_layers": str(len(state))}),
     )
+
+
+def _output_artifact_kind() -> FolderKind:
+    from ..clustering.artifact import ARTIFACT_KIND
+
+    return dataclasses.replace(ARTIFACT_KIND, fix=(
+        f"An output folder keeps a copy of its cluster artifact in {ARTIFACT_DIR_NAME}/: move "
+        "this one away, or choose another output_dir."))
+
+
+def check_artifact_copy_target(artifact: str | os.PathLike | None,
+                               output_dir: str | os.PathLike) -> None:
+    """Refuse, before training loads anything, an ``output_dir/cluster_artifact`` that is not
+    an earlier copy of an artifact (:func:`copy_cluster_artifact` would replace it)."""
+    dest = Path(output_dir) / ARTIFACT_DIR_NAME
+    if artifact and Path(artifact).resolve() != dest.resolve():
+        check_replaceable(dest, _output_artifact_kind())
 
 
 def copy_cluster_artifact(artifact: str | os.PathLike | None, output_dir: str | os.PathLike
@@ -139,9 +212,8 @@ def copy_cluster_artifact(artifact: str | os.PathLike | None, output_dir: str | 
     dest = Path(output_dir) / ARTIFACT_DIR_NAME
     if Path(artifact).resolve() == dest.resolve():
         return dest
-    from ..utils import atomic_dir
-
-    return atomic_dir(dest, lambda tmp: shutil.copytree(artifact, tmp, dirs_exist_ok=True))
+    return atomic_dir(dest, lambda tmp: shutil.copytree(artifact, tmp, dirs_exist_ok=True),
+                      _output_artifact_kind())
 
 
 # ---- MoCE tensors inside the model's own weights ------------------------------------------

@@ -37,8 +37,10 @@ from ..utils import read_json
 from .fingerprint import fingerprint_checked, fingerprint_difference
 from .folder import (
     ARTIFACT_DIR_NAME,
+    ARTIFACT_META_KEY,
     MOCE_CONFIG_NAME,
     MOCE_WEIGHTS_NAME,
+    check_moce_weights,
     model_weight_files,
     read_meta,
     read_moce_config,
@@ -265,7 +267,8 @@ def _transformers_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _load_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | None):
+def _load_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | None,
+                        meta: dict | None = None):
     candidates = [cluster_artifact, path / ARTIFACT_DIR_NAME, path.parent / ARTIFACT_DIR_NAME,
                   config.cluster_artifact]
     for candidate in candidates:
@@ -274,6 +277,15 @@ def _load_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | 
 
             model = ClusterModel.load(candidate)
             model.check_num_clusters(config.groups)
+            recorded = (meta or {}).get(ARTIFACT_META_KEY)
+            if recorded and model.fingerprint != recorded:
+                raise MoCELoadError(
+                    f"The cluster artifact {candidate} is not the one this model was trained "
+                    f"with (fingerprint {model.fingerprint[:12]}, recorded "
+                    f"{recorded[:12]}): it was re-clustered since, so its ids mean other "
+                    f"clusters. Restore {path / ARTIFACT_DIR_NAME} (the copy training made), "
+                    "or pass cluster_artifact=<the artifact training used>."
+                )
             return model
     if config.cluster_artifact or cluster_artifact:
         raise MoCELoadError(
@@ -368,13 +380,17 @@ def load_moce_model(
             f"{path}: {source_file} holds no MoCE tensors (moce_experts): these weights were "
             "not saved from a MoCE model. Use the training's output_dir or a checkpoint-*."
         )
+    # the checksum in _meta is this folder's own weights' (a checkpoint borrowing its run's
+    # config has none of its own); non-finite values are refused everywhere
+    check_moce_weights(state, path / source_file,
+                       meta if config_dir == path and source_file == MOCE_WEIGHTS_NAME else None)
     load_moce_state_dict(model, state)
     if device is not None:
         model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source,
                                               **plain_base_config(tokenizer_source))
-    cluster_model = _load_cluster_model(path, config, cluster_artifact)
+    cluster_model = _load_cluster_model(path, config, cluster_artifact, meta)
     assert config_of(model) is not None
     return MoCEInferenceModel(
         model=model,

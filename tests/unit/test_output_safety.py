@@ -83,7 +83,12 @@ def test_export_refuses_non_empty_dest_and_keeps_its_files(tmp_path, lora_out, m
     dest.mkdir()
     (dest / "notes.txt").write_text("mine")
     _no_load(monkeypatch)
-    with pytest.raises(ExportError, match="is not empty: pass --overwrite"):
+    for overwrite in (False, True):  # a user's folder is never replaced
+        with pytest.raises(ExportError, match=f"{dest} is not empty and is not an earlier "
+                           "export .* never replaced, also with --overwrite"):
+            export_model(src, dest, overwrite=overwrite)
+    (dest / "moce_export.json").write_text("{}")  # an earlier export: only with --overwrite
+    with pytest.raises(ExportError, match="holds an earlier export: pass --overwrite"):
         export_model(src, dest)
     assert (dest / "notes.txt").read_text() == "mine"
 
@@ -128,6 +133,7 @@ def test_export_failure_midway_leaves_dest_and_no_temporary(tmp_path, lora_out, 
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "old.txt").write_text("old")
+    (dest / "moce_export.json").write_text("{}")  # an earlier export, which overwrite replaces
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -135,7 +141,8 @@ def test_export_failure_midway_leaves_dest_and_no_temporary(tmp_path, lora_out, 
     monkeypatch.setattr(export_mod, "save_moce_files", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(src, dest, overwrite=True)
-    assert _tree(dest) == {"old.txt": hashlib.sha256(b"old").hexdigest()}
+    assert _tree(dest) == {"old.txt": hashlib.sha256(b"old").hexdigest(),
+                           "moce_export.json": hashlib.sha256(b"{}").hexdigest()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "run"]
 
 
@@ -145,6 +152,7 @@ def test_export_overwrite_replaces_dest_and_never_touches_source(tmp_path, lora_
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "old.txt").write_text("old")
+    (dest / "moce_export.json").write_text("{}")  # an earlier export
     export_model(src, dest, overwrite=True)
     assert not (dest / "old.txt").exists() and (dest / "README.md").is_file()
     assert _tree(src) == before
