@@ -177,6 +177,24 @@ def _keep_artifact(moce: dict, source: MoCESource) -> None:
             "artifact's clusters. Remove moce.cluster_artifact (the loaded model's is used)."
         )
     moce["cluster_artifact"] = str(source.artifact)
+    _take_clustering_settings(moce, source.artifact)
+
+
+def _take_clustering_settings(moce: dict, artifact: Path) -> None:
+    """The ``moce.clustering`` keys this run leaves unset are the loaded artifact's: its
+    clusters are kept, so its settings are the run's (keys the YAML sets are still compared
+    with the artifact, and a difference refused)."""
+    from ..clustering.artifact import CLUSTER_SETTINGS
+
+    meta = read_json(Path(artifact) / "metadata.json", "cluster artifact metadata")
+    clustering = dict(moce.get("clustering") or {})
+    for name, (section, key) in CLUSTER_SETTINGS.items():
+        recorded = meta.get(section) or {}
+        if name not in clustering and key in recorded:
+            if name == "k_max" and recorded.get("requested") != "auto":
+                continue
+            clustering[name] = recorded[key]
+    moce["clustering"] = clustering
 
 
 def _plain_config_dir(folder: Path) -> Path:
