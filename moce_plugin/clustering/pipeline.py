@@ -153,6 +153,29 @@ def silhouette_of(elbow: ElbowResult | None, fit: KMeansFit) -> float | None:
     return elbow.silhouette[elbow.ks.index(fit.k)] if elbow else None
 
 
+def check_output_location(path: str | os.PathLike, what: str, option: str) -> None:
+    """Refuse a folder path that cannot be created because one of its ancestors is a file,
+    before the data and the encoder are loaded (otherwise ``mkdir`` fails late, naming
+    another folder)."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ClusteringError(
+                    f"{what} {path} cannot be created: {folder} is a file, not a folder. "
+                    f"Set {option} to a path inside a folder."
+                )
+            return
+
+
+def check_locations(output: Path, options: ClusteringOptions) -> None:
+    """The artifact folder and the embedding cache can both be created."""
+    check_output_location(output, "the cluster artifact", "moce.cluster_artifact (or --output)")
+    if options.cache_dir:
+        check_output_location(options.cache_dir, "the embedding cache",
+                              "moce.clustering.cache_dir (or --cache-dir)")
+
+
 def run_clustering(
     rows: Sequence[Row],
     output: str | os.PathLike,
@@ -167,6 +190,7 @@ def run_clustering(
     output = Path(output)
     num_clusters = resolve_num_clusters(num_clusters)
     check_rows(rows, num_clusters, options.text_template)
+    check_locations(output, options)
     if encoder is None:
         encoder = encode.SentenceTransformerEncoder(
             options.embedding_model,
