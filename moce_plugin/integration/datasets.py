@@ -116,10 +116,13 @@ class ClusterIdTokenizer:
     A picklable object (not a closure) so ``dataset_num_proc > 1`` works.
     """
 
-    def __init__(self, tokenize: Callable, column: str, batched: bool) -> None:
+    def __init__(self, tokenize: Callable, column: str, batched: bool,
+                 dataset_name: str = "<dataset>", sequence_len: int | None = None) -> None:
         self.tokenize = tokenize
         self.column = column
         self.batched = batched
+        self.dataset_name = dataset_name
+        self.sequence_len = sequence_len
 
     def __call__(self, example: dict) -> dict:
         if not self.batched:
@@ -129,15 +132,28 @@ class ClusterIdTokenizer:
             return out
         ids = example[self.column]
         out = self.tokenize(example)
-        if len(out["input_ids"]) != len(ids):
-            # A batched strategy that splits/merges rows (rare) can't be aligned to
-            # per-example ids; refuse rather than guess.
+        if len(out["input_ids"]) == len(ids):
+            out[CLUSTER_IDS_KWARG] = [[int(c)] * len(t) for c, t in zip(ids, out["input_ids"])]
+            return out
+        # The strategy split rows (``completion`` cuts a text longer than sequence_len into
+        # chunks) or dropped some: tokenize row by row so each output row is known to come
+        # from one input row, whose cluster every chunk keeps.
+        per_row: dict[str, list] = {}
+        for i, cid in enumerate(ids):
+            part = self.tokenize({k: [v[i]] for k, v in example.items()})
+            for key, values in part.items():
+                per_row.setdefault(key, []).extend(values)
+            per_row.setdefault(CLUSTER_IDS_KWARG, []).extend(
+                [int(cid)] * len(t) for t in part["input_ids"])
+        if len(per_row.get("input_ids", [])) != len(out["input_ids"]):
+            # Rows merged across inputs: no output row has one source row to take an id from.
             raise ClusterIdError(
-                f"The prompt strategy returned {len(out['input_ids'])} rows for {len(ids)} "
-                "inputs, so cluster ids can't be aligned. Use a row-wise dataset type for MoCE."
+                f"Dataset '{self.dataset_name}': the prompt strategy returned "
+                f"{len(out['input_ids'])} rows for {len(ids)} inputs and merges rows across "
+                f"inputs (sequence_len {self.sequence_len}), so cluster ids can't be aligned. "
+                "Use a row-wise dataset type for MoCE (alpaca, chat_template, completion)."
             )
-        out[CLUSTER_IDS_KWARG] = [[int(c)] * len(t) for c, t in zip(ids, out["input_ids"])]
-        return out
+        return per_row
 
     def __getattr__(self, item: str) -> Any:  # keep strategy attributes reachable
         if item == "tokenize":  # not set yet (unpickling): avoid recursion
@@ -145,12 +161,14 @@ class ClusterIdTokenizer:
         return getattr(self.tokenize, item)
 
 
-def _wrap_strategy(prompt_tokenizer: Any, column: str) -> None:
+def _wrap_strategy(prompt_tokenizer: Any, column: str, dataset_name: str = "<dataset>"
+                   ) -> None:
     original = prompt_tokenizer.tokenize_prompt
     if isinstance(original, ClusterIdTokenizer):
         return
     batched = bool(getattr(prompt_tokenizer, "supports_batched", False))
-    prompt_tokenizer.tokenize_prompt = ClusterIdTokenizer(original, column, batched)
+    prompt_tokenizer.tokenize_prompt = ClusterIdTokenizer(
+        original, column, batched, dataset_name, getattr(prompt_tokenizer, "sequence_len", None))
 
 
 def _tokenized_with_ids(dataset: Any, column: str) -> Any:
@@ -181,10 +199,11 @@ def wrap_get_dataset_wrapper(original: Callable) -> Callable:
         if "input_ids" in dataset.column_names and "labels" in dataset.column_names:
             return _tokenized_with_ids(dataset, column), None
         _local.column = column
+        _local.dataset_name = _dataset_name(dataset_config)
         try:
             wrapped, prompter = original(*bound.args, **bound.kwargs)
         finally:
-            _local.column = None
+            _local.column = _local.dataset_name = None
         names = getattr(wrapped, "column_names", None)
         if names is not None and CLUSTER_IDS_KWARG not in names:
             raise ClusterIdError(
@@ -206,7 +225,8 @@ def wrap_tokenized_process(original: Callable) -> Callable:
     def process(self: Any, dataset: Any) -> Any:
         column = getattr(_local, "column", None)
         if column:
-            _wrap_strategy(self.prompt_tokenizer, column)
+            _wrap_strategy(self.prompt_tokenizer, column,
+                           getattr(_local, "dataset_name", None) or "<dataset>")
         return original(self, dataset)
 
     return process
