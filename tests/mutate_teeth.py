@@ -1,13 +1,15 @@
 """Mutation check of issue 25's tests: the planted bugs that survived the second round and
 the bad-input fixes, planted one at a time in the source tree; each must make its named tests
-fail (``python tests/mutate_teeth.py [name-substring ...]`` from the repository root; each
-mutant is reverted after its run, also on Ctrl-C). Prints CAUGHT / MISSED per bug."""
+fail (``python tests/mutate_teeth.py [name-substring ...]``). The bugs are planted in a scratch
+copy of the repository, one at a time. Prints CAUGHT / MISSED per bug."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,30 +91,34 @@ MUTANTS = [
 
 def main(only: list[str]) -> int:
     caught = total = 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this tree, not an installed copy
-    for name, file, old, new, test, k in MUTANTS:
-        if only and not any(o in name for o in only):
-            continue
-        path = ROOT / file
-        original = path.read_text()
-        if original.count(old) != 1:
-            print(f"STALE    {name}: the text occurs {original.count(old)} times in {file}")
+    with tempfile.TemporaryDirectory(prefix="mutate_teeth-") as tmp:
+        # A scratch copy: the working tree is never left mutated (also when killed).
+        copy = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+            ".venv", ".git", "outputs", "__pycache__", ".pytest_cache"))
+        env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy, not an installed package
+        for name, file, old, new, test, k in MUTANTS:
+            if only and not any(o in name for o in only):
+                continue
+            path = copy / file
+            original = path.read_text()
             total += 1
-            continue
-        path.write_text(original.replace(old, new))
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                 "-m", "not slow", test, "-k", k],
-                cwd=ROOT, env=env, capture_output=True, text=True)
-        finally:
-            path.write_text(original)
-        ok = proc.returncode == 1  # tests failed (not: collection error, nothing selected)
-        caught += ok
-        total += 1
-        last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-        print(f"{'CAUGHT  ' if ok else 'MISSED  '}{name}  (rc {proc.returncode}: {last})",
-              flush=True)
+            if original.count(old) != 1:
+                print(f"STALE    {name}: the text occurs {original.count(old)} times in {file}")
+                continue
+            path.write_text(original.replace(old, new))
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                     "-m", "not slow", test, "-k", k],
+                    cwd=copy, env=env, capture_output=True, text=True)
+            finally:
+                path.write_text(original)
+            ok = proc.returncode == 1  # tests failed (not: collection error, none selected)
+            caught += ok
+            last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            print(f"{'CAUGHT  ' if ok else 'MISSED  '}{name}  (rc {proc.returncode}: {last})",
+                  flush=True)
     print(f"{caught} of {total} caught")
     return 0 if caught == total else 1
 

@@ -65,7 +65,11 @@ def test_export_folder_is_a_hub_model(exported):
     front = card.split("---")[1]
     for key in ("base_model:", "library_name: transformers", "- moce", "datasets:"):
         assert key in front, key
-    assert "# Cluster report" in card or "cluster" in card.lower()
+    report = (dest / "cluster_artifact" / "report.md").read_text(encoding="utf-8")
+    assert report.strip() and report.strip() in card  # the artifact's own report
+    assert (f"{CFG.num_clusters} expert groups x {CFG.experts_per_group} adapter experts "
+            f"(top-{CFG.top_k}, adapter dim {CFG.adapter_dim},\n{CFG.num_general_experts} "
+            "general experts)") in card
     tok = _tokenizer(dest)
     assert tok.chat_template  # the chat template travels with the tokenizer
 

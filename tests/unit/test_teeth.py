@@ -108,6 +108,18 @@ def test_acmoe_running_statistics_two_training_forwards_and_eval():
     want = torch.stack([router.weight[groups[t] * E:(groups[t] + 1) * E]
                         @ (batches[2][t] * w[clusters[t]]) for t in range(48)])
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    # An eval forward on a fresh router (nothing trained yet) routes on its batch's own
+    # dispersion and records nothing.
+    fresh = build_router(cfg, D)
+    fresh.reset_parameters(torch.Generator().manual_seed(0))
+    fresh.eval()
+    logits = fresh(batches[2], groups, valid, prev)
+    assert not fresh.dispersion.any() and not fresh.seen.any()
+    w = _naive_weights(_naive_mad(batches[2], clusters, valid, k), cfg.acmoe_eps,
+                       cfg.acmoe_clamp)
+    want = torch.stack([fresh.weight[groups[t] * E:(groups[t] + 1) * E]
+                        @ (batches[2][t] * w[clusters[t]]) for t in range(48)])
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
 
 
 # ---- a text template fills fields by the request-text rules ----------------------------------
