@@ -40,6 +40,14 @@ MUTANTS = [
      "check_base(model, source, from_folder=base_model is None)",
      "check_base(model, source, from_folder=True)",
      "tests/unit/test_teeth.py", "fingerprint"),
+    # -- the kept-back classes: generation paths against full recomputation
+    ("generate: cached steps take the prompt's first per-token id",
+     "moce_plugin/model/routing.py",
+     "            return ids[:, -seq:]", "            return ids[:, :seq]",
+     "tests/unit/test_teeth.py", "cached_generation and per_token"),
+    ("generate: batch padded on the right", "moce_plugin/outputs/load.py",
+     'tok.padding_side = "left"  # generation continues at the right edge',
+     'tok.padding_side = "right"', "tests/unit/test_teeth.py", "left_padded_batch_generation"),
     # -- issue 25 items 6-13
     ("6: damaged moce_weights raises safetensors' own error", "moce_plugin/outputs/folder.py",
      "        return load_file(str(file))\n    except (SafetensorError, RuntimeError) as exc:",
@@ -89,13 +97,21 @@ MUTANTS = [
 ]
 
 
+def _ignore(folder: str, names: list[str]) -> set[str]:
+    """Not copied: caches, the virtual environment, and run outputs at the top level (not
+    the package's moce_plugin/outputs)."""
+    skip = {".venv", ".git", "__pycache__", ".pytest_cache"}
+    if Path(folder) == ROOT:
+        skip.add("outputs")
+    return skip & set(names)
+
+
 def main(only: list[str]) -> int:
     caught = total = 0
     with tempfile.TemporaryDirectory(prefix="mutate_teeth-") as tmp:
         # A scratch copy: the working tree is never left mutated (also when killed).
         copy = Path(tmp) / "repo"
-        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
-            ".venv", ".git", "outputs", "__pycache__", ".pytest_cache"))
+        shutil.copytree(ROOT, copy, ignore=_ignore)
         env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy, not an installed package
         for name, file, old, new, test, k in MUTANTS:
             if only and not any(o in name for o in only):
