@@ -33,7 +33,7 @@ from .errors import ClusteringError
 from .kmeans import ElbowResult, KMeansFit, choose_algorithm, elbow_sweep, fit_kmeans
 from .options import ClusteringOptions, resolve_num_clusters
 from .report import plot_elbow, purity, write_report
-from .text import content_key, iter_rows, request_text
+from .text import content_key, dataset_row_view, iter_rows, request_text
 
 if TYPE_CHECKING:
     import datasets
@@ -309,6 +309,8 @@ def _empty_dataset(path: Any) -> ClusteringError:
 
 def rows_from_yaml(cfg: Mapping[str, Any], template: str) -> list[Row]:
     rows: list[Row] = []
-    for name, ds in load_yaml_datasets(cfg):
-        rows.extend(rows_from_examples(name, ds, template))
+    # One loaded data set per `datasets:` entry, in order.
+    for (name, ds), entry in zip(load_yaml_datasets(cfg), cfg.get("datasets") or []):
+        view = dataset_row_view(entry)  # the dataset's own role names and fields
+        rows.extend(rows_from_examples(name, (view(r) for r in iter_rows(ds)), template))
     return rows

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..clustering.text import dataset_row_view, iter_rows
 from ..model.routing import CLUSTER_IDS_KWARG, IGNORE_CLUSTER_ID
 from .args import cluster_model_of, moce_config_from_cfg
 
@@ -91,7 +92,8 @@ def attach_cluster_column(dataset: Any, dataset_config: Any, cfg: Any) -> Any:
     columns = list(getattr(dataset, "column_names", None) or [])
     if moce.cluster_artifact:
         model = cluster_model_of(moce)
-        ids = model.lookup(dataset, dataset_name=name)
+        view = dataset_row_view(dataset_config)  # as clustering read the rows
+        ids = model.lookup((view(r) for r in iter_rows(dataset)), dataset_name=name)
         if column in columns:
             dataset = dataset.remove_columns(column)
         return dataset.add_column(column, [int(i) for i in ids])
