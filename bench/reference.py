@@ -90,12 +90,13 @@ def naive_moce(
 
 def naive_aux_loss(
     config: MoCEConfig, experts: MoCEExperts, x: torch.Tensor, groups: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor, weighted: bool = True,
 ) -> torch.Tensor:
     """Switch load-balancing loss written out per group from the paper's Sec. 3.4 setting:
     for group c over its real tokens only, E * sum_i f_i * P_i (f_i: share of the group's
     routing slots on expert i, P_i: mean router probability), averaged over groups weighted
-    by their real-token counts; plus the general router's loss over all real tokens."""
+    by their real-token counts (``weighted=False``: a plain mean over the groups); plus the
+    general router's loss over all real tokens."""
     C, E, G = config.groups, config.experts_per_group, config.num_general_experts
 
     def switch(probs: torch.Tensor, top_k: int | str) -> torch.Tensor:
@@ -115,7 +116,7 @@ def naive_aux_loss(
         probs = torch.softmax((x[rows] @ router[c * E:(c + 1) * E].T).float(), -1)
         per_group.append(switch(probs, config.top_k))
         counts.append(float(rows.sum()))
-    weights = torch.tensor(counts)
+    weights = torch.tensor(counts) if weighted else torch.ones(len(counts))
     aux = (torch.stack(per_group) * weights).sum() / weights.sum()
     if G:
         probs = torch.softmax((x[valid] @ experts.general_router.T).float(), -1)

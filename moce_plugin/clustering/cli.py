@@ -26,7 +26,7 @@ from ..utils import check_replaceable
 from .artifact import ARTIFACT_KIND, ClusterModel
 from .errors import ClusteringError
 from .options import ClusteringOptions, resolve_num_clusters
-from .pipeline import rows_from_yaml, run_clustering
+from .pipeline import check_locations, rows_from_yaml, run_clustering
 
 
 def _flag(name: str) -> str:
@@ -100,6 +100,7 @@ def cluster_config(
     ``resolve_kwargs`` are :func:`resolve_config`'s overrides."""
     os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
     options, k, out = resolve_config(cfg, **resolve_kwargs)
+    check_locations(Path(out), options)
     check_replaceable(out, ARTIFACT_KIND)  # before the data and the encoder are loaded
     rows = rows_from_yaml(cfg, options.text_template)
     return run_clustering(rows, out, k, options, progress=progress, log=log)

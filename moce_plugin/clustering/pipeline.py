@@ -34,7 +34,7 @@ from .kmeans import ElbowResult, KMeansFit, choose_algorithm, elbow_sweep, fit_k
 from .options import ClusteringOptions, resolve_num_clusters
 from .report import plot_elbow, purity, write_report
 from .rows import Row
-from .text import content_key, iter_rows, request_text
+from .text import content_key, dataset_row_view, iter_rows, request_text
 
 if TYPE_CHECKING:
     import datasets
@@ -145,6 +145,29 @@ def silhouette_of(elbow: ElbowResult | None, fit: KMeansFit) -> float | None:
     return elbow.silhouette[elbow.ks.index(fit.k)] if elbow else None
 
 
+def check_output_location(path: str | os.PathLike, what: str, option: str) -> None:
+    """Refuse a folder path that cannot be created because one of its ancestors is a file,
+    before the data and the encoder are loaded (otherwise ``mkdir`` fails late, naming
+    another folder)."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ClusteringError(
+                    f"{what} {path} cannot be created: {folder} is a file, not a folder. "
+                    f"Set {option} to a path inside a folder."
+                )
+            return
+
+
+def check_locations(output: Path, options: ClusteringOptions) -> None:
+    """The artifact folder and the embedding cache can both be created."""
+    check_output_location(output, "the cluster artifact", "moce.cluster_artifact (or --output)")
+    if options.cache_dir:
+        check_output_location(options.cache_dir, "the embedding cache",
+                              "moce.clustering.cache_dir (or --cache-dir)")
+
+
 def run_clustering(
     rows: Sequence[Row],
     output: str | os.PathLike,
@@ -160,6 +183,7 @@ def run_clustering(
     check_replaceable(output, ARTIFACT_KIND)  # before embedding: never replace a user's files
     num_clusters = resolve_num_clusters(num_clusters)
     check_rows(rows, num_clusters, options.text_template)
+    check_locations(output, options)
     if encoder is None:
         encoder = encode.SentenceTransformerEncoder(
             options.embedding_model,
@@ -278,6 +302,8 @@ def _empty_dataset(path: Any) -> ClusteringError:
 
 def rows_from_yaml(cfg: Mapping[str, Any], template: str) -> list[Row]:
     rows: list[Row] = []
-    for name, ds in load_yaml_datasets(cfg):
-        rows.extend(rows_from_examples(name, ds, template))
+    # One loaded data set per `datasets:` entry, in order.
+    for (name, ds), entry in zip(load_yaml_datasets(cfg), cfg.get("datasets") or []):
+        view = dataset_row_view(entry)  # the dataset's own role names and fields
+        rows.extend(rows_from_examples(name, (view(r) for r in iter_rows(ds)), template))
     return rows

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 import string
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ClusteringError
@@ -199,6 +199,44 @@ def request_text(request: Request, template: str = "auto") -> str:
         f"a request must be a prompt string, a list of chat messages or a row (mapping), "
         f"got {type(request).__name__}."
     )
+
+
+def dataset_row_view(dataset_config: Mapping[str, Any] | None
+                     ) -> Callable[[Mapping[str, Any]], Mapping[str, Any]]:
+    """How a ``chat_template`` dataset's own settings name its turns, applied to a raw row:
+    ``field_messages``, ``message_property_mappings`` (or the older ``message_field_role`` /
+    ``message_field_content``) and ``roles`` (``{user: [customer], assistant: [agent]}``) turn
+    each message into ``{"role": <user/assistant/...>, "content": ...}`` under ``messages``,
+    so :func:`request_text` picks the user's turns as the chat template does. Other
+    datasets' rows pass unchanged; clustering and the training lookup both call this, and
+    inference requests arrive with the standard roles already."""
+    cfg = dataset_config or {}
+    if not str(cfg.get("type") or "").startswith("chat_template"):
+        return lambda row: row
+    field = cfg.get("field_messages") or "messages"
+    mappings = dict(cfg.get("message_property_mappings") or {})
+    role_key = mappings.get("role") or cfg.get("message_field_role") or "role"
+    content_key_ = mappings.get("content") or cfg.get("message_field_content") or "content"
+    canonical = {str(alias).lower(): str(role)
+                 for role, aliases in (cfg.get("roles") or {}).items()
+                 for alias in ([aliases] if isinstance(aliases, str) else aliases or [])}
+    if (field, role_key, content_key_) == ("messages", "role", "content") and not canonical:
+        return lambda row: row
+
+    def view(row: Mapping[str, Any]) -> Mapping[str, Any]:
+        turns = row.get(field)
+        if not isinstance(turns, list):
+            return row
+        messages = []
+        for turn in turns:
+            if not isinstance(turn, Mapping):
+                continue
+            role = str(turn.get(role_key, ""))
+            messages.append({"role": canonical.get(role.lower(), role),
+                             "content": turn.get(content_key_)})
+        return {**{k: v for k, v in row.items() if k != field}, "messages": messages}
+
+    return view
 
 
 def content_key(text: str) -> str:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,9 +233,11 @@ def load_moce_source(model: Any, source: MoCESource) -> str:
 
 
 # ---- data --------------------------------------------------------------------------------
-def assign_rows(cluster_model: Any, dataset: Any, name: str) -> list[int]:
+def assign_rows(cluster_model: Any, dataset: Any, name: str,
+                view: Callable[[Any], Any] = lambda row: row) -> list[int]:
     """Cluster of every row under the loaded model's artifact: its stored cluster for a row
-    it clustered, else the nearest centroid of the row's request text (as at inference)."""
+    it clustered, else the nearest centroid of the row's request text (as at inference).
+    ``view`` is the dataset's row view (its own chat roles), as clustering read the rows."""
     template = cluster_model.template
     columns = list(getattr(dataset, "column_names", None) or [])
     if template != "auto" and columns:
@@ -250,7 +253,7 @@ def assign_rows(cluster_model: Any, dataset: Any, name: str) -> list[int]:
     texts = []
     for i, row in enumerate(iter_rows(dataset)):
         try:
-            text = cluster_model.text_of(row)
+            text = cluster_model.text_of(view(row))
         except ClusteringError as exc:
             raise MoCEContinuationError(
                 f"dataset '{name}' row {i} does not fit the cluster artifact of the loaded "

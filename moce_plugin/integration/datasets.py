@@ -31,12 +31,14 @@ from ..model.cluster_ids import (
     single_group_ids,
 )
 from ..model.routing import current_thread_value, thread_value
+from ..clustering.text import dataset_row_view, iter_rows
 from .args import cluster_model_of, moce_config_from_cfg
 from .continuation import assign_rows, moce_source
 
 # The cluster column of the dataset get_dataset_wrapper is preparing, for the process wrapper
 # axolotl calls in between.
 _PREPARING_COLUMN = "moce_preparing_cluster_column"
+_PREPARING_DATASET = "moce_preparing_dataset_name"
 
 
 #: Bad or missing cluster ids in a dataset: the one cluster-id error family.
@@ -76,9 +78,11 @@ def attach_cluster_column(dataset: Any, dataset_config: Any, cfg: Any) -> Any:
     columns = list(getattr(dataset, "column_names", None) or [])
     if moce.cluster_artifact:
         model = cluster_model_of(moce)
+        view = dataset_row_view(dataset_config)  # as clustering read the rows
         # Starting from a MoCE model: its artifact assigns the new rows too.
-        ids = (assign_rows(model, dataset, name) if moce_source(cfg.get("base_model"))
-               else model.lookup(dataset, dataset_name=name))
+        ids = (assign_rows(model, dataset, name, view=view)
+               if moce_source(cfg.get("base_model"))
+               else model.lookup((view(r) for r in iter_rows(dataset)), dataset_name=name))
         if column in columns:
             dataset = dataset.remove_columns(column)
         return dataset.add_column(column, [int(i) for i in ids])
@@ -103,10 +107,13 @@ class ClusterIdTokenizer:
     A picklable object (not a closure) so ``dataset_num_proc > 1`` works.
     """
 
-    def __init__(self, tokenize: Callable, column: str, batched: bool) -> None:
+    def __init__(self, tokenize: Callable, column: str, batched: bool,
+                 dataset_name: str = "<dataset>", sequence_len: int | None = None) -> None:
         self.tokenize = tokenize
         self.column = column
         self.batched = batched
+        self.dataset_name = dataset_name
+        self.sequence_len = sequence_len
 
     def __call__(self, example: dict) -> dict:
         if not self.batched:
@@ -116,15 +123,28 @@ class ClusterIdTokenizer:
             return out
         ids = example[self.column]
         out = self.tokenize(example)
-        if len(out["input_ids"]) != len(ids):
-            # A batched strategy that splits/merges rows (rare) can't be aligned to
-            # per-example ids; refuse rather than guess.
+        if len(out["input_ids"]) == len(ids):
+            out[CLUSTER_IDS_KWARG] = [[int(c)] * len(t) for c, t in zip(ids, out["input_ids"])]
+            return out
+        # The strategy split rows (``completion`` cuts a text longer than sequence_len into
+        # chunks) or dropped some: tokenize row by row so each output row is known to come
+        # from one input row, whose cluster every chunk keeps.
+        per_row: dict[str, list] = {}
+        for i, cid in enumerate(ids):
+            part = self.tokenize({k: [v[i]] for k, v in example.items()})
+            for key, values in part.items():
+                per_row.setdefault(key, []).extend(values)
+            per_row.setdefault(CLUSTER_IDS_KWARG, []).extend(
+                [int(cid)] * len(t) for t in part["input_ids"])
+        if len(per_row.get("input_ids", [])) != len(out["input_ids"]):
+            # Rows merged across inputs: no output row has one source row to take an id from.
             raise ClusterIdError(
-                f"The prompt strategy returned {len(out['input_ids'])} rows for {len(ids)} "
-                "inputs, so cluster ids can't be aligned. Use a row-wise dataset type for MoCE."
+                f"Dataset '{self.dataset_name}': the prompt strategy returned "
+                f"{len(out['input_ids'])} rows for {len(ids)} inputs and merges rows across "
+                f"inputs (sequence_len {self.sequence_len}), so cluster ids can't be aligned. "
+                "Use a row-wise dataset type for MoCE (alpaca, chat_template, completion)."
             )
-        out[CLUSTER_IDS_KWARG] = [[int(c)] * len(t) for c, t in zip(ids, out["input_ids"])]
-        return out
+        return per_row
 
     def __getattr__(self, item: str) -> Any:  # keep strategy attributes reachable
         if item == "tokenize":  # not set yet (unpickling): avoid recursion
@@ -132,12 +152,14 @@ class ClusterIdTokenizer:
         return getattr(self.tokenize, item)
 
 
-def _wrap_strategy(prompt_tokenizer: Any, column: str) -> None:
+def _wrap_strategy(prompt_tokenizer: Any, column: str, dataset_name: str = "<dataset>"
+                   ) -> None:
     original = prompt_tokenizer.tokenize_prompt
     if isinstance(original, ClusterIdTokenizer):
         return
     batched = bool(getattr(prompt_tokenizer, "supports_batched", False))
-    prompt_tokenizer.tokenize_prompt = ClusterIdTokenizer(original, column, batched)
+    prompt_tokenizer.tokenize_prompt = ClusterIdTokenizer(
+        original, column, batched, dataset_name, getattr(prompt_tokenizer, "sequence_len", None))
 
 
 def _tokenized_with_ids(dataset: Any, column: str) -> Any:
@@ -167,7 +189,8 @@ def wrap_get_dataset_wrapper(original: Callable) -> Callable:
         bound.arguments["dataset"] = dataset
         if "input_ids" in dataset.column_names and "labels" in dataset.column_names:
             return _tokenized_with_ids(dataset, column), None
-        with thread_value(_PREPARING_COLUMN, column):
+        with thread_value(_PREPARING_COLUMN, column), \
+                thread_value(_PREPARING_DATASET, _dataset_name(dataset_config)):
             wrapped, prompter = original(*bound.args, **bound.kwargs)
         names = getattr(wrapped, "column_names", None)
         if names is not None and CLUSTER_IDS_KWARG not in names:
@@ -190,7 +213,8 @@ def wrap_tokenized_process(original: Callable) -> Callable:
     def process(self: Any, dataset: Any) -> Any:
         column = current_thread_value(_PREPARING_COLUMN)
         if column:
-            _wrap_strategy(self.prompt_tokenizer, column)
+            _wrap_strategy(self.prompt_tokenizer, column,
+                           current_thread_value(_PREPARING_DATASET) or "<dataset>")
         return original(self, dataset)
 
     return process

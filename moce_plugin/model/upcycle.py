@@ -39,6 +39,7 @@ from .routing import (
     pop_cluster_ids,
     push_cluster_ids,
 )
+from .size import check_moce_size
 
 # The routing records, metrics, wrapper lookups and state dicts have their own modules; their
 # names stay importable from here for the code and tests that read them here.
@@ -124,6 +125,9 @@ def upcycle_model(
         if not dtype.is_floating_point:
             dtype = torch.float32
     selected = config.resolve_layers(len(layers))
+    check_moce_size(config, hidden_size, len(selected), dtype,
+                    _module_device(getattr(layers[selected[0]], spec.mlp_attr)),
+                    sum(p.numel() for p in causal_lm.parameters()))
     for index in selected:
         layer = layers[index]
         base_mlp = getattr(layer, spec.mlp_attr)

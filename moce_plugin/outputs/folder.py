@@ -225,6 +225,26 @@ _PEFT_PREFIX = "base_model.model."
 _PEFT_COPY = re.compile(r"^modules_to_save\.[^.]+\.")
 
 
+def _unreadable(file: Path, exc: Exception) -> FileFormatError:
+    return FileFormatError(
+        f"{file} is damaged (safetensors cannot read it: {' '.join(str(exc).split())}); "
+        "restore it from a copy, or load the newest checkpoint-* of the run instead."
+    )
+
+
+def load_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``; a truncated or damaged file is reported with its
+    name (safetensors' own error names no file and is no ValueError / OSError)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    try:
+        return load_file(str(file))
+    except (SafetensorError, RuntimeError) as exc:
+        raise _unreadable(file, exc) from exc
+
+
 def model_weight_files(directory: str | os.PathLike) -> list[Path]:
     """The safetensors files holding the model (PEFT adapter, single or sharded full save)."""
     directory = Path(directory)
@@ -260,15 +280,20 @@ def moce_weights_from_model_files(directory: str | os.PathLike, model: Any
     layer_of = {_module_path(n).removesuffix(f".{MOCE_MODULE_NAME}"): m.layer_index
                 for n, m in moce_experts_modules(model)}
     out: dict[str, torch.Tensor] = {}
+    from safetensors import SafetensorError
+
     for file in model_weight_files(directory):
-        with safe_open(str(file), framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if _MOCE_MODULE not in key:
-                    continue
-                module, rest = key.split(_MOCE_MODULE, 1)
-                layer = layer_of.get(_module_path(module))
-                if layer is not None:
-                    out[f"layers.{layer}.{_PEFT_COPY.sub('', rest)}"] = st.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt") as st:
+                for key in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if _MOCE_MODULE not in key:
+                        continue
+                    module, rest = key.split(_MOCE_MODULE, 1)
+                    layer = layer_of.get(_module_path(module))
+                    if layer is not None:
+                        out[f"layers.{layer}.{_PEFT_COPY.sub('', rest)}"] = st.get_tensor(key)
+        except (SafetensorError, RuntimeError) as exc:
+            raise _unreadable(file, exc) from exc
     return out
 
 
@@ -276,10 +301,8 @@ def read_moce_weights(directory: str | os.PathLike, model: Any
                       ) -> tuple[dict[str, torch.Tensor], str]:
     """(MoCE state dict, the file it came from): moce_weights.safetensors when present,
     else the model's own weights (an output_dir or checkpoint whose run was interrupted)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if (directory / MOCE_WEIGHTS_NAME).is_file():
-        return load_file(str(directory / MOCE_WEIGHTS_NAME)), MOCE_WEIGHTS_NAME
+        return load_safetensors(directory / MOCE_WEIGHTS_NAME), MOCE_WEIGHTS_NAME
     files = model_weight_files(directory)
     return moce_weights_from_model_files(directory, model), ", ".join(f.name for f in files)

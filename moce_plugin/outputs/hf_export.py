@@ -86,7 +86,9 @@ The cluster of each prompt is chosen by the model itself (its encoder: {encoder}
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-tok = AutoTokenizer.from_pretrained("<this folder>")
+# trust_remote_code=True here too: AutoTokenizer reads config.json first, and without it
+# transformers asks whether to run this folder's code (the tokenizer itself needs none).
+tok = AutoTokenizer.from_pretrained("<this folder>", trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained("<this folder>", trust_remote_code=True)
 out = model.generate(**tok("Write a python function that reverses a list.",
                            return_tensors="pt"), max_new_tokens=64)

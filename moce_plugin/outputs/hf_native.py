@@ -264,6 +264,11 @@ class MoCECausalLMMixin:
         """Cluster id of each row of a tokenized batch (what generate/forward use)."""
         return self._moce_assigner.assign(input_ids, attention_mask)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any
+                        ) -> None:
+        """Save a folder that loads again like the export (see :func:`save_export_pretrained`)."""
+        save_export_pretrained(self, save_directory, super().save_pretrained, *args, **kwargs)
+
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         """``generate`` assigning each row's cluster once from its prompt; an explicit
         ``moce_cluster_ids=`` (per row) forces them."""
@@ -280,6 +285,76 @@ class MoCECausalLMMixin:
                 ids = ids.expand(input_ids.shape[0]).clone()
             kwargs[CLUSTER_IDS_KWARG] = ids
         return super().generate(inputs, *args, **kwargs)
+
+
+# What an export holds beside the weights and config that save_pretrained writes; copied
+# from the folder the model was loaded from (tokenizer files only when not saved already).
+_EXPORT_EXTRAS = (ARTIFACT_DIR_NAME, ENCODER_DIR_NAME)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "chat_template.jinja", "README.md")
+
+
+def save_export_pretrained(model: Any, save_directory: str | os.PathLike, save: Any,
+                           *args: Any, **kwargs: Any) -> None:
+    """``save_pretrained`` of a model loaded from an export: the weights and config as
+    usual, then what makes the folder an export again (remote code, cluster artifact,
+    bundled encoder, tokenizer, MoCE files), so it loads again with trust_remote_code=True.
+    transformers' own copy of the remote code would copy this package's module, whose
+    relative imports it cannot follow; it is switched off for the call."""
+    import json
+    import shutil
+
+    from ..utils import read_json
+    from .folder import MOCE_CONFIG_NAME, read_meta, save_moce_files
+    from .hf_export import CONFIG_CODE, MODELING_CODE
+
+    config = model.config
+    source = model._moce_assigner.folder
+    dest = Path(save_directory)
+    if model._moce_assigner.has_artifact and (
+            source is None or not (source / ARTIFACT_DIR_NAME).is_dir()):
+        raise MoCEExportError(
+            f"cannot save this MoCE model to {dest}: the folder it was loaded from (with its "
+            "cluster artifact) is not available here. Export the training output instead: "
+            "`moce-export OUTPUT_DIR DEST` (python -m moce_plugin.export)."
+        )
+    if source is not None and dest.exists() and dest.resolve() == source.resolve():
+        raise MoCEExportError(
+            f"cannot save this MoCE model over the folder it was loaded from ({dest}): choose "
+            "another folder, or re-export with `moce-export OUTPUT_DIR DEST`."
+        )
+    classes = (type(model), type(config))
+    registered = [c.__dict__.get("_auto_class") for c in classes]
+    for cls in classes:  # is_remote_code() reads the class attribute
+        cls._auto_class = None
+    try:
+        save(save_directory, *args, **kwargs)
+    finally:
+        for cls, auto in zip(classes, registered):
+            if auto is None:
+                delattr(cls, "_auto_class")  # inherited again
+            else:
+                cls._auto_class = auto
+    if not kwargs.get("is_main_process", True):
+        return
+    saved = read_json(dest / "config.json", "model config")
+    saved["architectures"] = ["AutoModelForCausalLM"]  # as the export wrote it (serve)
+    (dest / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
+    base = getattr(config, BASE_TYPE_KEY)
+    (dest / "configuration_moce.py").write_text(CONFIG_CODE.format(base=base))
+    (dest / "modeling_moce.py").write_text(MODELING_CODE.format(base=base))
+    meta = read_meta(source) if source is not None and (source / MOCE_CONFIG_NAME).is_file() \
+        else {}
+    save_moce_files(model, MoCEConfig(**getattr(config, MOCE_KEY)), dest,
+                    {**meta, "saved": "export"})
+    if source is None:
+        return
+    for name in _EXPORT_EXTRAS:
+        if (source / name).is_dir() and not (dest / name).exists():
+            shutil.copytree(source / name, dest / name)
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file() and not (dest / name).exists():
+            shutil.copy2(source / name, dest / name)
 
 
 def plain_base_config(folder: str | Path) -> dict:

@@ -33,7 +33,7 @@ from ..model.routing import CLUSTER_IDS_KWARG
 from ..model.state_dict import load_moce_state_dict
 from ..model.upcycle import upcycle_model
 from ..model.wrappers import config_of
-from ..utils import read_json
+from ..utils import FileFormatError, read_json
 from .fingerprint import fingerprint_checked, fingerprint_difference
 from .folder import (
     ARTIFACT_DIR_NAME,
@@ -145,6 +145,48 @@ def _check_base_matches(model: Any, meta: dict, given: str | None = None,
     elif not fingerprint_checked(recorded):
         LOG.info("base weights not checked: no usable fingerprint recorded (%s)",
                  (recorded or {}).get("skipped") or "older output")
+
+
+def _resolve_base(name: str, path: Path) -> str:
+    """A recorded base model path as written at training time is relative to the training's
+    working directory: when it does not exist from here, look for it relative to the output
+    folder and its parents (the training ran in one of them); hub ids pass through."""
+    if Path(name).is_absolute() or Path(name).exists():
+        return name
+    for folder in (path, *path.resolve().parents):
+        if (folder / name / "config.json").is_file():
+            LOG.info("base model %r found as %s", name, folder / name)
+            return str(folder / name)
+    return name
+
+
+def _load_base(auto_cls: Any, name: str, recorded_in: str, **kwargs: Any) -> Any:
+    """``from_pretrained`` of the base model; when it cannot be found the error names the
+    model, where the name came from and ``--base-model``."""
+    try:
+        return auto_cls.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoCELoadError(
+            f"cannot load the base model {name!r} ({recorded_in}): {first} Pass the "
+            "training's base model as --base-model PATH (base_model= in Python)."
+        ) from exc
+
+
+@contextmanager
+def _named_weight_errors(path: Path) -> Iterator[None]:
+    """A damaged safetensors file met while transformers / PEFT load the folder is reported
+    with the folder's weight files named (their error names none)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        names = ", ".join(str(f) for f in model_weight_files(path)) or str(path)
+        raise FileFormatError(
+            f"{names} is damaged (safetensors cannot read it: {' '.join(str(exc).split())}); "
+            "restore it from a copy, or load the newest checkpoint-* of the run instead."
+        ) from exc
 
 
 @dataclass
@@ -338,13 +380,16 @@ def load_moce_model(
             "base_model_name_or_path")
         if not base:
             raise MoCELoadError(f"{adapter_cfg} names no base model: pass base_model=")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        where = "given" if base_model else f"recorded in {adapter_cfg}"
+        base = base if base_model else _resolve_base(base, path)
+        model = _load_base(AutoModelForCausalLM, base, where, dtype=dtype)
         check_base(model, base)
         upcycle_model(model, config, dtype=dtype)
         # 0.1.0 LoRA adapters store the router tensors under flat keys (LEGACY_KEYS).
         key_mapping = {**(getattr(model, "_checkpoint_conversion_mapping", None) or {}),
                        **LEGACY_PEFT_KEY_MAPPING}
-        model = PeftModel.from_pretrained(model, path, key_mapping=key_mapping)
+        with _named_weight_errors(path):
+            model = PeftModel.from_pretrained(model, path, key_mapping=key_mapping)
         if merge_lora:
             model = model.merge_and_unload()
         tokenizer_source = path if (path / "tokenizer_config.json").is_file() else base
@@ -352,7 +397,7 @@ def load_moce_model(
         source = base_model or path
         # The saved model also holds the moce_experts tensors, which the plain architecture
         # reports as "unexpected"; they are loaded from moce_weights below, so keep it quiet.
-        with _transformers_errors_only():
+        with _transformers_errors_only(), _named_weight_errors(Path(source)):
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, key_mapping=BASE_MLP_KEY_MAPPING, **plain_base_config(source)
             )
@@ -368,7 +413,9 @@ def load_moce_model(
             raise MoCELoadError(
                 f"{path} holds MoCE weights but no model: pass base_model= (the training's base)."
             )
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        where = "given" if base_model else f"recorded in {config_dir / MOCE_CONFIG_NAME}"
+        base = base if base_model else _resolve_base(base, path)
+        model = _load_base(AutoModelForCausalLM, base, where, dtype=dtype)
         check_base(model, base)
         upcycle_model(model, config, dtype=dtype)
         tokenizer_source = base

@@ -66,7 +66,11 @@ def test_export_folder_is_a_hub_model(exported):
     front = card.split("---")[1]
     for key in ("base_model:", "library_name: transformers", "- moce", "datasets:"):
         assert key in front, key
-    assert "# Cluster report" in card or "cluster" in card.lower()
+    report = (dest / "cluster_artifact" / "report.md").read_text(encoding="utf-8")
+    assert report.strip() and report.strip() in card  # the artifact's own report
+    assert (f"{CFG.num_clusters} expert groups x {CFG.experts_per_group} adapter experts "
+            f"(top-{CFG.top_k}, adapter dim {CFG.adapter_dim},\n{CFG.num_general_experts} "
+            "general experts)") in card
     tok = _tokenizer(dest)
     assert tok.chat_template  # the chat template travels with the tokenizer
 
@@ -371,3 +375,49 @@ def test_transformers_serve_answers_the_openai_client_with_per_domain_clusters(e
     for prompt, cluster in zip(PROMPTS + PROMPTS[:1], expected + expected[:1]):
         assert f"moce cluster {cluster} <- {prompt[:80]!r}" in log, log[-3000:]
     assert log.count(f"moce cluster {expected[0]} <- {PROMPTS[0][:80]!r}") == 2  # + streamed
+
+
+# ---- saving a loaded export (issue 25, items 11 and 12) ----------------------------------
+def test_save_pretrained_of_a_loaded_export_loads_again_with_equal_logits(exported, tmp_path):
+    out, dest = exported
+    model = _auto_model(dest)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for name in ("configuration_moce.py", "modeling_moce.py", "cluster_artifact",
+                 "tokenizer.json", "moce_weights.safetensors"):
+        assert (saved / name).exists(), name
+    assert json.loads((saved / "config.json").read_text())["architectures"] == [
+        "AutoModelForCausalLM"]
+    again = _auto_model(saved)
+    tok = _tokenizer(dest)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    torch.testing.assert_close(again(**enc).logits, model(**enc).logits, atol=0, rtol=0)
+    assert again.moce_assign_clusters(enc["input_ids"], enc["attention_mask"]).tolist() == \
+        model.moce_assign_clusters(enc["input_ids"], enc["attention_mask"]).tolist()
+    ids = enc["input_ids"][:1]
+    torch.testing.assert_close(load_moce_model(saved).logits(ids, torch.tensor([1])),
+                               load_moce_model(out).logits(ids, torch.tensor([1])))
+    with pytest.raises(MoCEExportError, match="over the folder it was loaded from"):
+        model.save_pretrained(dest)
+
+
+def test_save_pretrained_without_the_source_folder_names_moce_export(exported, tmp_path):
+    _, dest = exported
+    model = _auto_model(dest)
+    model._moce_assigner.folder = None  # e.g. a Hub id whose snapshot is no longer cached
+    with pytest.raises(MoCEExportError, match="moce-export OUTPUT_DIR DEST"):
+        model.save_pretrained(tmp_path / "saved")
+
+
+def test_tokenizer_loads_without_remote_code_when_the_question_is_declined(exported,
+                                                                           monkeypatch):
+    """transformers asks about config.json's code (AutoTokenizer reads the config first);
+    declined (or timed out), the tokenizer is still the export's."""
+    from transformers import AutoTokenizer
+
+    _, dest = exported
+    monkeypatch.setattr("builtins.input", lambda *_: "n")
+    tok = AutoTokenizer.from_pretrained(dest)
+    assert tok(PROMPTS[0])["input_ids"] == _tokenizer(dest)(PROMPTS[0])["input_ids"]
+    assert "trust_remote_code=True" in (dest / "README.md").read_text().split(
+        "AutoTokenizer.from_pretrained")[1].split("\n")[0]

@@ -80,7 +80,13 @@ def test_routing_uses_the_transformed_input_and_gradients_flow():
     (out.pow(2).sum() + record.aux_loss).backward()
     assert layer.router.weight.grad.abs().sum() > 0 and layer.down.grad.abs().sum() > 0
     assert x.grad is not None and x.grad.abs().sum() > 0
-    assert layer.router.seen.sum() > 0  # running statistics updated in training
+    # Running statistics: the first training forward sets them to this batch's dispersion
+    # for every cluster with >= 2 real tokens, and counts one update for each.
+    counts = torch.bincount(clusters, minlength=6)
+    assert layer.router.seen.tolist() == (counts >= 2).float().tolist()
+    for k in torch.nonzero(counts >= 2).flatten().tolist():
+        rows = x.detach()[(clusters == k) & valid]
+        torch.testing.assert_close(layer.router.dispersion[k], (rows - rows.mean(0)).abs().mean(0))
 
 
 def test_eval_uses_running_statistics_so_one_token_routes_stably():

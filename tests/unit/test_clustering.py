@@ -177,14 +177,26 @@ def test_interrupted_embedding_resumes_without_recomputing(tmp_path: Path) -> No
 
 # ---- artifact: lookup, fingerprint, errors ------------------------------------------------------
 def test_artifact_files_and_metadata(fake_artifact) -> None:
-    model, _ = fake_artifact
+    model, examples = fake_artifact
     for name in (METADATA_FILE, ASSIGNMENTS_FILE, "centroids.npy"):
         assert (model.path / name).is_file()
     md = model.metadata
     assert model.num_clusters == 3 and md["num_clusters"] == 3
     assert md["datasets"] == {"topics.jsonl": 90} and sum(md["cluster_sizes"]) == 90
     assert md["purity_vs_source"] == 1.0
-    assert len(model.fingerprint) == 64 and int(model.fingerprint, 16) >= 0
+    # The fingerprint is of what training reads: sha256 over the sorted (sha256 of the row's
+    # request text, cluster) pairs, with the format version, template and k.
+    import hashlib
+    import json
+
+    from moce_plugin.clustering.text import request_text
+
+    texts = [request_text(e) for e in examples]
+    labels = model.lookup(examples, "topics.jsonl")
+    pairs = sorted((hashlib.sha256(t.encode()).hexdigest(), int(c)) for t, c in zip(texts, labels))
+    data = hashlib.sha256("".join(f"{k}:{c};" for k, c in pairs).encode()).hexdigest()
+    want = json.dumps([md["format_version"], "auto", 3, data])
+    assert model.fingerprint == hashlib.sha256(want.encode()).hexdigest()
     assert not list(model.path.parent.glob(".art.tmp-*")), "no temp dir left behind"
 
 

@@ -253,3 +253,63 @@ def test_string_ids_mixed_with_integers_are_read_as_integers(tmp_path):
         attach_cluster_column(_json_ids(tmp_path, ["0", "2", "1"]), {"path": "ids"}, cfg)
     with pytest.raises(ClusterIdError, match=r"row 0 has 'cluster_id' = 0\.0 .*stored as floats"):
         attach_cluster_column(_json_ids(tmp_path, [0, 2.0, 1]), {"path": "ids"}, cfg)
+
+
+def test_completion_text_longer_than_sequence_len_keeps_its_cluster_in_every_chunk(
+        tmp_path, model_dir):
+    """axolotl's completion strategy cuts a long text into sequence_len chunks: every token of
+    every chunk carries the id of the row it came from (issue 25, item 13)."""
+    from transformers import AutoTokenizer
+
+    seq = 16
+    meta = load_prepared(tmp_path, model_dir, fmt="completion", sequence_len=seq,
+                         val_set_size=0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    expected: dict[tuple, int] = {}  # chunk tokens -> the cluster of its source row
+    for r in sample_rows(90):
+        ids = tok(r["instruction"] + "\n" + r["output"])["input_ids"]
+        if ids[-1] != tok.eos_token_id:
+            ids = ids + [tok.eos_token_id]
+        for i in range(0, len(ids), seq):
+            expected.setdefault(tuple(ids[i:i + seq]), SOURCE_TO_CLUSTER[r["source"]])
+    rows = list(meta.train_dataset)
+    assert len(rows) > 90  # texts were split
+    checked = 0
+    for row in rows:
+        ids = row[CLUSTER_IDS_KWARG]
+        assert len(ids) == len(row["input_ids"])
+        want = expected.get(tuple(row["input_ids"]))
+        if want is not None:
+            assert ids == [want] * len(ids)
+            checked += 1
+    assert checked >= len(rows) * 0.9, (checked, len(rows))
+
+
+def test_completion_chunks_follow_their_rows_in_a_batch():
+    """The wrapped strategy, batched: two long rows of different clusters and a short one."""
+    from moce_plugin.integration.datasets import ClusterIdTokenizer
+
+    def split(batch: dict) -> dict:  # like axolotl's completion strategy, 4-token chunks
+        out: dict[str, list] = {"input_ids": [], "labels": []}
+        for text in batch["text"]:
+            toks = [len(w) for w in text.split()]
+            for i in range(0, len(toks), 4):
+                out["input_ids"].append(toks[i:i + 4])
+                out["labels"].append(toks[i:i + 4])
+        return out
+
+    wrapped = ClusterIdTokenizer(split, "cluster_id", batched=True, dataset_name="d.jsonl",
+                                 sequence_len=4)
+    texts = ["a bb ccc dddd eeeee ffffff g", "x", "hh ii jj kk ll mm nn oo pp"]
+    out = wrapped({"text": texts, "cluster_id": [2, 0, 1]})
+    assert out[CLUSTER_IDS_KWARG] == [[2] * 4, [2] * 3, [0], [1] * 4, [1] * 4, [1]]
+    assert out["input_ids"] == split({"text": texts})["input_ids"]
+
+    def merge(batch: dict) -> dict:  # packs inputs together: no row has one source
+        joined = [t for text in batch["text"] for t in text.split()]
+        return {"input_ids": [joined]}
+
+    merging = ClusterIdTokenizer(merge, "cluster_id", batched=True, dataset_name="d.jsonl",
+                                 sequence_len=4)
+    with pytest.raises(ClusterIdError, match="Dataset 'd.jsonl'.*sequence_len 4"):
+        merging({"text": texts, "cluster_id": [2, 0, 1]})

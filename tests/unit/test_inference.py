@@ -169,14 +169,31 @@ def test_lm_eval_model_scores_local_tasks_per_cluster(tmp_path, base_dir, monkey
 
     monkeypatch.setattr(moce.model, "forward", spy)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=["moce_tiny_mc", "moce_tiny_gen"],
+        model=lm, tasks=["moce_tiny_mc", "moce_tiny_gen"], log_samples=True,
         task_manager=TaskManager(include_path=str(root / "tests/data/lm_eval_tasks")),
     )
-    assert "acc,none" in results["results"]["moce_tiny_mc"]
-    assert "exact_match,none" in results["results"]["moce_tiny_gen"]
     assert any("spider" in t for t in fake.seen)  # contexts, not answers, were clustered
     assert all(len(set(c)) == 1 for c in calls)  # each batch is one cluster
     assert {c[0] for c in calls} == {len(t) % 3 for t in fake.seen}
+    # Each choice's log-likelihood is the model's under the context's own cluster (recomputed
+    # here in one full forward), and the metrics are those of the samples.
+    mc = results["samples"]["moce_tiny_mc"]
+    assert len(mc) == 4
+    for sample in mc:
+        doc = sample["doc"]
+        cluster = torch.tensor([len(request_text(doc["question"])) % 3])
+        for choice, (loglik, _) in zip(doc["choices"], sample["filtered_resps"]):
+            ctx, cont = lm._encode_pair(doc["question"], " " + choice)
+            logp = torch.log_softmax(moce.logits(torch.tensor([ctx + cont])[:, :-1], cluster)[0],
+                                     -1)
+            want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+            assert loglik == pytest.approx(want, abs=1e-4)
+    acc = sum(max(range(len(s["filtered_resps"])), key=lambda i: s["filtered_resps"][i][0])
+              == s["doc"]["answer"] for s in mc) / len(mc)
+    assert results["results"]["moce_tiny_mc"]["acc,none"] == pytest.approx(acc)
+    gen = results["samples"]["moce_tiny_gen"]
+    exact = sum(s["exact_match"] for s in gen) / len(gen)
+    assert results["results"]["moce_tiny_gen"]["exact_match,none"] == pytest.approx(exact)
 
 
 def test_usage_command_counts_real_tokens_per_cluster(tmp_path, base_dir):
@@ -197,7 +214,15 @@ def test_usage_command_counts_real_tokens_per_cluster(tmp_path, base_dir):
     layer = usage["layers"]["0"]
     per_cluster = usage["rows_per_cluster"]
     assert per_cluster == [sum(r["cluster_id"] == c for r in rows) for c in range(3)]
-    for g, tokens in enumerate(layer["group_tokens"]):
-        assert (tokens > 0) == (per_cluster[g] > 0)
-        if tokens:
-            assert abs(sum(layer["expert_load"][g]) - 1) < 1e-5
+    # Real tokens per cluster (padding of the 5-row batches not counted), every layer.
+    from moce_plugin.outputs.usage import model_text
+
+    moce = load_moce_model(tmp_path / "out")
+    want = [0.0] * 3
+    for r in rows:
+        want[r["cluster_id"]] += len(moce.tokenizer(model_text(moce, r))["input_ids"])
+    for name, layer in usage["layers"].items():
+        assert layer["group_tokens"] == want, name
+        for g, tokens in enumerate(layer["group_tokens"]):
+            if tokens:
+                assert abs(sum(layer["expert_load"][g]) - 1) < 1e-5

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from axolotl.utils.dict import DictDefault
 from axolotl_helpers import sample_rows, write_cluster_jsonl
 from fake_encoder import BagEncoder
 
@@ -23,6 +24,7 @@ from moce_plugin.clustering import (
     run_clustering,
     unformat_prompt,
 )
+from moce_plugin.integration.datasets import attach_cluster_column
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.outputs.load import MoCEInferenceModel
 
@@ -68,6 +70,16 @@ def _sharegpt(r: dict) -> dict:
                               {"from": "gpt", "value": r["output"]}]}
 
 
+def _custom_roles(r: dict) -> dict:
+    return {"dialog": [{"speaker": "customer", "text": plain(r)},
+                       {"speaker": "agent", "text": r["output"]}]}
+
+
+CUSTOM_ROLES = {"type": "chat_template", "field_messages": "dialog",
+                "message_property_mappings": {"role": "speaker", "content": "text"},
+                "roles": {"user": ["customer"], "assistant": ["agent"]}}
+
+
 def _completion(r: dict) -> dict:
     return {"text": r["instruction"] + "\n" + r["output"]}
 
@@ -91,6 +103,9 @@ FORMATS: dict[str, tuple[Callable[[dict], dict], dict, str, RequestMaker]] = {
         {"type": "chat_template", "field_messages": "conversations",
          "message_property_mappings": {"role": "from", "content": "value"}},
         "auto", lambda row, r: [row, row["conversations"], plain(r), user_turn(plain(r))]),
+    # Issue 25 case 8: the dataset's own roles, field and property names pick the user turns.
+    "chat_custom_roles": (_custom_roles, CUSTOM_ROLES, "auto", lambda row, r: [
+        plain(r), user_turn(plain(r)), chatml(user_turn(plain(r)))]),
     "completion": (_completion, {"type": "completion"}, "auto",
                    lambda row, r: [row, row["text"]]),
     "user_defined_auto": (_qa, {"type": USER_DEFINED}, "auto",
@@ -117,7 +132,10 @@ def cluster_format(tmp_path: Path, name: str, template: str, make_row, entry: di
                            encoder if encoder is not None else BagEncoder(), progress=False,
                            log=lambda _m: None)
     (ds_name, dataset), = load_yaml_datasets(cfg)
-    train_ids = model.lookup(dataset, ds_name)  # the training lookup (the plugin's step 1)
+    # The training lookup (the plugin's step 1), as the plugin calls it.
+    moce_cfg = DictDefault({"moce": {"cluster_artifact": str(model.path)}})
+    with_ids = attach_cluster_column(dataset, DictDefault(cfg["datasets"][0]), moce_cfg)
+    train_ids = list(with_ids["cluster_id"])
     return model, [dict(r) for r in dataset], train_ids
 
 
