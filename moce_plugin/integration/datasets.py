@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..clustering.text import dataset_row_view, iter_rows
 from ..errors import ClusterIdsError
 from ..model.cluster_ids import (
     CLUSTER_IDS_KWARG,
@@ -31,7 +32,6 @@ from ..model.cluster_ids import (
     single_group_ids,
 )
 from ..model.routing import current_thread_value, thread_value
-from ..clustering.text import dataset_row_view, iter_rows
 from .args import cluster_model_of, moce_config_from_cfg
 from .continuation import assign_rows, moce_source
 
