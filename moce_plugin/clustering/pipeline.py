@@ -28,6 +28,7 @@ from .artifact import (
     data_fingerprint,
     file_checksums,
 )
+from .distributed import Ranks
 from .errors import ClusteringError
 from .kmeans import ElbowResult, KMeansFit, choose_algorithm, elbow_sweep, fit_kmeans
 from .options import ClusteringOptions, resolve_num_clusters
@@ -44,6 +45,21 @@ def write_assignments(path: Path, rows: Sequence[Row], keys: Sequence[str], labe
         for row, key, label in zip(rows, keys, labels.tolist()):
             rec = {"key": key, "cluster": int(label), "dataset": row.dataset, "row": row.index}
             f.write(json.dumps(rec) + "\n")
+
+
+def _embeddings_from_cache(texts: Sequence[str], cache: encode.EmbeddingCache) -> np.ndarray:
+    """Every text's embedding, in the texts' order, from the cache the ranks filled."""
+    known = cache.load()
+    keys = [cache.key(t) for t in texts]
+    missing = sum(k not in known for k in set(keys))
+    if missing:
+        raise ClusteringError(
+            f"{missing} embeddings written by the other ranks are not in the cache "
+            f"{cache.dir} at rank 0: moce.clustering.cache_dir must be a directory every rank "
+            "(every node) shares, e.g. on a network filesystem. Rerun once it is; finished "
+            "shards are reused."
+        )
+    return np.stack([known[k] for k in keys]).astype(np.float32, copy=False)
 
 
 def rows_from_examples(
@@ -152,26 +168,90 @@ def run_clustering(
     encoder: encode.Encoder | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    ranks: Ranks | None = None,
 ) -> ClusterModel:
-    """Embed ``rows``, choose k, cluster, and write the artifact at ``output`` atomically."""
+    """Embed ``rows``, choose k, cluster, and write the artifact at ``output`` atomically.
+
+    With ``ranks`` of several processes (:meth:`.distributed.Ranks.from_env`), every rank
+    passes the same rows: each embeds its share into the shared cache, then rank 0 clusters
+    and writes the artifact while the others wait for it.
+    """
     options = options or ClusteringOptions()
+    ranks = ranks or Ranks()
     output = Path(output)
     num_clusters = resolve_num_clusters(num_clusters)
     check_rows(rows, num_clusters, options.text_template)
     if encoder is None:
+        device = options.device
+        if ranks.distributed and device is None and _cuda_available():
+            device = f"cuda:{ranks.local_rank}"  # one GPU per rank, no per-process pool
         encoder = encode.SentenceTransformerEncoder(
             options.embedding_model,
             options.prefix,
             options.prompt,
             options.batch_size,
-            options.device,
+            device,
         )
     cache_root = Path(options.cache_dir) if options.cache_dir else output.parent / ".moce_cache"
     cache = encode.EmbeddingCache(cache_root, encoder.signature)
     texts = [r.text for r in rows]
+    if ranks.distributed:
+        error: BaseException | None = None
+        try:
+            t0 = time.perf_counter()
+            owned, done = encode.embed_share(
+                texts, encoder, cache, ranks.rank, ranks.world_size, options.batch_size,
+                options.cache_shard_rows, progress,
+            )
+            log(f"rank {ranks.rank}/{ranks.world_size}: embedded {done} of its {owned} "
+                f"distinct texts in {time.perf_counter() - t0:.1f}s (cache: {cache.dir})")
+        except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised
+            error = exc
+        ranks.check_all(error)
+        if not ranks.is_main:
+            ranks.share_main_result(None)
+            return ClusterModel.load(output)
+        try:
+            model = _cluster_and_write(rows, texts, output, num_clusters, options, encoder,
+                                       cache, progress, log, cached_only=True)
+        except BaseException as exc:
+            ranks.share_main_result(exc)
+            raise
+        ranks.share_main_result(None)
+        return model
+    return _cluster_and_write(rows, texts, output, num_clusters, options, encoder, cache,
+                              progress, log)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _cluster_and_write(
+    rows: Sequence[Row],
+    texts: Sequence[str],
+    output: Path,
+    num_clusters: int | str,
+    options: ClusteringOptions,
+    encoder: encode.Encoder,
+    cache: encode.EmbeddingCache,
+    progress: bool,
+    log: Callable[[str], None],
+    cached_only: bool = False,
+) -> ClusterModel:
+    """Embeddings of ``rows`` (from the cache, encoding what it lacks unless ``cached_only``)
+    in the rows' order, then k, k-means and the artifact."""
     t0 = time.perf_counter()
-    x = encode.embed_texts(texts, encoder, cache, options.batch_size, options.cache_shard_rows,
-                           progress)
+    if cached_only:
+        x = _embeddings_from_cache(texts, cache)
+    else:
+        x = encode.embed_texts(texts, encoder, cache, options.batch_size,
+                               options.cache_shard_rows, progress)
     log(f"embedded {len(texts)} rows in {time.perf_counter() - t0:.1f}s (cache: {cache.dir})")
     if options.normalize:
         x = encode.l2_normalize(x)
