@@ -269,7 +269,7 @@ def embed_share(
     keys = [cache.key(t) for t in texts]
     mine = {k for k in keys if shard_of(k, world_size) == rank}
     todo = _distinct_todo(texts, keys, cache.known_keys(), mine.__contains__)
-    desc = f"embedding (rank {rank}/{world_size})"
+    desc = f"embedding (rank {rank}/{world_size})" if world_size > 1 else "embedding"
     _encode_into(todo, encoder, cache, None, batch_size, shard_rows, progress, desc)
     return len(mine), len(todo)
 

@@ -47,19 +47,49 @@ def write_assignments(path: Path, rows: Sequence[Row], keys: Sequence[str], labe
             f.write(json.dumps(rec) + "\n")
 
 
-def _embeddings_from_cache(texts: Sequence[str], cache: encode.EmbeddingCache) -> np.ndarray:
-    """Every text's embedding, in the texts' order, from the cache the ranks filled."""
-    known = cache.load()
-    keys = [cache.key(t) for t in texts]
-    missing = sum(k not in known for k in set(keys))
-    if missing:
+def embedding_matrix(
+    texts: Sequence[str],
+    cache: encode.EmbeddingCache,
+    normalize: bool,
+    path: Path | None = None,
+    chunk_rows: int = 16384,
+) -> np.ndarray:
+    """Every text's embedding in the texts' order, read from the cache shard by shard (no
+    dict of every embedding) into an in-memory array, or with ``path`` into a memory-mapped
+    .npy there; L2-normalised in place chunk by chunk, so both give the same numbers."""
+    rows_of: dict[str, list[int]] = {}
+    for i, t in enumerate(texts):
+        rows_of.setdefault(cache.key(t), []).append(i)
+    x: np.ndarray | None = None
+    for shard in sorted(cache.dir.glob("shard-*.npz")):
+        try:
+            with np.load(shard) as data:
+                keys, emb = data["keys"], data["emb"]
+        except (OSError, ValueError, KeyError):
+            continue  # damaged: its texts were embedded again into another shard
+        for j, key in enumerate(k.decode() for k in keys.tolist()):
+            idx = rows_of.pop(key, None)
+            if idx is None:
+                continue  # another data set's text, or already filled from an older shard
+            if x is None:
+                shape = (len(texts), emb.shape[1])
+                x = (np.lib.format.open_memmap(path, "w+", np.float32, shape) if path
+                     else np.empty(shape, np.float32))
+            x[idx] = emb[j]
+    if rows_of:
         raise ClusteringError(
-            f"{missing} embeddings written by the other ranks are not in the cache "
-            f"{cache.dir} at rank 0: moce.clustering.cache_dir must be a directory every rank "
-            "(every node) shares, e.g. on a network filesystem. Rerun once it is; finished "
-            "shards are reused."
+            f"{len(rows_of)} embeddings are not in the cache {cache.dir}: with several "
+            "processes, moce.clustering.cache_dir must be a directory every rank (every node) "
+            "shares, e.g. on a network filesystem. Rerun once it is; finished shards are "
+            "reused."
         )
-    return np.stack([known[k] for k in keys]).astype(np.float32, copy=False)
+    if x is None:
+        return np.zeros((0, 0), np.float32)
+    if normalize:
+        for start in range(0, len(x), chunk_rows):
+            x[start : start + chunk_rows] = encode.l2_normalize(
+                np.asarray(x[start : start + chunk_rows]))
+    return x
 
 
 def rows_from_examples(
@@ -212,15 +242,17 @@ def run_clustering(
             ranks.share_main_result(None)
             return ClusterModel.load(output)
         try:
-            model = _cluster_and_write(rows, texts, output, num_clusters, options, encoder,
-                                       cache, progress, log, cached_only=True)
+            model = _cluster_and_write(rows, texts, output, num_clusters, options, cache, log)
         except BaseException as exc:
             ranks.share_main_result(exc)
             raise
         ranks.share_main_result(None)
         return model
-    return _cluster_and_write(rows, texts, output, num_clusters, options, encoder, cache,
-                              progress, log)
+    t0 = time.perf_counter()
+    _, done = encode.embed_share(texts, encoder, cache, 0, 1, options.batch_size,
+                                 options.cache_shard_rows, progress)
+    log(f"embedded {done} new texts in {time.perf_counter() - t0:.1f}s (cache: {cache.dir})")
+    return _cluster_and_write(rows, texts, output, num_clusters, options, cache, log)
 
 
 def _cuda_available() -> bool:
@@ -238,23 +270,31 @@ def _cluster_and_write(
     output: Path,
     num_clusters: int | str,
     options: ClusteringOptions,
-    encoder: encode.Encoder,
     cache: encode.EmbeddingCache,
-    progress: bool,
     log: Callable[[str], None],
-    cached_only: bool = False,
 ) -> ClusterModel:
-    """Embeddings of ``rows`` (from the cache, encoding what it lacks unless ``cached_only``)
-    in the rows' order, then k, k-means and the artifact."""
-    t0 = time.perf_counter()
-    if cached_only:
-        x = _embeddings_from_cache(texts, cache)
-    else:
-        x = encode.embed_texts(texts, encoder, cache, options.batch_size,
-                               options.cache_shard_rows, progress)
-    log(f"embedded {len(texts)} rows in {time.perf_counter() - t0:.1f}s (cache: {cache.dir})")
-    if options.normalize:
-        x = encode.l2_normalize(x)
+    """The rows' embeddings (all in the cache by now) in the rows' order, then k, k-means
+    and the artifact."""
+    matrix = None
+    if len(texts) > options.memmap_rows:
+        matrix = cache.dir / f"matrix-{os.getpid()}.npy"
+    try:
+        x = embedding_matrix(texts, cache, options.normalize, matrix)
+        return _fit_and_write(rows, texts, x, output, num_clusters, options, log)
+    finally:
+        if matrix is not None:
+            matrix.unlink(missing_ok=True)
+
+
+def _fit_and_write(
+    rows: Sequence[Row],
+    texts: Sequence[str],
+    x: np.ndarray,
+    output: Path,
+    num_clusters: int | str,
+    options: ClusteringOptions,
+    log: Callable[[str], None],
+) -> ClusterModel:
     algorithm = choose_algorithm(len(x), options.algorithm)
     elbow = None
     if num_clusters == "auto":
@@ -265,8 +305,16 @@ def _cluster_and_write(
                 "moce.num_clusters to an integer."
             )
         k_max = min(options.k_max, distinct)
-        elbow = elbow_sweep(x, k_max, algorithm, options.seed, options.n_init)
-        fit = elbow.fits[elbow.k]
+        if len(x) > options.elbow_sample:
+            # The sweep fits k_max models: on a fixed-size sample, then the chosen k on all.
+            pick = np.sort(np.random.default_rng(options.seed).choice(
+                len(x), options.elbow_sample, replace=False))
+            elbow = elbow_sweep(np.asarray(x[pick]), k_max, algorithm, options.seed,
+                                options.n_init)
+            fit = fit_kmeans(x, elbow.k, algorithm, options.seed, options.n_init)
+        else:
+            elbow = elbow_sweep(x, k_max, algorithm, options.seed, options.n_init)
+            fit = elbow.fits[elbow.k]
         log(f"elbow: k={elbow.k} ({elbow.method}); SSE {[round(s, 1) for s in elbow.sse]}")
     else:
         fit = fit_kmeans(x, int(num_clusters), algorithm, options.seed, options.n_init)

@@ -382,3 +382,35 @@ def test_cli_config_errors(tmp_path: Path) -> None:
     help_text = _run_cli("--help", cwd=tmp_path).stdout
     for flag in ("--num-clusters", "--output", "--embedding-model", "--k-max", "--cache-dir"):
         assert flag in help_text
+
+
+# ---- bounded memory: the memory-mapped embedding matrix -----------------------------------------
+def test_memmapped_matrix_gives_the_in_memory_artifact(tmp_path: Path, monkeypatch) -> None:
+    """On the bundled sample (cheap BagEncoder): the artifact built from a memory-mapped
+    embedding matrix equals the in-memory one, and the matrix file is removed afterwards."""
+    from fake_encoder import BagEncoder
+
+    import moce_plugin.clustering.pipeline as pipeline
+
+    examples = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    rows = rows_from_examples(str(SAMPLE), examples, "auto")
+    used: list[Path | None] = []
+    real = pipeline.embedding_matrix
+
+    def spy(texts, cache, normalize, path=None, chunk_rows=16384):
+        used.append(path)
+        x = real(texts, cache, normalize, path, chunk_rows=97)  # chunks cross the data
+        assert isinstance(x, np.memmap) == (path is not None)
+        return x
+
+    monkeypatch.setattr(pipeline, "embedding_matrix", spy)
+    arts = {}
+    for name, memmap_rows in (("ram", 10**9), ("disk", 0)):
+        opts = fake_options(tmp_path, memmap_rows=memmap_rows, elbow_sample=250, k_max=5)
+        arts[name] = run_clustering(rows, tmp_path / name, "auto", opts, BagEncoder(),
+                                    progress=False)
+    assert used[0] is None and used[1] is not None and not used[1].exists()
+    ram, disk = arts["ram"].path, arts["disk"].path
+    assert (ram / ASSIGNMENTS_FILE).read_text() == (disk / ASSIGNMENTS_FILE).read_text()
+    np.testing.assert_array_equal(arts["ram"].centroids, arts["disk"].centroids)
+    assert arts["ram"].lookup(examples, str(SAMPLE)) == arts["disk"].lookup(examples, str(SAMPLE))
