@@ -23,10 +23,12 @@ from .artifact import (
     CENTROIDS_FILE,
     ELBOW_PLOT,
     FORMAT_VERSION,
+    INDEX_FILE,
     METADATA_FILE,
     ClusterModel,
     data_fingerprint,
     file_checksums,
+    write_index,
 )
 from .distributed import Ranks
 from .errors import ClusteringError
@@ -324,6 +326,7 @@ def _fit_and_write(
     def fill(tmp: Path) -> None:
         np.save(tmp / CENTROIDS_FILE, fit.centroids)
         write_assignments(tmp / ASSIGNMENTS_FILE, rows, keys, fit.labels)
+        write_index(tmp / INDEX_FILE, keys, fit.labels.tolist())
         if elbow is not None:
             plot_elbow(elbow, tmp / ELBOW_PLOT)
         if options.report:
