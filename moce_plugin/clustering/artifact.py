@@ -31,6 +31,10 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 CENTROIDS_FILE = "centroids.npy"
 ASSIGNMENTS_FILE = "assignments.jsonl"
+#: assignments.jsonl's (key, cluster) pairs as a sorted fixed-width table, so that training
+#: looks rows up by binary search in a memory map instead of loading every key.
+INDEX_FILE = "assignments.index.npy"
+_INDEX_DTYPE = np.dtype([("key", "S32"), ("cluster", "<i4")])
 REPORT_FILE = "report.md"
 ELBOW_PLOT = "elbow.png"
 CLUSTER_MAP_PLOT = "cluster_map.png"
@@ -96,7 +100,9 @@ def file_checksums(directory: Path) -> dict[str, dict[str, Any]]:
     """metadata.json's ``files``: sha256 (and row count) of the files training and inference
     read, so :meth:`ClusterModel.load` reports a damaged file as damage."""
     out: dict[str, dict[str, Any]] = {}
-    for name in (CENTROIDS_FILE, ASSIGNMENTS_FILE):
+    for name in (CENTROIDS_FILE, ASSIGNMENTS_FILE, INDEX_FILE):
+        if name == INDEX_FILE and not (directory / name).is_file():
+            continue  # optional: artifacts without it are looked up through assignments.jsonl
         digest, lines = _digest(directory / name)
         out[name] = {"sha256": digest, **({"rows": lines} if name == ASSIGNMENTS_FILE else {})}
     return out
@@ -119,6 +125,14 @@ def check_files(path: Path, metadata: dict) -> None:
                 f"cluster artifact {path}: {name} is damaged: its sha256 differs from the one "
                 f"in {METADATA_FILE} (changed after clustering)."
             )
+
+
+def write_index(path: Path, keys: Iterable[str], labels: Iterable[int]) -> None:
+    """:data:`INDEX_FILE` of the (content key, cluster) pairs, sorted by key (one per key)."""
+    table = np.fromiter(
+        ((bytes.fromhex(k), c) for k, c in zip(keys, labels)), _INDEX_DTYPE)
+    table = np.unique(table)  # sorted by key, then cluster; equal texts share one cluster
+    np.save(path, table)
 
 
 class ClusterModel:
@@ -206,12 +220,13 @@ class ClusterModel:
         self, examples: datasets.Dataset | Iterable[Mapping[str, Any]], dataset_name: str
     ) -> list[int]:
         """Cluster id of every row by content key; rows not clustered are an error."""
-        table = self.assignments
+        get = self._index_get() if self._assignments is None else None
+        table = self.assignments if get is None else {}
         ids: list[int] = []
         missing: list[tuple[int, str]] = []
         for i, row in enumerate(iter_rows(examples)):
             text = self.text_of(row)
-            cid = table.get(content_key(text))
+            cid = table.get(content_key(text)) if get is None else get(content_key(text))
             if cid is None:
                 missing.append((i, text))
                 cid = -1
@@ -225,6 +240,24 @@ class ClusterModel:
                 "YAML you train with."
             )
         return ids
+
+    def _index_get(self) -> Any:
+        """Key -> cluster (or None) by binary search in the memory-mapped :data:`INDEX_FILE`;
+        None when the artifact has no index, or one its metadata's checksums do not cover
+        (then only assignments.jsonl is trusted)."""
+        if INDEX_FILE not in (self.metadata.get("files") or {}):
+            return None
+        index = np.load(self.path / INDEX_FILE, mmap_mode="r")
+        keys = index["key"]
+
+        def get(key: str) -> int | None:
+            raw = bytes.fromhex(key)
+            at = int(np.searchsorted(keys, np.bytes_(raw)))
+            # numpy returns fixed-width bytes without trailing NULs: compare stripped
+            found = at < len(keys) and bytes(keys[at]) == raw.rstrip(b"\0")
+            return int(index["cluster"][at]) if found else None
+
+        return get
 
     # -- inference: embed and take the nearest centroid
     def _get_encoder(self) -> SentenceTransformerEncoder:

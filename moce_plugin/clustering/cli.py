@@ -7,6 +7,8 @@ Reads the YAML's ``datasets:`` (loaded as axolotl loads them) and its ``moce:`` 
 by the elbow method when ``num_clusters: auto``, and writes the artifact directory named by
 ``moce.cluster_artifact``. Command-line options override the YAML. See docs/clustering.md.
 ``axolotl preprocess CONFIG.yml`` runs the same step when the artifact is missing.
+``accelerate launch -m moce_plugin.clustering.cli CONFIG.yml`` shares the embedding between the
+launched processes (GPUs, nodes); rank 0 writes the artifact.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import yaml
 
 from ..utils import check_replaceable
 from .artifact import ARTIFACT_KIND, ClusterModel
+from .distributed import Ranks
 from .errors import ClusteringError
 from .options import ClusteringOptions, resolve_num_clusters
 from .pipeline import check_locations, rows_from_yaml, run_clustering
@@ -102,8 +105,15 @@ def cluster_config(
     options, k, out = resolve_config(cfg, **resolve_kwargs)
     check_locations(Path(out), options)
     check_replaceable(out, ARTIFACT_KIND)  # before the data and the encoder are loaded
-    rows = rows_from_yaml(cfg, options.text_template)
-    return run_clustering(rows, out, k, options, progress=progress, log=log)
+    # Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) the ranks share the embedding
+    # work; one process otherwise.
+    ranks = Ranks.from_env()
+    try:
+        with ranks.main_first():  # rank 0 builds the datasets' Arrow cache, the others reuse it
+            rows = rows_from_yaml(cfg, options.text_template)
+        return run_clustering(rows, out, k, options, progress=progress, log=log, ranks=ranks)
+    finally:
+        ranks.close()
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -124,3 +134,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":  # `python -m moce_plugin.clustering.cli`, e.g. under accelerate launch
+    sys.exit(main(prog="moce-cluster"))

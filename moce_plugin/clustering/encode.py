@@ -6,7 +6,7 @@ import importlib.resources
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -161,6 +161,18 @@ class EmbeddingCache:
             known.update(zip((k.decode() for k in keys.tolist()), emb))
         return known
 
+    def known_keys(self) -> set[str]:
+        """The keys of every readable shard, without their embeddings."""
+        known: set[str] = set()
+        for shard in sorted(self.dir.glob("shard-*.npz")):
+            try:
+                with np.load(shard) as data:
+                    keys = data["keys"]
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged shard is just recomputed
+            known.update(k.decode() for k in keys.tolist())
+        return known
+
     def write(self, keys: Sequence[str], embeddings: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"shard-{time.time_ns():020d}-{os.getpid()}.npz"
@@ -168,6 +180,51 @@ class EmbeddingCache:
         with open(tmp, "wb") as f:
             np.savez(f, keys=np.array([k.encode() for k in keys]), emb=embeddings)
         os.replace(tmp, final)
+
+
+def _distinct_todo(
+    texts: Sequence[str], keys: Sequence[str], known: Container[str], wanted: Callable[[str], bool]
+) -> list[tuple[str, str]]:
+    """(key, text) of each distinct text not in ``known`` that ``wanted`` picks, in first-seen
+    order."""
+    todo: dict[str, str] = {}
+    for k, t in zip(keys, texts):
+        if k not in known and k not in todo and wanted(k):
+            todo[k] = t
+    return list(todo.items())
+
+
+def _encode_into(
+    todo_items: Sequence[tuple[str, str]],
+    encoder: Encoder,
+    cache: EmbeddingCache | None,
+    known: dict[str, np.ndarray] | None,
+    batch_size: int,
+    shard_rows: int,
+    progress: bool,
+    desc: str = "embedding",
+) -> None:
+    """Encode in shards of ``shard_rows`` texts, each saved to the cache (and ``known``)
+    before the next starts."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(todo_items), desc=desc, unit="text", disable=not progress or not todo_items
+    )
+    for start in range(0, len(todo_items), shard_rows):
+        shard = todo_items[start : start + shard_rows]
+        parts = []
+        for b in range(0, len(shard), batch_size):
+            batch = [t for _, t in shard[b : b + batch_size]]
+            parts.append(np.asarray(encoder.encode(batch), dtype=np.float32))
+            bar.update(len(batch))
+        emb = np.concatenate(parts)
+        shard_keys = [k for k, _ in shard]
+        if cache is not None:
+            cache.write(shard_keys, emb)
+        if known is not None:
+            known.update(zip(shard_keys, emb))
+    bar.close()
 
 
 def embed_texts(
@@ -183,35 +240,38 @@ def embed_texts(
     Duplicate texts are encoded once. Work is done in shards of ``shard_rows`` texts, each
     saved to the cache before the next starts.
     """
-    from tqdm.auto import tqdm
-
     key_of = cache.key if cache is not None else content_key
     keys = [key_of(t) for t in texts]
     known = cache.load() if cache is not None else {}
-    todo: dict[str, str] = {}
-    for k, t in zip(keys, texts):
-        if k not in known and k not in todo:
-            todo[k] = t
-    todo_items = list(todo.items())
-    bar = tqdm(
-        total=len(todo_items), desc="embedding", unit="text", disable=not progress or not todo
-    )
-    for start in range(0, len(todo_items), shard_rows):
-        shard = todo_items[start : start + shard_rows]
-        parts = []
-        for b in range(0, len(shard), batch_size):
-            batch = [t for _, t in shard[b : b + batch_size]]
-            parts.append(np.asarray(encoder.encode(batch), dtype=np.float32))
-            bar.update(len(batch))
-        emb = np.concatenate(parts)
-        shard_keys = [k for k, _ in shard]
-        if cache is not None:
-            cache.write(shard_keys, emb)
-        known.update(zip(shard_keys, emb))
-    bar.close()
+    todo = _distinct_todo(texts, keys, known, lambda _k: True)
+    _encode_into(todo, encoder, cache, known, batch_size, shard_rows, progress)
     if not keys:
         return np.zeros((0, 0), np.float32)
     return np.stack([known[k] for k in keys]).astype(np.float32, copy=False)
+
+
+def embed_share(
+    texts: Sequence[str],
+    encoder: Encoder,
+    cache: EmbeddingCache,
+    rank: int,
+    world_size: int,
+    batch_size: int = 64,
+    shard_rows: int = 1024,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Embed into ``cache`` the distinct texts that rank ``rank`` of ``world_size`` owns
+    (:func:`.distributed.shard_of` of the cache key) and the cache lacks; returns (texts this
+    rank owns, texts it encoded now). The split is by content, so the ranks agree without
+    talking and a rerun resumes from every rank's finished shards."""
+    from .distributed import shard_of
+
+    keys = [cache.key(t) for t in texts]
+    mine = {k for k in keys if shard_of(k, world_size) == rank}
+    todo = _distinct_todo(texts, keys, cache.known_keys(), mine.__contains__)
+    desc = f"embedding (rank {rank}/{world_size})" if world_size > 1 else "embedding"
+    _encode_into(todo, encoder, cache, None, batch_size, shard_rows, progress, desc)
+    return len(mine), len(todo)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -63,6 +63,16 @@ class ClusteringOptions:
     device: str | None = _opt(
         None, "Encoder device (cpu, cuda, cuda:1, ...); default: what sentence-transformers picks."
     )
+    memmap_rows: int = _opt(
+        200_000,
+        "Above this many rows the embedding matrix is a memory-mapped .npy file in the cache "
+        "directory (deleted afterwards) instead of an in-memory array; 0 = always.",
+    )
+    elbow_sample: int = _opt(
+        100_000,
+        "Rows (seeded random sample) the elbow sweep fits k = 1..k_max on; the chosen k is "
+        "then fitted on every row. All rows when there are fewer.",
+    )
     report: bool = _opt(True, "Write report.md and the cluster_map / cluster_by_source plots.")
     tsne_sample: int = _opt(2000, "Rows sampled for the t-SNE plot cluster_map.png.")
 
@@ -87,7 +97,14 @@ class ClusteringOptions:
                 f"moce.clustering.algorithm must be one of {list(ALGORITHMS)}, "
                 f"got {self.algorithm!r}."
             )
-        for name in ("k_max", "n_init", "batch_size", "cache_shard_rows", "tsne_sample"):
+        if isinstance(self.memmap_rows, bool) or not isinstance(self.memmap_rows, int) or (
+            self.memmap_rows < 0
+        ):
+            raise ClusteringError(
+                f"moce.clustering.memmap_rows must be an integer >= 0, got {self.memmap_rows!r}."
+            )
+        for name in ("k_max", "n_init", "batch_size", "cache_shard_rows", "tsne_sample",
+                     "elbow_sample"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ClusteringError(

@@ -24,11 +24,14 @@ from .artifact import (
     CENTROIDS_FILE,
     ELBOW_PLOT,
     FORMAT_VERSION,
+    INDEX_FILE,
     METADATA_FILE,
     ClusterModel,
     data_fingerprint,
     file_checksums,
+    write_index,
 )
+from .distributed import Ranks
 from .errors import ClusteringError
 from .kmeans import ElbowResult, KMeansFit, choose_algorithm, elbow_sweep, fit_kmeans
 from .options import ClusteringOptions, resolve_num_clusters
@@ -45,6 +48,51 @@ def write_assignments(path: Path, rows: Sequence[Row], keys: Sequence[str], labe
         for row, key, label in zip(rows, keys, labels.tolist()):
             rec = {"key": key, "cluster": int(label), "dataset": row.dataset, "row": row.index}
             f.write(json.dumps(rec) + "\n")
+
+
+def embedding_matrix(
+    texts: Sequence[str],
+    cache: encode.EmbeddingCache,
+    normalize: bool,
+    path: Path | None = None,
+    chunk_rows: int = 16384,
+) -> np.ndarray:
+    """Every text's embedding in the texts' order, read from the cache shard by shard (no
+    dict of every embedding) into an in-memory array, or with ``path`` into a memory-mapped
+    .npy there; L2-normalised in place chunk by chunk, so both give the same numbers."""
+    rows_of: dict[str, list[int]] = {}
+    for i, t in enumerate(texts):
+        rows_of.setdefault(cache.key(t), []).append(i)
+    x: np.ndarray | None = None
+    for shard in sorted(cache.dir.glob("shard-*.npz")):
+        try:
+            with np.load(shard) as data:
+                keys, emb = data["keys"], data["emb"]
+        except (OSError, ValueError, KeyError):
+            continue  # damaged: its texts were embedded again into another shard
+        for j, key in enumerate(k.decode() for k in keys.tolist()):
+            idx = rows_of.pop(key, None)
+            if idx is None:
+                continue  # another data set's text, or already filled from an older shard
+            if x is None:
+                shape = (len(texts), emb.shape[1])
+                x = (np.lib.format.open_memmap(path, "w+", np.float32, shape) if path
+                     else np.empty(shape, np.float32))
+            x[idx] = emb[j]
+    if rows_of:
+        raise ClusteringError(
+            f"{len(rows_of)} embeddings are not in the cache {cache.dir}: with several "
+            "processes, moce.clustering.cache_dir must be a directory every rank (every node) "
+            "shares, e.g. on a network filesystem. Rerun once it is; finished shards are "
+            "reused."
+        )
+    if x is None:
+        return np.zeros((0, 0), np.float32)
+    if normalize:
+        for start in range(0, len(x), chunk_rows):
+            x[start : start + chunk_rows] = encode.l2_normalize(
+                np.asarray(x[start : start + chunk_rows]))
+    return x
 
 
 def rows_from_examples(
@@ -176,31 +224,105 @@ def run_clustering(
     encoder: encode.Encoder | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    ranks: Ranks | None = None,
 ) -> ClusterModel:
-    """Embed ``rows``, choose k, cluster, and write the artifact at ``output`` atomically."""
+    """Embed ``rows``, choose k, cluster, and write the artifact at ``output`` atomically.
+
+    With ``ranks`` of several processes (:meth:`.distributed.Ranks.from_env`), every rank
+    passes the same rows: each embeds its share into the shared cache, then rank 0 clusters
+    and writes the artifact while the others wait for it.
+    """
     options = options or ClusteringOptions()
+    ranks = ranks or Ranks()
     output = Path(output)
     check_replaceable(output, ARTIFACT_KIND)  # before embedding: never replace a user's files
     num_clusters = resolve_num_clusters(num_clusters)
     check_rows(rows, num_clusters, options.text_template)
     check_locations(output, options)
     if encoder is None:
+        device = options.device
+        if ranks.distributed and device is None and _cuda_available():
+            device = f"cuda:{ranks.local_rank}"  # one GPU per rank, no per-process pool
         encoder = encode.SentenceTransformerEncoder(
             options.embedding_model,
             options.prefix,
             options.prompt,
             options.batch_size,
-            options.device,
+            device,
         )
     cache_root = Path(options.cache_dir) if options.cache_dir else output.parent / ".moce_cache"
     cache = encode.EmbeddingCache(cache_root, encoder.signature)
     texts = [r.text for r in rows]
+    if ranks.distributed:
+        error: BaseException | None = None
+        try:
+            t0 = time.perf_counter()
+            owned, done = encode.embed_share(
+                texts, encoder, cache, ranks.rank, ranks.world_size, options.batch_size,
+                options.cache_shard_rows, progress,
+            )
+            log(f"rank {ranks.rank}/{ranks.world_size}: embedded {done} of its {owned} "
+                f"distinct texts in {time.perf_counter() - t0:.1f}s (cache: {cache.dir})")
+        except Exception as exc:  # noqa: BLE001 - reported to every rank, then re-raised
+            error = exc
+        ranks.check_all(error)
+        if not ranks.is_main:
+            ranks.share_main_result(None)
+            return ClusterModel.load(output)
+        try:
+            model = _cluster_and_write(rows, texts, output, num_clusters, options, cache, log)
+        except BaseException as exc:
+            ranks.share_main_result(exc)
+            raise
+        ranks.share_main_result(None)
+        return model
     t0 = time.perf_counter()
-    x = encode.embed_texts(texts, encoder, cache, options.batch_size, options.cache_shard_rows,
-                           progress)
-    log(f"embedded {len(texts)} rows in {time.perf_counter() - t0:.1f}s (cache: {cache.dir})")
-    if options.normalize:
-        x = encode.l2_normalize(x)
+    _, done = encode.embed_share(texts, encoder, cache, 0, 1, options.batch_size,
+                                 options.cache_shard_rows, progress)
+    log(f"embedded {done} new texts in {time.perf_counter() - t0:.1f}s (cache: {cache.dir})")
+    return _cluster_and_write(rows, texts, output, num_clusters, options, cache, log)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _cluster_and_write(
+    rows: Sequence[Row],
+    texts: Sequence[str],
+    output: Path,
+    num_clusters: int | str,
+    options: ClusteringOptions,
+    cache: encode.EmbeddingCache,
+    log: Callable[[str], None],
+) -> ClusterModel:
+    """The rows' embeddings (all in the cache by now) in the rows' order, then k, k-means
+    and the artifact."""
+    matrix = None
+    if len(texts) > options.memmap_rows:
+        matrix = cache.dir / f"matrix-{os.getpid()}.npy"
+    try:
+        x = embedding_matrix(texts, cache, options.normalize, matrix)
+        return _fit_and_write(rows, texts, x, output, num_clusters, options, log)
+    finally:
+        if matrix is not None:
+            matrix.unlink(missing_ok=True)
+
+
+def _fit_and_write(
+    rows: Sequence[Row],
+    texts: Sequence[str],
+    x: np.ndarray,
+    output: Path,
+    num_clusters: int | str,
+    options: ClusteringOptions,
+    log: Callable[[str], None],
+) -> ClusterModel:
     algorithm = choose_algorithm(len(x), options.algorithm)
     elbow = None
     if num_clusters == "auto":
@@ -211,8 +333,16 @@ def run_clustering(
                 "moce.num_clusters to an integer."
             )
         k_max = min(options.k_max, distinct)
-        elbow = elbow_sweep(x, k_max, algorithm, options.seed, options.n_init)
-        fit = elbow.fits[elbow.k]
+        if len(x) > options.elbow_sample:
+            # The sweep fits k_max models: on a fixed-size sample, then the chosen k on all.
+            pick = np.sort(np.random.default_rng(options.seed).choice(
+                len(x), options.elbow_sample, replace=False))
+            elbow = elbow_sweep(np.asarray(x[pick]), k_max, algorithm, options.seed,
+                                options.n_init)
+            fit = fit_kmeans(x, elbow.k, algorithm, options.seed, options.n_init)
+        else:
+            elbow = elbow_sweep(x, k_max, algorithm, options.seed, options.n_init)
+            fit = elbow.fits[elbow.k]
         log(f"elbow: k={elbow.k} ({elbow.method}); SSE {[round(s, 1) for s in elbow.sse]}")
     else:
         fit = fit_kmeans(x, int(num_clusters), algorithm, options.seed, options.n_init)
@@ -222,6 +352,7 @@ def run_clustering(
     def fill(tmp: Path) -> None:
         np.save(tmp / CENTROIDS_FILE, fit.centroids)
         write_assignments(tmp / ASSIGNMENTS_FILE, rows, keys, fit.labels)
+        write_index(tmp / INDEX_FILE, keys, fit.labels.tolist())
         if elbow is not None:
             plot_elbow(elbow, tmp / ELBOW_PLOT)
         if options.report:

@@ -21,6 +21,7 @@ import pytest
 from moce_plugin.clustering import (
     ASSIGNMENTS_FILE,
     METADATA_FILE,
+    ClusterArtifactError,
     ClusteringError,
     ClusteringOptions,
     ClusterModel,
@@ -394,3 +395,59 @@ def test_cli_config_errors(tmp_path: Path) -> None:
     help_text = _run_cli("--help", cwd=tmp_path).stdout
     for flag in ("--num-clusters", "--output", "--embedding-model", "--k-max", "--cache-dir"):
         assert flag in help_text
+
+
+# ---- bounded memory: the memory-mapped embedding matrix -----------------------------------------
+def test_memmapped_matrix_gives_the_in_memory_artifact(tmp_path: Path, monkeypatch) -> None:
+    """On the bundled sample (cheap BagEncoder): the artifact built from a memory-mapped
+    embedding matrix equals the in-memory one, and the matrix file is removed afterwards."""
+    from fake_encoder import BagEncoder
+
+    import moce_plugin.clustering.pipeline as pipeline
+
+    examples = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    rows = rows_from_examples(str(SAMPLE), examples, "auto")
+    used: list[Path | None] = []
+    real = pipeline.embedding_matrix
+
+    def spy(texts, cache, normalize, path=None, chunk_rows=16384):
+        used.append(path)
+        x = real(texts, cache, normalize, path, chunk_rows=97)  # chunks cross the data
+        assert isinstance(x, np.memmap) == (path is not None)
+        return x
+
+    monkeypatch.setattr(pipeline, "embedding_matrix", spy)
+    arts = {}
+    for name, memmap_rows in (("ram", 10**9), ("disk", 0)):
+        opts = fake_options(tmp_path, memmap_rows=memmap_rows, elbow_sample=250, k_max=5)
+        arts[name] = run_clustering(rows, tmp_path / name, "auto", opts, BagEncoder(),
+                                    progress=False)
+    assert used[0] is None and used[1] is not None and not used[1].exists()
+    ram, disk = arts["ram"].path, arts["disk"].path
+    assert (ram / ASSIGNMENTS_FILE).read_text() == (disk / ASSIGNMENTS_FILE).read_text()
+    np.testing.assert_array_equal(arts["ram"].centroids, arts["disk"].centroids)
+    assert arts["ram"].lookup(examples, str(SAMPLE)) == arts["disk"].lookup(examples, str(SAMPLE))
+
+
+def test_sorted_index_lookup_equals_the_assignments_table(fake_artifact, tmp_path) -> None:
+    """Training looks rows up by binary search in assignments.index.npy (memory-mapped, no
+    table of every key); same ids as assignments.jsonl, and unknown rows are still an error."""
+    from moce_plugin.clustering.artifact import INDEX_FILE, write_index
+
+    model, examples = fake_artifact
+    assert (model.path / INDEX_FILE).is_file()
+    ids = model.lookup(examples, "topics")
+    assert model._assignments is None  # the jsonl table was not loaded
+    fresh = ClusterModel.load(model.path)
+    table = fresh.assignments
+    assert ids == [table[fresh.key_of(e)] for e in examples]
+    with pytest.raises(ClusterArtifactError, match="not in the cluster artifact"):
+        model.lookup([{"instruction": "never clustered"}], "topics")
+    # keys ending in NUL bytes (numpy strips them from fixed-width bytes) and a near miss
+    keys = ["00" * 31 + "01", "ab" * 31 + "00", "ab" * 30 + "0000", "ff" * 32, "7f" * 32]
+    path = tmp_path / "idx"
+    path.mkdir()
+    write_index(path / INDEX_FILE, keys, [0, 1, 2, 3, 4])
+    get = ClusterModel(path, model.metadata, model.centroids)._index_get()
+    assert [get(k) for k in keys] == [0, 1, 2, 3, 4]
+    assert get("ab" * 31 + "01") is None and get("00" * 32) is None

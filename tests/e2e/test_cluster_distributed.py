@@ -1,0 +1,158 @@
+"""Stage 1 on several processes, launched as users launch it:
+``accelerate launch -m moce_plugin.clustering.cli CFG`` with 2 gloo (CPU) ranks.
+
+The ranks use the cheap deterministic ``BagEncoder`` (swapped in by tests/cluster_site's
+sitecustomize), so the artifacts can be compared exactly:
+
+* 2 ranks write the same artifact as 1 process (assignments, k, metadata; centroids to float
+  tolerance), and both ranks embedded a share;
+* a rank killed mid-embedding, then a rerun: the rerun finishes, keeps the finished shards and
+  encodes no text twice, and its artifact equals the 1-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
+TOPICS = {
+    "math": "add numbers sum integer equation solve",
+    "code": "python function loop list write program",
+    "poem": "write verse rhyme moon love sonnet",
+}
+ROWS_PER_TOPIC = 16
+
+
+def write_data(path: Path) -> int:
+    rows = []
+    for topic, words in TOPICS.items():
+        vocab = words.split()
+        for i in range(ROWS_PER_TOPIC):
+            picked = " ".join(vocab[(i + j) % len(vocab)] for j in range(3))
+            rows.append({"instruction": f"{topic} {picked} item{i}", "input": "",
+                         "output": "ok", "source": topic})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def write_config(workdir: Path, data: Path) -> Path:
+    cfg = workdir / "moce.yml"
+    cfg.write_text(
+        f"datasets:\n  - path: {data}\n    type: alpaca\n    ds_type: json\n"
+        "moce:\n  num_clusters: auto\n  cluster_artifact: clusters\n"
+        "  clustering:\n    k_max: 6\n    report: false\n    cache_dir: cache\n"
+        "    batch_size: 4\n    cache_shard_rows: 4\n"
+    )
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stage1(workdir: Path, nproc: int, **extra_env: str) -> subprocess.CompletedProcess:
+    """The CLI under `accelerate launch` (nproc > 1: its torchrun launcher, gloo on CPU) or as
+    one plain process."""
+    cfg = write_config(workdir, workdir.parent / "data.jsonl")
+    if nproc > 1:
+        accelerate = str(Path(sys.executable).parent / "accelerate")
+        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port())]
+    else:
+        cmd = [sys.executable]
+    cmd += ["-m", "moce_plugin.clustering.cli", str(cfg)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "AXOLOTL_DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1", "MOCE_TEST_ENCODER": "bag",
+           **extra_env}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS / "cluster_site"), str(REPO), env.get("PYTHONPATH", "")])
+    env.pop("ACCELERATE_USE_CPU", None)
+    try:
+        return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
+                              timeout=240)
+    except subprocess.TimeoutExpired as err:  # a hang at the barrier is a failure
+        raise AssertionError(f"stage 1 on {nproc} processes did not finish in 240s") from err
+
+
+def cache_keys(workdir: Path) -> list[str]:
+    keys: list[str] = []
+    for shard in sorted((workdir / "cache").glob("emb-*/shard-*.npz")):
+        with np.load(shard) as data:
+            keys += [k.decode() for k in data["keys"].tolist()]
+    return keys
+
+
+def assert_same_artifact(a: Path, b: Path) -> None:
+    assert (a / "assignments.jsonl").read_text() == (b / "assignments.jsonl").read_text()
+    np.testing.assert_allclose(np.load(a / "centroids.npy"), np.load(b / "centroids.npy"),
+                               rtol=1e-5, atol=1e-6)
+    meta_a, meta_b = (json.loads((p / "metadata.json").read_text()) for p in (a, b))
+    for meta in (meta_a, meta_b):
+        meta.pop("created")
+        meta["kmeans"].pop("sse")
+        meta["k_selection"].pop("sse")
+        meta["k_selection"].pop("silhouette")
+        meta.pop("silhouette")
+        meta["files"].pop("centroids.npy")  # float-level differences allowed above
+    assert meta_a == meta_b
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stage1_dist")
+    n = write_data(root / "data.jsonl")
+    work = root / "one"
+    work.mkdir()
+    proc = run_stage1(work, 1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(cache_keys(work)) == n
+    return work / "clusters"
+
+
+def test_two_ranks_write_the_one_process_artifact(one_process: Path) -> None:
+    work = one_process.parent.parent / "two"
+    work.mkdir()
+    proc = run_stage1(work, 2)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert_same_artifact(work / "clusters", one_process)
+    # both ranks did a share of the work, and no text was embedded twice
+    for rank in (0, 1):
+        line = next(l for l in log.splitlines() if f"rank {rank}/2: embedded" in l)
+        assert int(line.split("embedded ")[1].split()[0]) > 0, line
+    keys = cache_keys(work)
+    assert len(keys) == len(set(keys)) == 3 * ROWS_PER_TOPIC
+    assert json.loads((work / "clusters" / "metadata.json").read_text())["num_clusters"] >= 2
+
+
+def test_killed_rank_then_rerun_resumes(one_process: Path) -> None:
+    work = one_process.parent.parent / "killed"
+    work.mkdir()
+    killed = run_stage1(work, 2, MOCE_TEST_KILL_RANK="1", MOCE_TEST_KILL_AFTER="2")
+    assert killed.returncode != 0
+    assert not (work / "clusters").exists()
+    before = {p.name for p in (work / "cache").glob("emb-*/shard-*.npz")}
+    assert before, "no shard was finished before the kill"
+    assert len(cache_keys(work)) < 3 * ROWS_PER_TOPIC
+
+    proc = run_stage1(work, 2)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    after = {p.name for p in (work / "cache").glob("emb-*/shard-*.npz")}
+    assert before < after  # the finished shards were kept, the rest added
+    keys = cache_keys(work)
+    assert len(keys) == len(set(keys)) == 3 * ROWS_PER_TOPIC  # nothing encoded twice
+    assert_same_artifact(work / "clusters", one_process)
