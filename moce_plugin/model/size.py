@@ -12,12 +12,13 @@ import os
 
 import torch
 
+from ..errors import ConfigError
 from .config import MoCEConfig
 
 LOG = logging.getLogger(__name__)
 
 
-class MoCESizeError(ValueError):
+class MoCESizeError(ConfigError):
     """The MoCE modules of a configuration cannot fit in memory."""
 
 

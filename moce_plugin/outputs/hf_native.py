@@ -306,7 +306,7 @@ def save_export_pretrained(model: Any, save_directory: str | os.PathLike, save: 
 
     from ..utils import read_json
     from .folder import MOCE_CONFIG_NAME, read_meta, save_moce_files
-    from .hf_export import CONFIG_CODE, MODELING_CODE
+    from .remote_code import CONFIG_CODE, MODELING_CODE
 
     config = model.config
     source = model._moce_assigner.folder

@@ -152,9 +152,18 @@ def test_every_cluster_option_reaches_the_artifact(tmp_path, monkeypatch):
               "text_template": "{question}", "normalize": False, "k_max": 4, "seed": 7,
               "algorithm": "kmeans", "n_init": 2, "batch_size": 5,
               "cache_dir": str(tmp_path / "cache"), "cache_shard_rows": 10, "device": "cpu",
-              "report": False, "tsne_sample": 12}
+              "report": False, "tsne_sample": 12, "memmap_rows": 10, "elbow_sample": 20}
     assert set(values) == {f.name for f in dataclasses.fields(ClusteringOptions)}, \
         "a new option: give it a value here and check its effect below"
+    from moce_plugin.clustering import pipeline
+
+    matrices: list = []
+    swept: list[int] = []
+    real_matrix, real_sweep = pipeline.embedding_matrix, pipeline.elbow_sweep
+    monkeypatch.setattr(pipeline, "embedding_matrix", lambda texts, cache, normalize, matrix:
+                        matrices.append(matrix) or real_matrix(texts, cache, normalize, matrix))
+    monkeypatch.setattr(pipeline, "elbow_sweep", lambda x, *a: swept.append(len(x))
+                        or real_sweep(x, *a))
     argv = [str(cfg), "--output", str(tmp_path / "art"), "--num-clusters", "auto", "--quiet"]
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")
@@ -167,6 +176,9 @@ def test_every_cluster_option_reaches_the_artifact(tmp_path, monkeypatch):
     assert md["kmeans"]["seed"] == 7 and md["kmeans"]["n_init"] == 2
     assert md["kmeans"]["algorithm"] == "kmeans" and md["k_selection"]["k_max"] == 4
     assert md["k_selection"]["ks"] == [1, 2, 3, 4]
+    assert len(matrices) == 1 and matrices[0] is not None  # 30 rows > memmap_rows: on disk
+    assert not matrices[0].exists()  # the memory-mapped matrix is removed afterwards
+    assert swept == [20]  # the elbow sweep ran on elbow_sample rows
     questions = {r["instruction"] for r in sample_rows(30)}
     encoded = [t for texts, _, _ in _Model.calls for t in texts]
     assert sorted(encoded) == sorted("query: " + q for q in questions)  # prefix + template

@@ -133,7 +133,8 @@ def cluster_format(tmp_path: Path, name: str, template: str, make_row, entry: di
                            log=lambda _m: None)
     (ds_name, dataset), = load_yaml_datasets(cfg)
     # The training lookup (the plugin's step 1), as the plugin calls it.
-    moce_cfg = DictDefault({"moce": {"cluster_artifact": str(model.path)}})
+    moce_cfg = DictDefault({"moce": {"cluster_artifact": str(model.path),
+                                     "clustering": {"text_template": template}}})
     with_ids = attach_cluster_column(dataset, DictDefault(cfg["datasets"][0]), moce_cfg)
     train_ids = list(with_ids["cluster_id"])
     return model, [dict(r) for r in dataset], train_ids
