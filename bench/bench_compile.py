@@ -1,9 +1,9 @@
 """Train-step time of an upcycled model, eager vs ``torch.compile`` (the whole model, as
 axolotl's ``torch_compile: true`` compiles it), with Dynamo's graph and graph-break counts.
 
-    python bench/bench_compile.py                         # SmolLM2-135M-like sizes, CPU fp32
-    python bench/bench_compile.py --tiny --backend aot_eager --steps 2 --warmup 1   # smoke
-    python bench/bench_compile.py --device cuda --dtype bfloat16 --batch 8 --seq 1024
+    python -m bench.bench_compile                         # SmolLM2-135M-like sizes, CPU fp32
+    python -m bench.bench_compile --tiny --backend aot_eager --steps 2 --warmup 1   # smoke
+    python -m bench.bench_compile --device cuda --dtype bfloat16 --batch 8 --seq 1024
 
 The model is a randomly initialised Llama of the given sizes (nothing is downloaded), upcycled
 with MoCE (3 clusters x 4 experts, top-2, adapter_dim 64 by default). A step is forward +
