@@ -111,6 +111,7 @@ def test_split_loop_ops_match_plain_products_and_differentiate():
                                got[1])
 
 
+@pytest.mark.slow  # compiles a whole model three times: minutes on a shared CPU
 def test_upcycled_model_compiles_without_breaks_or_recompiles():
     """The whole upcycled model under torch.compile (as axolotl's ``torch_compile: true``
     compiles it): no graph break anywhere, no new graph after warm-up as batch size, length
@@ -122,7 +123,9 @@ def test_upcycled_model_compiles_without_breaks_or_recompiles():
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, backend="aot_eager")
     gen = torch.Generator().manual_seed(0)
-    shapes = [(2, 9), (2, 13), (3, 7), (2, 20), (1, 11)]
+    # Batch size 1 is left out: Dynamo specialises sizes 0 and 1 by design (one more graph
+    # the first time a batch of one appears), a property of torch.compile, not of MoCE.
+    shapes = [(2, 9), (2, 13), (3, 7), (2, 20), (3, 11), (2, 16)]
     for step, (batch, seq) in enumerate(shapes):
         if step == 3:  # static, then dynamic length, then dynamic batch: warm
             warm_graphs = _graphs()
