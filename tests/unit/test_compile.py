@@ -4,7 +4,9 @@ Dynamo's counters (``torch._dynamo.utils.counters``) count graph breaks and comp
 the backend is ``aot_eager`` (AOT autograd traces forward and backward, no C++ toolchain),
 so what is checked is what Dynamo and AOT autograd make of the code, not inductor's kernels.
 The float32 CPU runs take the split-loop fallback of the grouped products
-(``torch.ops.moce.split_grouped_mm``), the path that used to break the graph at every product.
+(``torch.ops.moce.split_grouped_mm``). A split with host-read sizes inline broke the
+whole-model graph at every product (62 breaks in the whole-model test); on the layer alone
+Dynamo happens to trace it, so the whole-model test (slow) is the one that guards the op.
 """
 
 from __future__ import annotations
