@@ -20,8 +20,9 @@ Both entry points sort their rows once with :func:`~.dispatch.sort_by_bin` and c
 functions through :func:`gather_grouped_mm` and :func:`weighted_grouped_mm_combine`
 (keyword-only arguments). Everything stays on the device: no host sync on the grouped path;
 the split-loop fallback (no grouped kernel for the device/dtype, e.g. CPU under
-torch.compile in float32, CUDA in float32) reads the bin sizes on the host
-(``counts.tolist()``), which a split needs.
+torch.compile in float32, CUDA in float32) reads the bin sizes on the host, which a split
+needs, inside a custom op (``torch.ops.moce.split_grouped_mm``) so that torch.compile
+keeps it in the graph.
 
 :func:`block_adapter_sum` runs the same two functions without slots, for tokens that share
 a set of experts (soft merging: a group's E experts; top-k: the k chosen ones; (V): plus the
@@ -61,6 +62,74 @@ def grouped_mm_supported(a: torch.Tensor, b: torch.Tensor, cols: int | None = No
     return a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16)
 
 
+# ---- the split-loop fallback as custom ops --------------------------------------------------
+# A split needs the bin sizes on the host (``tolist()``): a data-dependent op that breaks a
+# torch.compile graph, once per product. As opaque custom ops with fake kernels (output
+# shapes from the operands alone), Dynamo keeps them inside one graph and the sizes are read
+# only when the kernel runs (as transformers' ``grouped_mm_fallback``). ``offsets`` [G]: the
+# end row of each group (int32, what ``torch._grouped_mm`` takes).
+def _group_sizes(offsets: torch.Tensor) -> list[int]:
+    ends = offsets.tolist()  # the one host read of the fallback
+    return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+@torch.library.custom_op("moce::split_grouped_mm", mutates_args=())
+def _split_grouped_mm(x: torch.Tensor, weight: torch.Tensor,
+                      offsets: torch.Tensor) -> torch.Tensor:
+    """Rows offsets[g-1]:offsets[g] of ``x`` [A, K] times ``weight[g]`` [K, N] -> [A, N]."""
+    out = x.new_empty(x.shape[0], weight.shape[-1])
+    start = 0
+    for g, size in enumerate(_group_sizes(offsets)):
+        if size:
+            torch.mm(x[start:start + size], weight[g], out=out[start:start + size])
+        start += size
+    return out
+
+
+@_split_grouped_mm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[-1])
+
+
+@torch.library.custom_op("moce::split_grouped_weight_grad", mutates_args=())
+def _split_grouped_weight_grad(a: torch.Tensor, b: torch.Tensor,
+                               offsets: torch.Tensor) -> torch.Tensor:
+    """Per-group ``a_g^T @ b_g`` -> [G, K, N] (a group without rows: zeros)."""
+    out = a.new_zeros(offsets.shape[0], a.shape[-1], b.shape[-1])
+    start = 0
+    for g, size in enumerate(_group_sizes(offsets)):
+        if size:
+            torch.mm(a[start:start + size].t(), b[start:start + size], out=out[g])
+        start += size
+    return out
+
+
+@_split_grouped_weight_grad.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(offsets.shape[0], a.shape[-1], b.shape[-1])
+
+
+def _split_grouped_mm_setup(ctx, inputs, output) -> None:
+    x, weight, offsets = inputs
+    ctx.save_for_backward(x, weight, offsets)
+
+
+def _split_grouped_mm_backward(ctx, grad):
+    # The products autograd forms for torch._grouped_mm, through the same two ops.
+    x, weight, offsets = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.moce.split_grouped_mm(grad.contiguous(),
+                                                 weight.transpose(-2, -1), offsets)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.moce.split_grouped_weight_grad(x, grad.contiguous(), offsets)
+    return grad_x, grad_w, None
+
+
+_split_grouped_mm.register_autograd(_split_grouped_mm_backward,
+                                    setup_context=_split_grouped_mm_setup)
+
+
 def grouped_matmul(
     x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
     use_grouped: bool | None = None,
@@ -69,7 +138,8 @@ def grouped_matmul(
 
     x: [A, K] sorted so group g owns rows offsets[g-1]:offsets[g]; weight: [G, K, N].
     ``use_grouped=None`` decides from the operands; the split loop is correct everywhere
-    (one host sync for the split sizes).
+    (one host sync for the split sizes, inside ``torch.ops.moce.split_grouped_mm``).
+    ``counts`` is accepted for the callers' symmetry; the sizes come from ``offsets``.
     """
     if weight.shape[0] == 1:  # one group: a plain product, no offsets needed
         return x @ weight[0]
@@ -77,8 +147,7 @@ def grouped_matmul(
         use_grouped = grouped_mm_supported(x, weight)
     if use_grouped:
         return torch._grouped_mm(x, weight, offs=offsets)
-    chunks = torch.split(x, counts.tolist())
-    return torch.cat([c @ weight[g] for g, c in enumerate(chunks)], dim=0)
+    return torch.ops.moce.split_grouped_mm(x, weight, offsets)
 
 
 def grouped_weight_grad(
@@ -92,11 +161,7 @@ def grouped_weight_grad(
         return (a.transpose(-2, -1) @ b)[None]
     if use_grouped:
         return torch._grouped_mm(a.transpose(-2, -1), b, offs=offsets)
-    sizes = counts.tolist()
-    return torch.stack([
-        ca.transpose(-2, -1) @ cb
-        for ca, cb in zip(torch.split(a, sizes), torch.split(b, sizes), strict=True)
-    ])
+    return torch.ops.moce.split_grouped_weight_grad(a, b, offsets)
 
 
 def _sum_slots(

@@ -17,7 +17,9 @@ class RoutingMetrics:
         self.reset()
 
     def reset(self) -> None:
-        self.steps = 0
+        # A tensor on the statistics' device, not an int: torch.compile specialises on int
+        # attributes and would recompile the backbone's post-hook at every step.
+        self._steps: torch.Tensor | None = None
         self.aux_sum: torch.Tensor | None = None
         self.load_sum: dict[int, torch.Tensor] = {}  # layer -> [C, E] token-weighted load
         self.tokens_sum: dict[int, torch.Tensor] = {}  # layer -> [C]
@@ -28,8 +30,8 @@ class RoutingMetrics:
         records = [r for r in records if r.aux_loss is not None]
         if not records:
             return
-        self.steps += 1
         aux = torch.stack([r.aux_loss.detach() for r in records]).mean()
+        self._steps = aux.new_ones(()) if self._steps is None else self._steps + 1
         self.aux_sum = aux if self.aux_sum is None else self.aux_sum + aux
         for r in records:
             i = r.layer_index
@@ -39,6 +41,11 @@ class RoutingMetrics:
             self.entropy_sum[i] = self.entropy_sum.get(i, 0) + r.entropy
             if r.general_load is not None:
                 self.general_load_sum[i] = self.general_load_sum.get(i, 0) + r.general_load
+
+    @property
+    def steps(self) -> int:
+        """Forwards counted since the last reset (one host read, at logging time)."""
+        return 0 if self._steps is None else int(self._steps.item())
 
     def expert_load(self, layer: int) -> torch.Tensor:
         """Token-weighted mean expert load [C, E] of ``layer`` since the last reset."""

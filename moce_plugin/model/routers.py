@@ -100,7 +100,9 @@ class ACMoERouter(Router):
         estimate elsewhere), which also updates the running estimate; eval: the running one.
         """
         running, seen = self.dispersion, self.seen
-        if self.training or not bool(seen.any()):
+        # Both cases of "has anything been seen" are chosen with torch.where, not a Python
+        # branch on a tensor: no host sync, no graph break under torch.compile.
+        if self.training or torch.compiler.is_compiling() or not bool(seen.any()):
             batch, counts = cluster_mad(x, clusters, valid, running.shape[0])
             enough = counts >= 2
             if self.training:
@@ -108,10 +110,15 @@ class ACMoERouter(Router):
                 blended = torch.where(seen[:, None] > 0, m * running + (1 - m) * batch, batch)
                 running.copy_(torch.where(enough[:, None], blended.to(running.dtype), running))
                 seen.add_(enough.to(seen.dtype))
+            # The mean dispersion of the clusters with enough tokens (ones if there is none).
+            weight = enough.to(batch.dtype)[:, None]
+            batch_mean = (batch * weight).sum(0, keepdim=True) / weight.sum().clamp(min=1.0)
+            batch_mean = torch.where(enough.any(), batch_mean, torch.ones_like(batch_mean))
             fallback = torch.where(seen[:, None] > 0, running.float(),
-                                   batch[enough].mean(0, keepdim=True) if bool(enough.any())
-                                   else torch.ones_like(batch))
+                                   batch_mean.expand_as(batch))
             dispersion = torch.where(enough[:, None], batch, fallback)
+            if not self.training:  # eval: the running estimate once anything was seen
+                dispersion = torch.where(seen.any(), running.float(), dispersion)
         else:
             dispersion = running.float()
         return feature_weights(dispersion, self.eps, self.clamp)
