@@ -1,4 +1,4 @@
-"""Plants the layer / loss bugs that once survived the suite (issue 17, item 11) one at a time
+"""Plants the layer / loss bugs that once survived the suite, one at a time
 in a scratch copy of the repository and checks that the named tests fail.
 
     python tests/mutate_layer.py          # all of them; prints caught / missed, exit 1 if missed

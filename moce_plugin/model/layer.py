@@ -96,7 +96,7 @@ class MoCEExperts(nn.Module):
             t.copy_((torch.rand(t.shape, generator=gen) * 2 - 1) * bound)
 
         # nn.Linear's default bound (kaiming-uniform, a=sqrt(5)) for routers and down;
-        # drawn in the same order as before the router was a module (same initial weights).
+        # the draw order is part of the format: a seed gives 0.1.0's initial weights.
         bound = 1.0 / math.sqrt(self.hidden_size)
         self.router.reset_parameters(gen)
         if self.general_router is not None:

@@ -39,7 +39,7 @@ def moce_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _remap_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys saved before the router was a module (``layers.<i>.router``,
+    """Keys of the 0.1.0 weights format (``layers.<i>.router``,
     ``layers.<i>.acmoe_dispersion``, ``layers.<i>.acmoe_seen``) -> current names."""
     out = {}
     for key, value in state.items():

@@ -377,7 +377,7 @@ def test_transformers_serve_answers_the_openai_client_with_per_domain_clusters(e
     assert log.count(f"moce cluster {expected[0]} <- {PROMPTS[0][:80]!r}") == 2  # + streamed
 
 
-# ---- saving a loaded export (issue 25, items 11 and 12) ----------------------------------
+# ---- saving a loaded export, and its tokenizer -----------------------------------------------
 def test_save_pretrained_of_a_loaded_export_loads_again_with_equal_logits(exported, tmp_path):
     out, dest = exported
     model = _auto_model(dest)

@@ -196,7 +196,7 @@ def test_works_with_top1_soft_and_general_experts(top_k, general):
 
 
 def test_weights_saved_with_the_old_key_names_still_load():
-    """moce_weights.safetensors written before the router was a module used
+    """moce_weights.safetensors in the 0.1.0 format used
     ``layers.<i>.router`` / ``acmoe_dispersion`` / ``acmoe_seen``."""
     model = _acmoe_model().train()
     model(input_ids=torch.randint(0, 128, (2, 8)), moce_cluster_ids=torch.tensor([0, 1]))

@@ -258,7 +258,7 @@ def test_string_ids_mixed_with_integers_are_read_as_integers(tmp_path):
 def test_completion_text_longer_than_sequence_len_keeps_its_cluster_in_every_chunk(
         tmp_path, model_dir):
     """axolotl's completion strategy cuts a long text into sequence_len chunks: every token of
-    every chunk carries the id of the row it came from (issue 25, item 13)."""
+    every chunk carries the id of the row it came from."""
     from transformers import AutoTokenizer
 
     seq = 16
