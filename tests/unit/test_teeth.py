@@ -1,5 +1,6 @@
 """Tests for one-line bugs that a weaker suite let through (logged entropy, ACMoE statistics,
-template fields, the decode attention mask, the base fingerprint): each compares a value with an independent computation, so the one-line bug makes it fail.
+template fields, the decode attention mask, the base fingerprint): each compares a value
+with an independent computation, so the one-line bug makes it fail.
 tests/mutate_teeth.py plants each bug and checks that these tests catch it."""
 
 from __future__ import annotations
