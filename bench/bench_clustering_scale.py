@@ -137,7 +137,6 @@ def _rss_anon_kib() -> int:
 def _memory_child(n: int, work: Path) -> None:
     import threading
 
-    sys.path.insert(0, str(REPO))
     from moce_plugin.clustering import ClusteringOptions, rows_from_examples, run_clustering
 
     peak_anon = [0]
@@ -174,8 +173,9 @@ def memory(sizes: list[int]) -> None:
         work = Path(tempfile.mkdtemp(prefix=f"moce_mem_{n}_"))
         try:
             proc = subprocess.run(
-                [sys.executable, __file__, "_memory_child", str(n), str(work)],
-                env={**os.environ, **ENV}, capture_output=True, text=True)
+                [sys.executable, "-m", "bench.bench_clustering_scale", "_memory_child", str(n),
+                 str(work)], cwd=REPO, env={**os.environ, **ENV}, capture_output=True,
+                text=True)
             if proc.returncode != 0:
                 sys.exit(f"{n} rows failed:\n{proc.stderr[-4000:]}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -2,7 +2,7 @@
 
     bash bench/gpu_check.sh                     # all steps, about 5-7 minutes on one GPU
     bash bench/gpu_check.sh --steps tests,layer576 --budget 200
-    python bench/gpu_check.py --list            # the steps and their timeouts, nothing run
+    python -m bench.gpu_check --list            # the steps and their timeouts, nothing run
 
 Steps (each in its own subprocess with its own timeout, skipped with the reason when what it
 needs is missing: no CUDA, no flash_attn, no bitsandbytes; the whole run also has a budget,
@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-THIS = Path(__file__).resolve()
 FIGURE_TAG = "GPU_CHECK_FIGURE:"
 # Below this many seconds of budget a step is not started: it could not finish anyway.
 MIN_STEP_SECONDS = 20
@@ -171,15 +170,16 @@ def all_steps() -> list[Step]:
         _layer_step("layer576", 576, 1536, 75),
         _layer_step("layer4096", 4096, 11008, 90),
         Step("compile", "train step eager vs torch.compile", 150, ("cuda", *MOCE_NEEDS),
-             lambda ctx: [ctx.python, str(THIS), "_compile", "--out", str(ctx.out)],
+             lambda ctx: [ctx.python, "-m", "bench.gpu_check", "_compile", "--out", str(ctx.out)],
              tagged_figure),
         Step("flash_pack", "axolotl train, flash_attention_2 + sample_packing", 120,
              ("cuda", *MOCE_NEEDS, "flash_attn", "axolotl"),
-             lambda ctx: [ctx.python, str(THIS), "_axolotl", "flash_pack", "--out",
+             lambda ctx: [ctx.python, "-m", "bench.gpu_check", "_axolotl", "flash_pack", "--out",
                           str(ctx.out)], tagged_figure),
         Step("qlora", "axolotl train, QLoRA 4-bit on the GPU", 120,
              ("cuda", *MOCE_NEEDS, "bitsandbytes", "axolotl"),
-             lambda ctx: [ctx.python, str(THIS), "_axolotl", "qlora", "--out", str(ctx.out)],
+             lambda ctx: [ctx.python, "-m", "bench.gpu_check", "_axolotl", "qlora", "--out",
+                          str(ctx.out)],
              tagged_figure),
     ]
 
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] in ("_compile", "_axolotl"):
-        import gpu_check_children  # bench/ is on sys.path when run as a script
+        from bench import gpu_check_children
 
         return gpu_check_children.main(argv)
     args = parse_args(argv)

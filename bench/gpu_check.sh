@@ -19,4 +19,4 @@ if [[ -n "${GPU_CHECK_WHEELS:-}" ]]; then
   extra="$site:"
 fi
 export PYTHONPATH="$extra$root:$root/tests:$root/bench${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" bench/gpu_check.py --python "$py" "$@"
+exec "$py" -m bench.gpu_check --python "$py" "$@"

@@ -1,6 +1,6 @@
 """The steps of bench/gpu_check.py that are Python code rather than another script's command.
 
-``python bench/gpu_check.py _compile --out DIR`` and ``python bench/gpu_check.py _axolotl
+``python -m bench.gpu_check _compile --out DIR`` and ``python -m bench.gpu_check _axolotl
 {flash_pack,qlora} --out DIR``: each prints one ``GPU_CHECK_FIGURE: {json}`` line (the
 figure, and a problem when a check failed). Run with the environment gpu_check.py sets
 (repo root, tests/ and bench/ on PYTHONPATH).
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpu_check import FIGURE_TAG
+from bench.gpu_check import FIGURE_TAG
 
 
 def emit(figure: str, problem: str | None = None) -> None:

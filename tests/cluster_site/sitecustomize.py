@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-from pathlib import Path
 
 if os.environ.get("MOCE_TEST_ENCODER") == "bag":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for fake_encoder
     from fake_encoder import BagEncoder
 
     import moce_plugin.clustering.encode as _encode

@@ -79,7 +79,7 @@ def run_stage1(workdir: Path, nproc: int, **extra_env: str) -> subprocess.Comple
            "AXOLOTL_DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1", "MOCE_TEST_ENCODER": "bag",
            **extra_env}
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(TESTS / "cluster_site"), str(REPO), env.get("PYTHONPATH", "")])
+        [str(TESTS / "cluster_site"), str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
     env.pop("ACCELERATE_USE_CPU", None)
     try:
         return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from bench import gpu_check as check
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))  # the script imports its sibling as a plain module
-import gpu_check as check  # noqa: E402
 
 NO_GPU = {"cuda": False, "pytest": True, "transformers": True, "pydantic": True,
           "flash_attn": False, "bitsandbytes": True, "axolotl": True}
@@ -170,7 +170,7 @@ def test_commands_name_existing_files_and_flags(tmp_path):
             script, argv, args = ROOT / cmd[1], [str(ROOT / cmd[1])], cmd[2:]
         assert script.is_file(), cmd
         if script.name == "gpu_check.py":  # a child step: its own argument parser
-            import gpu_check_children
+            from bench import gpu_check_children
 
             with pytest.raises(SystemExit) as e:  # argparse --help exits 0
                 gpu_check_children.main([*args, "--help"])
@@ -192,7 +192,7 @@ def test_gpu_tests_listed_are_all_the_cuda_only_files():
 
 
 def test_axolotl_configs_of_the_gpu_runs():
-    import gpu_check_children as ch
+    from bench import gpu_check_children as ch
 
     flash = ch.axolotl_config("flash_pack", Path("/m"), Path("/d.jsonl"), Path("/o"))
     assert flash["attn_implementation"] == "flash_attention_2" and flash["sample_packing"]
