@@ -1,8 +1,8 @@
 """Stage 1 at scale: rows/s on 1 and 2 processes, and peak RSS against the row count.
 
-    python bench/bench_clustering_scale.py speed  [--nproc 1 2] [--data FILE.jsonl]
-    python bench/bench_clustering_scale.py memory [--rows 10000 100000 1000000]
-    python bench/bench_clustering_scale.py all
+    python -m bench.bench_clustering_scale speed  [--nproc 1 2] [--data FILE.jsonl]
+    python -m bench.bench_clustering_scale memory [--rows 10000 100000 1000000]
+    python -m bench.bench_clustering_scale all
 
 ``speed`` runs the real stage-1 command (``moce_plugin.clustering.cli``, the offline MiniLM) on
 the bundled sample (default) with a fresh cache, one plain process and then ``accelerate launch``
