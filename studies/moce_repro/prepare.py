@@ -36,6 +36,7 @@ from .repro_config import (
     TRAIN_FILE,
     WORK,
     Settings,
+    clustering_settings,
 )
 
 # Settings that change only the evaluation: changing them keeps the trained runs.
@@ -98,7 +99,7 @@ def cluster(s: Settings) -> None:
         base_model=s.base_model,
         plugins=["moce_plugin.MoCEPlugin"],
         moce=dict(num_clusters="auto", cluster_artifact=str(CLUSTERS),
-                  clustering=dict(k_max=8, seed=s.seed)),
+                  clustering=clustering_settings(s)),
         datasets=[dict(path=str(TRAIN_FILE), type="alpaca", ds_type="json")],
     )
     path = WORK / "cluster.yml"

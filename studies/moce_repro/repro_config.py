@@ -219,6 +219,12 @@ def train_config(run: Run, s: Settings) -> dict[str, Any]:
     return cfg
 
 
+def clustering_settings(s: Settings) -> dict[str, Any]:
+    """The `moce.clustering` block stage 1 runs with; every clustered run's YAML carries the
+    same, as training refuses an artifact made with other settings."""
+    return dict(k_max=8, seed=s.seed)
+
+
 def moce_block(run: Run, s: Settings, k: int) -> dict[str, Any]:
     """The `moce:` block of a MoCE/PESC run, with k clusters."""
     moce = dict(experts_per_group=s.experts_per_group, adapter_dim=s.adapter_dim,
@@ -229,7 +235,8 @@ def moce_block(run: Run, s: Settings, k: int) -> dict[str, Any]:
     if run.seed is not None:
         moce["init_seed"] = run.seed
     if run.clustered:
-        moce.update(num_clusters=k, cluster_artifact=str(CLUSTERS))
+        moce.update(num_clusters=k, cluster_artifact=str(CLUSTERS),
+                    clustering=clustering_settings(s))
     else:  # PESC: one group, C x E experts (same as MoCE in all) unless `experts` says
         moce.update(num_clusters=1,
                     experts_per_group=run.experts or k * moce["experts_per_group"])
