@@ -33,6 +33,7 @@ from typing import Any
 
 from ..clustering.errors import ClusteringError
 from ..clustering.text import content_key, iter_rows, template_fields
+from ..errors import ConfigError
 from ..model.config import MoCEConfig
 from ..model.upcycle import load_moce_state_dict
 from ..outputs.folder import (
@@ -52,7 +53,7 @@ MODEL_KEYS = ("num_clusters", "experts_per_group", "top_k", "num_general_experts
               "layers", "router", "acmoe_eps", "acmoe_clamp")
 
 
-class MoCEContinuationError(ValueError):
+class MoCEContinuationError(ConfigError):
     """A run can't start from this MoCE model as configured (the message names the fix)."""
 
 
