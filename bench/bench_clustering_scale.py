@@ -24,7 +24,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.launch import module_command
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "data" / "moce_sample.jsonl"
@@ -41,12 +42,6 @@ TOPICS = ("math", "code", "chat", "poem", "law", "bio", "chem", "news")
 
 
 # ---- speed: the real command, 1 process vs accelerate launch ----------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cli(work: Path, data: Path, nproc: int) -> tuple[float, float]:
     """(wall s of the whole command, embedding s of its slowest rank, from its log)."""
     cfg = work / "moce.yml"
@@ -55,14 +50,7 @@ def run_cli(work: Path, data: Path, nproc: int) -> tuple[float, float]:
         "moce:\n  num_clusters: auto\n  cluster_artifact: clusters\n"
         "  clustering:\n    report: false\n    cache_dir: cache\n"
     )
-    if nproc > 1:
-        accelerate = str(Path(sys.executable).parent / "accelerate")
-        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port())]
-    else:
-        cmd = [sys.executable]
-    cmd += ["-m", "moce_plugin.clustering.cli", str(cfg)]
+    cmd = module_command("moce_plugin.clustering.cli", [str(cfg)], nproc)
     env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join(
         [str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+from bench.launch import module_command
 from bench.machine_info import cpu_model, ensure_smollm2
 from bench.step_timer import rank_file
 
@@ -45,12 +44,6 @@ CLUSTER_OF_SOURCE = {"alpaca": 0, "code_alpaca": 1, "gsm8k": 2}
 MODES = ("single", "ddp", "fsdp2", "zero2", "zero3")
 
 # --------------------------------------------------------------------------- driver
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_data(path: Path) -> None:
     with open(DATA) as src, open(path, "w") as dst:
         for line in src:
@@ -108,13 +101,7 @@ def run_mode(mode: str, steps: int, seq: int, threads: int, keep: Path | None,
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     env.pop("ACCELERATE_USE_CPU", None)
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "axolotl.cli.train", str(cfg_path)]
-    else:
-        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               "-m", "axolotl.cli.train", str(cfg_path)]
+    cmd = module_command("axolotl.cli.train", [str(cfg_path)], nproc)
     log_path = tmp / "train.log"
     t0 = time.perf_counter()
     with open(log_path, "w") as log:

@@ -21,6 +21,14 @@ from typing import Any
 from .errors import FileFormatError
 
 
+def describe_difference(diff: dict[str, tuple[Any, Any]], recorded: str,
+                        given: str = "YAML") -> str:
+    """``{key: (recorded value, given value)}`` as one clause of an error message, e.g.
+    ``top_k: checkpoint 1, YAML 2; adapter_dim: checkpoint 8, YAML 16``: the one wording of
+    every "the YAML differs from what was recorded" refusal."""
+    return "; ".join(f"{k}: {recorded} {a!r}, {given} {b!r}" for k, (a, b) in diff.items())
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """``json.loads`` of ``path``; a damaged file is reported with its name, not a bare
     JSONDecodeError."""

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..utils import FolderKind, read_json
+from ..utils import FolderKind, describe_difference, read_json
 from .encode import SentenceTransformerEncoder, embed_texts, l2_normalize
 from .errors import ClusterArtifactError, ClusteringError
 from .kmeans import nearest_centroid
@@ -347,7 +347,7 @@ class ClusterModel:
         describe."""
         diff = self.settings_difference(options)
         if diff:
-            details = "; ".join(f"{k}: artifact {a!r}, YAML {b!r}" for k, (a, b) in diff.items())
+            details = describe_difference(diff, "artifact")
             raise ClusterArtifactError(
                 f"moce.clustering differs from the settings the cluster artifact {self.path} "
                 f"was made with ({details}). Re-cluster with `moce-cluster {config}` (or "

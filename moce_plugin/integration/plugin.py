@@ -40,6 +40,7 @@ from ..outputs.folder import (
     saved_meta,
     write_moce_config,
 )
+from ..utils import describe_difference
 from .args import cluster_model_of, moce_config_from_cfg
 from .continuation import load_moce_source, moce_source
 from .datasets import check_prepared_dataset
@@ -240,7 +241,7 @@ def check_resume_config(cfg: Any, moce: MoCEConfig) -> None:
             diff["cluster_artifact"] = (f"fingerprint {recorded[:12]}",
                                         f"{moce.cluster_artifact} (fingerprint {current[:12]})")
     if diff:
-        details = "; ".join(f"{k}: checkpoint {a!r}, YAML {b!r}" for k, (a, b) in diff.items())
+        details = describe_difference(diff, "checkpoint")
         raise ConfigError(
             f"resume_from_checkpoint {checkpoint}: the YAML's moce: block differs from the one "
             f"the checkpoint was trained with ({details}); resuming would train another model "

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from bench.launch import module_command
 
 pytestmark = pytest.mark.slow
 
@@ -57,24 +57,11 @@ def write_config(workdir: Path, data: Path) -> Path:
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_stage1(workdir: Path, nproc: int, **extra_env: str) -> subprocess.CompletedProcess:
     """The CLI under `accelerate launch` (nproc > 1: its torchrun launcher, gloo on CPU) or as
     one plain process."""
     cfg = write_config(workdir, workdir.parent / "data.jsonl")
-    if nproc > 1:
-        accelerate = str(Path(sys.executable).parent / "accelerate")
-        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port())]
-    else:
-        cmd = [sys.executable]
-    cmd += ["-m", "moce_plugin.clustering.cli", str(cfg)]
+    cmd = module_command("moce_plugin.clustering.cli", [str(cfg)], nproc)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "AXOLOTL_DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1", "MOCE_TEST_ENCODER": "bag",
            **extra_env}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +42,8 @@ from axolotl_helpers import (
     write_cluster_jsonl,
 )
 from safetensors.torch import load_file
+
+from bench.launch import module_command
 
 pytestmark = pytest.mark.slow
 
@@ -76,22 +77,13 @@ def sharding_settings(mode: str) -> dict:
     raise ValueError(mode)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(cfg: dict, workdir: Path, nproc: int = NPROC, timeout: int = 300) -> str:
     """`accelerate launch -m axolotl.cli.train` with nproc gloo processes (no accelerate
     config file: --multi_gpu selects accelerate's torchrun launcher, the plugin puts the
     ranks on gloo when there is no CUDA)."""
     path = workdir / "config.yml"
     path.write_text(yaml.safe_dump(cfg))
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(nproc),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "axolotl.cli.train", str(path)]
+    cmd = module_command("axolotl.cli.train", [str(path)], nproc)
     e = env()
     e["OMP_NUM_THREADS"] = "1"
     e.pop("ACCELERATE_USE_CPU", None)  # the plain launch, as on a GPU machine

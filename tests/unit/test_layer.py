@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layer_helpers import D, make_config, make_experts
 
 from bench.reference import naive_aux_loss, naive_moce
 from moce_plugin.model.config import MoCEConfig
@@ -11,32 +12,6 @@ from moce_plugin.model.expert_ops import grouped_matmul
 from moce_plugin.model.layer import MoCEExperts, MoCEMLP
 from moce_plugin.model.plans import all_plans, choose_plan
 from moce_plugin.model.routing import cluster_ids_context
-
-D = 32
-
-
-def make_config(top_k, general=0, groups=3, experts=4, general_top_k=None, seed=0,
-                activation="sigmoid"):
-    return MoCEConfig(
-        num_clusters=groups,
-        experts_per_group=experts,
-        top_k=top_k,
-        num_general_experts=general,
-        general_top_k=general_top_k,
-        adapter_dim=8,
-        adapter_scaling=0.5,
-        init_seed=seed,
-        adapter_activation=activation,
-    )
-
-
-def make_experts(top_k, general=0, groups=3, experts=4, general_top_k=None, seed=0,
-                 activation="sigmoid"):
-    cfg = make_config(top_k, general, groups, experts, general_top_k, seed, activation)
-    layer = MoCEExperts(D, cfg)
-    with torch.no_grad():  # non-zero up-projections so the adapters matter
-        layer.up.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed + 1))
-    return layer
 
 
 def random_batch(T=57, groups=3, seed=0, pad_frac=0.2):

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layer_helpers import D, make_experts
 
 from moce_plugin.model import plans as plans_mod
-from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.dispatch import sort_by_bin
-from moce_plugin.model.layer import MoCEExperts
 from moce_plugin.model.plans import (
     GENERAL_PLANS,
     GROUP_PLANS,
@@ -19,19 +18,6 @@ from moce_plugin.model.plans import (
     route,
 )
 from moce_plugin.model.routers import ACMoERouter
-
-D = 32
-
-
-def make_experts(top_k, general=0, general_top_k=None, groups=3, experts=4,
-                 router="linear"):
-    cfg = MoCEConfig(num_clusters=groups, experts_per_group=experts, top_k=top_k,
-                     num_general_experts=general, general_top_k=general_top_k,
-                     adapter_dim=8, adapter_scaling=0.5, router=router)
-    layer = MoCEExperts(D, cfg).train()
-    with torch.no_grad():  # non-zero up-projections so the adapters matter
-        layer.up.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    return layer
 
 
 def batch(T=57, groups=3, experts=4, seed=0):

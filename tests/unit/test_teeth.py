@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from layer_helpers import D, make_experts
 from test_inference import CFG, _full_output, base_dir
-from test_layer import D, make_experts
 from test_output_safety import other_base
 from transformers import AutoTokenizer
 
