@@ -137,27 +137,35 @@ def moce_weights_checksum(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+_RESTORE = "Restore the folder from a copy, or use another checkpoint-* of the run."
+_EARLIER_CHECKPOINT = ("Use an earlier checkpoint-* of the run (or train again with a lower "
+                       "learning rate).")
+
+
 def check_moce_weights(state: Mapping[str, torch.Tensor], source: str | os.PathLike,
-                       meta: dict | None = None) -> None:
+                       meta: dict | None = None, names: Mapping[str, str] | None = None,
+                       fix: str | None = None) -> None:
     """Refuse MoCE tensors that are not the ones saved (``meta``'s checksum, when given and
-    recorded) or hold NaN/inf: either would generate garbage for some clusters only."""
+    recorded) or hold NaN/inf: either would generate garbage for some clusters only.
+    ``names``: how to name a tensor in the error (its file and key there), when not ``key``;
+    ``fix``: what to do instead of the checkpoint advice (an export is re-exported)."""
     import torch
 
     recorded = (meta or {}).get(WEIGHTS_META_KEY, {}).get("sha256")
     if recorded and moce_weights_checksum(state) != recorded:
         raise FileFormatError(
             f"{source} is damaged: its MoCE tensors differ from the checksum recorded in "
-            f"{MOCE_CONFIG_NAME} when they were saved (changed or overwritten since). Restore "
-            "the folder from a copy, or use another checkpoint-* of the run."
+            f"{MOCE_CONFIG_NAME} when they were saved (changed or overwritten since). "
+            f"{fix or _RESTORE}"
         )
     for key in sorted(state):
         t = state[key]
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise FileFormatError(
-                f"{source}: MoCE tensor {key} holds {bad} non-finite values (NaN/inf) of "
-                f"{t.numel()}: the weights are damaged or training diverged. Use an earlier "
-                "checkpoint-* of the run (or train again with a lower learning rate)."
+                f"{source}: MoCE tensor {(names or {}).get(key, key)} holds {bad} non-finite "
+                f"values (NaN/inf) of {t.numel()}: the weights are damaged or training "
+                f"diverged. {fix or _EARLIER_CHECKPOINT}"
             )
 
 
@@ -266,12 +274,14 @@ def _module_path(name: str) -> str:
     return re.sub(r"\.modules_to_save\.[^.]+$", "", name)
 
 
-def moce_weights_from_model_files(directory: str | os.PathLike, model: Any
+def moce_weights_from_model_files(directory: str | os.PathLike, model: Any,
+                                  origins: dict[str, str] | None = None
                                   ) -> dict[str, torch.Tensor]:
     """The MoCE tensors of ``model``'s layout (keys ``layers.<i>.<name>``, as
     moce_weights.safetensors) read from the folder's model or adapter safetensors, where a
     full save names them ``<layers path>.<i>.<mlp>.moce_experts.<name>`` and PEFT's adapter
-    file ``base_model.model.<same>``. Empty when the folder has none."""
+    file ``base_model.model.<same>``. Empty when the folder has none. ``origins`` (when
+    given) receives ``"<its key there> in <file>"`` per returned key, for errors."""
     from safetensors import safe_open
 
     from ..model.upcycle import MOCE_MODULE_NAME
@@ -291,7 +301,10 @@ def moce_weights_from_model_files(directory: str | os.PathLike, model: Any
                     module, rest = key.split(_MOCE_MODULE, 1)
                     layer = layer_of.get(_module_path(module))
                     if layer is not None:
-                        out[f"layers.{layer}.{_PEFT_COPY.sub('', rest)}"] = st.get_tensor(key)
+                        name = f"layers.{layer}.{_PEFT_COPY.sub('', rest)}"
+                        out[name] = st.get_tensor(key)
+                        if origins is not None:
+                            origins[name] = f"{key} in {file}"
         except (SafetensorError, RuntimeError) as exc:
             raise _unreadable(file, exc) from exc
     return out

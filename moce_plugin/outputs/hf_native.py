@@ -250,7 +250,10 @@ class MoCECausalLMMixin:
             )
         moce_config = MoCEConfig(**moce)
         upcycle_model(self, moce_config)
-        self._moce_assigner = ClusterAssigner(_folder_of(config), moce_config.groups,
+        folder = _folder_of(config)
+        if folder is not None:  # before from_pretrained reads the weights into the model
+            check_export_weights(folder, self)
+        self._moce_assigner = ClusterAssigner(folder, moce_config.groups,
                                               bool(getattr(config, HAS_ARTIFACT_KEY, False)))
         self.register_forward_pre_hook(_assign_in_forward, with_kwargs=True)
         if os.environ.get(LOG_ENV, "") not in ("", "0") and not log.handlers:
@@ -285,6 +288,50 @@ class MoCECausalLMMixin:
                 ids = ids.expand(input_ids.shape[0]).clone()
             kwargs[CLUSTER_IDS_KWARG] = ids
         return super().generate(inputs, *args, **kwargs)
+
+
+def check_export_weights(folder: Path, model: Any) -> None:
+    """Refuse an export whose MoCE tensors (in its model safetensors, what ``from_pretrained``
+    loads) hold NaN/inf or differ from the checksum its ``moce_config.json`` recorded, naming
+    the tensor and file. Only the MoCE tensors are read and hashed (the base weights are the
+    base model's; hashing whole multi-GB files on every load would be too slow): a few ms
+    per MB of adapters, read through the same memory map the load uses."""
+    from .folder import (
+        MOCE_CONFIG_NAME,
+        MOCE_WEIGHTS_NAME,
+        WEIGHTS_META_KEY,
+        check_moce_weights,
+        load_safetensors,
+        moce_weights_checksum,
+        moce_weights_from_model_files,
+        read_meta,
+    )
+
+    origins: dict[str, str] = {}
+    state = moce_weights_from_model_files(folder, model, origins)
+    if not state:
+        return  # no MoCE tensors in safetensors here: from_pretrained reports missing weights
+    fix = ("Download or copy the folder again, or re-export it: "
+           "`moce-export OUTPUT_DIR DEST`.")
+    check_moce_weights(state, folder, None, names=origins, fix=fix)
+    meta = read_meta(folder) if (folder / MOCE_CONFIG_NAME).is_file() else {}
+    recorded = meta.get(WEIGHTS_META_KEY, {}).get("sha256")
+    if not recorded or moce_weights_checksum(state) == recorded:
+        return
+    # Which tensor: the export's moce_weights.safetensors, when it still matches the checksum.
+    changed = sorted(state)
+    saved_file = folder / MOCE_WEIGHTS_NAME
+    if saved_file.is_file():
+        saved = load_safetensors(saved_file)
+        if moce_weights_checksum(saved) == recorded:
+            changed = [k for k in sorted(state)
+                       if k not in saved or not torch.equal(saved[k], state[k])] or changed
+    shown = ", ".join(origins[k] for k in changed[:3]) + (
+        f" (and {len(changed) - 3} more)" if len(changed) > 3 else "")
+    raise MoCEExportError(
+        f"{folder} is damaged: MoCE tensor {shown} differs from the checksum recorded in "
+        f"{MOCE_CONFIG_NAME} at export (changed or overwritten since). {fix}"
+    )
 
 
 # What an export holds beside the weights and config that save_pretrained writes; copied
