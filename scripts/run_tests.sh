@@ -7,5 +7,5 @@ bash scripts/install.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ruff check moce_plugin preprocess tests bench studies examples
+ruff check moce_plugin preprocess tests bench studies examples conftest.py
 python -m pytest -q "$@"
