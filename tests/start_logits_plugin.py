@@ -15,10 +15,21 @@ PROBE_CLUSTERS = torch.tensor([0, 2])
 
 class StartLogitsPlugin(BasePlugin):
     def post_model_load(self, cfg, model):
+        import os
+        from contextlib import nullcontext
+
+        gathered = nullcontext()
+        params = list(model.parameters())
+        if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: params loaded under zero.Init
+            import deepspeed  # are shards; every rank gathers them (a collective) to probe
+
+            gathered = deepspeed.zero.GatheredParameters(params)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), gathered:
             logits = model(input_ids=PROBE_IDS, moce_cluster_ids=PROBE_CLUSTERS).logits
         model.train(was_training)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         torch.save(logits.float().cpu(), Path(cfg.output_dir) / "start_logits.pt")

@@ -75,6 +75,24 @@ def test_sft_continues_from_a_moce_output_or_export(tmp_path, first_run, start):
     assert not torch.allclose(after, start_logits)
 
 
+def test_continuation_under_deepspeed_zero3_on_two_processes(tmp_path, first_run):
+    """`base_model:` a MoCE output, trained on under ZeRO-3 (examples' zero3 config, 2 gloo
+    ranks): the FFN (through the base_mlp key mapping, inside zero.Init) and the experts are
+    the loaded model's at step 0, and the output is a MoCE model trained on."""
+    from test_sharded_train import launch, sharding_settings
+
+    cfg = {**_continue(tmp_path, first_run), **sharding_settings("zero3")}
+    log = launch(cfg, tmp_path)
+    assert f"MoCE: continuing from {first_run}" in log
+    out = tmp_path / "model"
+    start_logits = torch.load(out / "start_logits.pt")
+    torch.testing.assert_close(start_logits, _loaded_logits(first_run), rtol=0, atol=1e-5)
+    assert train_losses(out / "checkpoint-2")
+    saved = json.loads((out / "moce_config.json").read_text())
+    assert saved["router_aux_loss_coef"] == 0.02 and saved["adapter_dim"] == 8
+    assert not torch.allclose(_loaded_logits(out), start_logits)
+
+
 def test_contradicting_moce_block_is_refused_before_loading(tmp_path, first_run):
     cfg = _continue(tmp_path, first_run, top_k=2, adapter_dim=16)
     with pytest.raises(AssertionError) as err:
