@@ -88,3 +88,25 @@ def test_overwritten_bytes_are_refused_by_the_recorded_checksum(export_dir, tmp_
     assert f"is damaged: MoCE tensor {TARGET} in {file} differs from the checksum" in msg, msg
     # the training-output loader reads moce_weights.safetensors, which is intact
     assert load_moce_model(broken).model is not None
+
+
+def test_sharded_export_names_the_shard_holding_the_damaged_tensor(export_dir, tmp_path):
+    """A multi-file export (``model.safetensors.index.json``): only the shards holding MoCE
+    tensors are read, and the error names the shard."""
+    broken = _copy(export_dir, tmp_path / "sharded")
+    file = broken / "model.safetensors"
+    with safe_open(str(file), framework="pt") as st:
+        metadata = st.metadata()
+    state = load_file(str(file))
+    file.unlink()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    holder = next(name for name, names in shards.items() if TARGET in names)
+    state[TARGET][1, 0, :3] = float("inf")
+    for name, names in shards.items():
+        save_file({k: state[k] for k in names}, str(broken / name), metadata=metadata)
+    index = {"metadata": {}, "weight_map": {k: n for n, names in shards.items() for k in names}}
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(MoCEError, match=f"{TARGET} in {broken / holder} holds 3 non-finite"):
+        _auto(broken)
