@@ -29,17 +29,18 @@ def require_vllm() -> Path:
     pytest.skip(message)
 
 
-def build_export(root: Path, cfg=None) -> Path:
-    """base (head_dim 64) -> 3-cluster artifact (real MiniLM) -> MoCE output -> export."""
-    from hf_native_helpers import CFG
-
+def build_exports(root: Path, configs: dict) -> dict[str, Path]:
+    """base (head_dim 64) -> 3-cluster artifact (real MiniLM) -> one MoCE output and export
+    per ``{name: MoCEConfig}``."""
     from moce_plugin.export import export_model
-    from moce_plugin.outputs.folder import base_config_summary  # noqa: F401
 
     base = tiny_base_64(root / "base")
     artifact = build_artifact(root / "artifact")
-    build_output(base, root / "out", artifact, cfg=cfg or CFG)
-    return export_model(root / "out", root / "dest")
+    exports = {}
+    for name, cfg in configs.items():
+        build_output(base, root / f"out_{name}", artifact, cfg=cfg)
+        exports[name] = export_model(root / f"out_{name}", root / f"export_{name}")
+    return exports
 
 
 def tiny_base_64(path: Path) -> Path:
@@ -50,13 +51,14 @@ def tiny_base_64(path: Path) -> Path:
     return save_tiny_model_dir(path, texts, **HEAD_DIM_64)
 
 
-def run_vllm(script: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``script`` with the vLLM environment's python (a ``__main__`` guard is added by
-    the caller: vLLM's engine starts child processes)."""
+def run_vllm(script: Path, cwd: Path, *args: str, timeout: int = 900,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the file ``script`` (with a ``__main__`` guard: vLLM's engine starts child
+    processes) with the vLLM environment's python."""
     python = require_vllm()
-    proc = subprocess.run([str(python), "-c", script], cwd=cwd,
-                          env={**os.environ, **VLLM_ENV}, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run([str(python), str(script), *args], cwd=cwd,
+                          env={**os.environ, **VLLM_ENV, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        raise AssertionError(f"vLLM process failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"vLLM process failed:\n{proc.stderr[-6000:]}")
     return proc

