@@ -41,3 +41,14 @@ def test_every_supported_family_has_a_vllm_class():
     assert moce_architecture("llama") == "MoCELlamaForCausalLM"
     with pytest.raises(ExportError, match="transformers serve"):
         moce_architecture("gpt2")
+
+
+def test_pyproject_declares_the_vllm_entry_point():
+    import importlib
+
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    target = pyproject["project"]["entry-points"]["vllm.general_plugins"]["moce"]
+    module, name = target.split(":")
+    assert callable(getattr(importlib.import_module(module), name))
