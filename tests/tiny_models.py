@@ -55,7 +55,8 @@ def tiny_causal_lm(model_type: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-def save_tiny_model_dir(path, texts: list[str], model_type: str = "llama", seed: int = 0):
+def save_tiny_model_dir(path, texts: list[str], model_type: str = "llama", seed: int = 0,
+                        **overrides):
     """Write a tokenizer + tiny random model folder that axolotl can load as base_model."""
     tokenizer = train_tiny_tokenizer(texts)
     tokenizer.save_pretrained(path)
@@ -64,7 +65,7 @@ def save_tiny_model_dir(path, texts: list[str], model_type: str = "llama", seed:
         pad_token_id=3, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
         # A wider init than HF's 0.02: with a frozen random lm_head of std 0.02 the logits
         # can hardly move, so adapter-only training could not show a falling loss.
-        initializer_range=0.2,
+        initializer_range=0.2, **overrides,
     )
     model.save_pretrained(path)
     return path
