@@ -22,7 +22,7 @@ def require_vllm() -> Path:
     """The vLLM environment's python; in CI its absence fails the test, locally it skips."""
     if VLLM_PYTHON.is_file():
         return VLLM_PYTHON
-    message = (f"no vLLM environment at {VLLM_PYTHON}: run `bash scripts/install.sh --vllm` "
+    message = (f"no vLLM environment at {VLLM_PYTHON}: run `bash scripts/install_vllm.sh` "
                "(or set MOCE_VLLM_PYTHON)")
     if os.environ.get("CI"):
         pytest.fail(message)
