@@ -1,0 +1,140 @@
+"""Preference tuning (``rl: dpo``) of a MoCE model through the real `axolotl train`.
+
+A preference row's cluster is its prompt's: every MoCE layer sees it on the chosen and the
+rejected sequence, in the policy's forward and in the reference's; the reference stays the
+model as it was at step 0 (with LoRA: the adapter disabled also restores the step-0 experts,
+PEFT's modules_to_save original); the DPO loss falls and TRL's rewards/margins are logged with
+MoCE's routing metrics; the output reloads, generates and exports; a MoCE SFT output is a
+valid start."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from axolotl_helpers import SOURCE_TO_CLUSTER, base_config, run_train, sample_rows
+
+pytestmark = pytest.mark.slow
+
+PLUGINS = ["moce_plugin.MoCEPlugin", "preference_ids_plugin.PreferenceIdsPlugin"]
+
+
+def _rows(limit: int = 8) -> list[dict]:
+    """chatml.intel rows: a sample answer is chosen, another domain's answer rejected; the
+    shortest rows of each domain, so a step is quick."""
+    by_source: dict[str, list[dict]] = {}
+    for r in sorted(sample_rows(), key=lambda r: len(r["instruction"] + r["input"] + r["output"])):
+        by_source.setdefault(r["source"], []).append(r)
+    picked = [r for i in range(limit) for r in [list(by_source.values())[i % 3][i // 3]]]
+    out = []
+    for i, r in enumerate(picked):
+        other = next(o for o in picked[i + 1:] + picked if o["source"] != r["source"])
+        out.append({"question": (r["instruction"] + "\n" + r["input"]).strip(),
+                    "chosen": r["output"][:120], "rejected": other["output"][:120],
+                    "cluster_id": SOURCE_TO_CLUSTER[r["source"]]})
+    return out
+
+
+def _dpo_config(model_dir, tmp, rows, **overrides):
+    data = tmp / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = base_config(model_dir, data, tmp, plugins=PLUGINS, rl="dpo",
+                      datasets=[dict(path=str(data), type="chatml.intel", ds_type="json",
+                                     split="train")],
+                      val_set_size=0, max_steps=12, save_steps=12, micro_batch_size=2,
+                      gradient_accumulation_steps=1, learning_rate=0.02,
+                      adapter="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                      lora_target_linear=True,
+                      moce=dict(num_clusters=3, experts_per_group=2, top_k=1, adapter_dim=8,
+                                router_aux_loss_coef=0.01))
+    cfg["trl"] = {"beta": 0.1}
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def _history(out):
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    return [h for h in state["log_history"] if "loss" in h]
+
+
+def _expected_cluster(tokenizer, rows, input_ids) -> int:
+    """The cluster of the row whose question's tokens appear in this sequence."""
+    seq = input_ids.tolist()
+    found = set()
+    for r in rows:
+        q = tokenizer(r["question"], add_special_tokens=False)["input_ids"][1:-1]
+        if q and any(seq[i:i + len(q)] == q for i in range(len(seq) - len(q) + 1)):
+            found.add(r["cluster_id"])
+    assert len(found) == 1, found
+    return found.pop()
+
+
+def _check_ids(out, rows, model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    forwards = torch.load(out / "preference_ids.pt")
+    policy = [f for f in forwards if f["grad"]]
+    reference = [f for f in forwards if not f["grad"]]
+    assert policy and len(reference) == len(policy), [f["grad"] for f in forwards]
+    n_layers = len(policy[0]["layers"])
+    assert n_layers >= 2
+    for pol, ref in zip(policy, reference):
+        # the same batch in both forwards, every MoCE layer with the same per-token ids
+        assert torch.equal(pol["input_ids"], ref["input_ids"])
+        for f in (pol, ref):
+            assert len(f["layers"]) == n_layers
+            for ids in f["layers"].values():
+                assert torch.equal(ids, next(iter(pol["layers"].values())))
+        ids = next(iter(pol["layers"].values()))
+        mask = pol["attention_mask"].bool()
+        assert ids.shape == pol["input_ids"].shape
+        assert (ids[~mask] == -1).all()
+        half = ids.shape[0] // 2
+        for row in range(ids.shape[0]):
+            real = ids[row][mask[row]]
+            want = _expected_cluster(tokenizer, rows, pol["input_ids"][row][mask[row]])
+            assert (real == want).all(), (row, real.unique(), want)
+            # chosen row i and rejected row half + i carry the same example's cluster
+            if row < half:
+                assert torch.equal(real[:1], ids[row + half][mask[row + half]][:1])
+
+
+def test_dpo_lora_ids_in_both_forwards_loss_falls_and_output_works(tmp_path, tiny_model_dir):
+    rows = _rows()
+    cfg = _dpo_config(tiny_model_dir, tmp_path, rows)
+    proc = run_train(cfg, tmp_path)
+    out = tmp_path / "model"
+    _check_ids(out, rows, tiny_model_dir)
+
+    history = _history(out)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "moce/aux_loss", "moce/router_entropy"):
+        assert all(key in h for h in history), (key, history[0].keys())
+    first, last = history[0], history[-4:]
+    # Step 1: policy == reference, so rewards are 0 and the DPO loss is log 2; the
+    # load-balancing loss joins it (coef 0.01).
+    assert first["rewards/margins"] == 0 and first["rewards/chosen"] == 0
+    assert first["loss"] == pytest.approx(0.69315 + 0.01 * first["moce/aux_loss"], abs=1e-3)
+    # The last 4 steps (one epoch of the 8 rows) against the first epoch.
+    mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)  # noqa: E731
+    assert mean(last, "loss") < mean(history[:4], "loss") - 0.05, [h["loss"] for h in history]
+    assert mean(last, "rewards/margins") > 0.05
+    console = proc.stdout + proc.stderr
+    assert "rewards/margins" in console
+
+    # The reference is the model as loaded, at the end of training too (the trained experts
+    # live in PEFT's active copy; the adapter disabled runs the step-0 copy).
+    torch.testing.assert_close(torch.load(out / "ref_logits_end.pt"),
+                               torch.load(out / "start_logits.pt"), rtol=0, atol=1e-5)
+
+    from moce_plugin.export import export_model
+    from moce_plugin.inference import load_moce_model
+
+    model = load_moce_model(out)
+    text = model.generate([rows[0]["question"]], cluster=rows[0]["cluster_id"], max_new_tokens=4)
+    assert len(text) == 1
+    exported = export_model(out, tmp_path / "exported")
+    assert (exported / "config.json").is_file()
