@@ -138,3 +138,48 @@ def test_dpo_lora_ids_in_both_forwards_loss_falls_and_output_works(tmp_path, tin
     assert len(text) == 1
     exported = export_model(out, tmp_path / "exported")
     assert (exported / "config.json").is_file()
+
+
+def test_dpo_full_finetune_from_a_moce_sft_output(tmp_path, tiny_model_dir):
+    """SFT -> DPO: base_model is a MoCE SFT output; without an adapter axolotl loads a second
+    model as the reference, which must be the SFT model too (experts loaded, not upcycled)."""
+    from axolotl_helpers import write_cluster_jsonl
+
+    from moce_plugin.inference import load_moce_model
+
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    data = write_cluster_jsonl(sft_dir / "train.jsonl", limit=60)
+    run_train(base_config(tiny_model_dir, data, sft_dir, max_steps=3, save_steps=3,
+                          learning_rate=0.1, val_set_size=0), sft_dir)
+    sft = sft_dir / "model"
+
+    rows = _rows()
+    cfg = _dpo_config(sft, tmp_path, rows, adapter=None, moce=dict(router_aux_loss_coef=0.01))
+    for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear"):
+        cfg.pop(key)
+    proc = run_train(cfg, tmp_path)
+    out = tmp_path / "model"
+    assert f"MoCE: continuing from {sft}" in proc.stdout + proc.stderr
+    loaded = load_moce_model(sft).logits(_probe_ids(), _probe_clusters())
+    start = torch.load(out / "start_logits.pt")
+    torch.testing.assert_close(start, loaded, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.load(out / "ref_logits_end.pt"), start, rtol=0, atol=1e-5)
+    _check_ids(out, rows, tiny_model_dir)
+    history = _history(out)
+    assert history[0]["rewards/margins"] == 0
+    assert any(h["rewards/margins"] != 0 for h in history[1:])
+    after = load_moce_model(out).logits(_probe_ids(), _probe_clusters())
+    assert not torch.allclose(after, start)
+
+
+def _probe_ids():
+    from preference_ids_plugin import PROBE_IDS
+
+    return PROBE_IDS
+
+
+def _probe_clusters():
+    from preference_ids_plugin import PROBE_CLUSTERS
+
+    return PROBE_CLUSTERS
