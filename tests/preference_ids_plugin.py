@@ -44,6 +44,8 @@ class _Probe(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.plugin.flush(self.out)
         trainer = self.plugin.trainer
+        if not hasattr(trainer, "ref_model"):  # ORPO: no reference
+            return control
         torch.save(_reference_logits(trainer), self.out / "ref_logits_end.pt")
         return control
 
@@ -66,7 +68,8 @@ class PreferenceIdsPlugin(BasePlugin):
 
     def post_trainer_create(self, cfg, trainer):
         self.trainer = trainer
-        models = [trainer.model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
+        ref = getattr(trainer, "ref_model", None)
+        models = [trainer.model] + ([ref] if ref is not None else [])
         for model in models:
             backbone = next(m for m in model.modules() if hasattr(m, "_moce_config"))
             backbone.register_forward_pre_hook(self._on_backbone, with_kwargs=True)

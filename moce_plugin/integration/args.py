@@ -26,16 +26,7 @@ SUPPORTED_ADAPTERS = (None, "lora", "qlora")
 # (option, the one allowed value besides unset/false, why MoCE can't honour anything else)
 #: Preference tuning axolotl runs with MoCE: each row's cluster (its prompt's) reaches the
 #: policy's and the reference's forwards (integration/preference.py).
-SUPPORTED_RL = ("dpo", "ipo")
-#: Preference trainers not wired yet, with what is missing (docs/training.md, "Preference").
-NOT_YET_RL = {
-    "orpo": "axolotl's ORPO trainer (trl.experimental.orpo) tokenizes and concatenates chosen "
-            "and rejected in its own concatenated_forward, which MoCE's preference collator "
-            "does not feed yet",
-    "kto": "TRL's KTO trainer runs its KL and reference forwards with input_ids and "
-           "attention_mask only (trl/trainer/kto_trainer.py, compute_ref_log_probs), so the "
-           "cluster ids are not passed yet",
-}
+SUPPORTED_RL = ("dpo", "ipo", "orpo", "kto")
 
 UNSUPPORTED_OPTIONS = (
     ("streaming", None, "streamed datasets bypass the step that attaches cluster ids; "
@@ -137,16 +128,13 @@ def _check_rl(data: dict) -> None:
     if rl in (None, False):
         return
     name = str(getattr(rl, "value", rl)).lower()
-    if name in NOT_YET_RL:
-        raise ValueError(
-            f"moce: `rl: {name}` is not supported with MoCE yet: {NOT_YET_RL[name]}. Use "
-            "rl: dpo (or ipo)."
-        )
     if data.get("precompute_ref_log_probs"):
         raise ValueError(
             "moce: precompute_ref_log_probs is not supported with MoCE: TRL computes the "
             "reference log-probs while building the trainer, before the plugin's collator "
-            "adds the cluster ids. Remove it (the reference forward then runs each step)."
+            "adds the cluster ids (and TRL's KTO precompute calls the model with input_ids and "
+            "attention_mask only, trl/trainer/kto_trainer.py compute_ref_log_probs). Remove it "
+            "(the reference forward then runs each step)."
         )
     if name not in SUPPORTED_RL:
         raise ValueError(

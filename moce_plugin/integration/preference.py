@@ -1,4 +1,5 @@
-"""Cluster ids through axolotl's preference-tuning path (``rl: dpo`` / ``ipo``).
+"""Cluster ids through axolotl's preference-tuning path (``rl: dpo`` / ``ipo`` / ``orpo`` /
+``kto``).
 
 A preference row's cluster is its prompt's cluster (``clustering.text.request_text`` of the
 raw row, the same text stage 1 embedded and inference sends), the same for chosen and rejected.
@@ -35,9 +36,25 @@ from .datasets import ClusterIdError, attach_cluster_column
 _RL_CFG = "moce_rl_cfg"
 
 
+#: The batch key of an ORPO batch's row clusters ``[B]`` (popped before the forward).
+ROW_CLUSTERS_KEY = "moce_row_clusters"
+
+
+def preference_kind(trainer: Any) -> str | None:
+    """"dpo" (TRL's DPOTrainer: axolotl's dpo and ipo), "orpo" (trl.experimental's
+    ORPOTrainer) or None."""
+    names = {cls.__name__ for cls in type(trainer).__mro__}
+    if "DPOTrainer" in names:
+        return "dpo"
+    if "ORPOTrainer" in names:
+        return "orpo"
+    if "KTOTrainer" in names:
+        return "kto"
+    return None
+
+
 def is_preference_trainer(trainer: Any) -> bool:
-    """A TRL DPO trainer (axolotl's AxolotlDPOTrainer for dpo and ipo)."""
-    return any(cls.__name__ == "DPOTrainer" for cls in type(trainer).__mro__)
+    return preference_kind(trainer) is not None
 
 
 # ---- 1./2. the cluster column through axolotl's RL data path ------------------------------
@@ -121,13 +138,16 @@ def check_preference_dataset(dataset: Any, column: str, split: str) -> None:
 
 # ---- 3. collation --------------------------------------------------------------------------
 class MoCEPreferenceCollator:
-    """Wraps TRL's ``DataCollatorForPreference``: adds ``moce_cluster_ids`` ``[2B, S]``, the
-    row's cluster on the real tokens of its chosen (rows 0..B-1) and rejected (rows B..2B-1)
-    sequence, -1 on padding."""
+    """Wraps TRL's ``DataCollatorForPreference`` (DPO): adds ``moce_cluster_ids`` ``[2B, S]``,
+    the row's cluster on the real tokens of its chosen (rows 0..B-1) and rejected (rows
+    B..2B-1) sequence, -1 on padding. For ORPO (whose collator pads chosen and rejected
+    apart, concatenated later in the trainer) it adds the row clusters ``[B]`` under
+    :data:`ROW_CLUSTERS_KEY`; :func:`wrap_orpo_forward` spreads them."""
 
-    def __init__(self, inner: Callable, column: str) -> None:
+    def __init__(self, inner: Callable, column: str, kind: str = "dpo") -> None:
         self.inner = inner
         self.column = column
+        self.kind = kind
 
     def __call__(self, features: list[dict], *args: Any, **kwargs: Any) -> dict:
         clusters = []
@@ -144,6 +164,12 @@ class MoCEPreferenceCollator:
             stripped.append(feature)
         batch = self.inner(stripped, *args, **kwargs)
         rows = torch.tensor(clusters, dtype=torch.long)
+        if self.kind == "orpo":
+            batch[ROW_CLUSTERS_KEY] = rows
+            return batch
+        if self.kind == "kto":  # one sequence per example (unpaired)
+            batch[CLUSTER_IDS_KWARG] = row_cluster_ids(rows, batch["attention_mask"])
+            return batch
         batch[CLUSTER_IDS_KWARG] = preference_cluster_ids(rows, batch["attention_mask"])
         return batch
 
@@ -163,12 +189,86 @@ def preference_cluster_ids(row_clusters: torch.Tensor, attention_mask: torch.Ten
             f"the preference batch has {attention_mask.shape[0]} sequences for "
             f"{row_clusters.shape[0]} examples; expected chosen and rejected per example."
         )
-    ids = both[:, None].expand_as(attention_mask)
+    return row_cluster_ids(both, attention_mask)
+
+
+def row_cluster_ids(row_clusters: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Row ``i``'s cluster on its real tokens, -1 on padding."""
+    ids = row_clusters[:, None].expand_as(attention_mask)
     return torch.where(attention_mask.bool(), ids, torch.full_like(ids, IGNORE_CLUSTER_ID))
 
 
 def wrap_preference_collators(trainer: Any, column: str) -> None:
+    kind = preference_kind(trainer) or "dpo"
     for attr in ("data_collator", "eval_data_collator"):
         inner = getattr(trainer, attr, None)
         if inner is not None and not isinstance(inner, MoCEPreferenceCollator):
-            setattr(trainer, attr, MoCEPreferenceCollator(inner, column))
+            setattr(trainer, attr, MoCEPreferenceCollator(inner, column, kind))
+    if kind == "orpo":
+        wrap_orpo_forward(trainer)
+    if kind == "kto":
+        wrap_kto_kl_forward(trainer)
+
+
+def wrap_kto_kl_forward(trainer: Any) -> None:
+    """TRL's KTOTrainer._compute_kl_logps(model, batch) runs the KL sequences (row ``i``'s
+    prompt with another row's completion) with every other batch key, so the
+    ``moce_cluster_ids`` of the main sequences (another width) would go with them: they are
+    replaced by the KL sequences' own, row ``i``'s cluster (its prompt's) on their real
+    tokens. Used for the policy's and the reference's KL forward alike."""
+    original = trainer._compute_kl_logps
+    if getattr(original, "_moce", False):
+        return
+
+    def _compute_kl_logps(model: Any, batch: dict) -> Any:
+        if "KL_input_ids" not in batch or CLUSTER_IDS_KWARG not in batch:
+            return original(model, batch)
+        # Right padding: position 0 is a real token of every row, carrying its cluster.
+        rows = batch[CLUSTER_IDS_KWARG][:, 0]
+        kl_ids = row_cluster_ids(rows, batch["KL_attention_mask"].to(rows.device))
+        return original(model, {**batch, CLUSTER_IDS_KWARG: kl_ids})
+
+    _compute_kl_logps._moce = True  # type: ignore[attr-defined]
+    trainer._compute_kl_logps = _compute_kl_logps
+
+
+class _WithClusterIds:
+    """The model, called with the batch's ``moce_cluster_ids`` added (TRL's ORPO forward
+    passes only input_ids and attention_mask)."""
+
+    def __init__(self, model: Any, ids: torch.Tensor) -> None:
+        self.model = model
+        self.ids = ids
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **{CLUSTER_IDS_KWARG: self.ids}, **kwargs)
+
+    def __getattr__(self, item: str) -> Any:
+        return getattr(self.model, item)
+
+
+def wrap_orpo_forward(trainer: Any) -> None:
+    """trl.experimental.orpo.ORPOTrainer.concatenated_forward(model, batch) concatenates
+    ``[chosen; rejected]`` and calls ``model(input_ids, attention_mask=...)``: the model it
+    calls gets the per-token ids of that concatenated batch (the row's cluster on both halves'
+    real tokens, -1 on padding), computed with the trainer's own concatenation."""
+    original = trainer.concatenated_forward
+    if getattr(original, "_moce", False):
+        return
+
+    def concatenated_forward(model: Any, batch: dict) -> Any:
+        rows = batch.pop(ROW_CLUSTERS_KEY, None)
+        if rows is None:
+            raise ClusterIdError(
+                "An ORPO batch reached the model without the rows' clusters: its collator is "
+                "not MoCE's. Please report this configuration."
+            )
+        concatenated = trainer.concatenated_inputs(
+            batch, is_encoder_decoder=trainer.is_encoder_decoder,
+            padding_value=trainer.padding_value, device=trainer.accelerator.device)
+        mask = concatenated["concatenated_attention_mask"]
+        ids = preference_cluster_ids(rows.to(mask.device), mask)
+        return original(_WithClusterIds(model, ids), batch)
+
+    concatenated_forward._moce = True  # type: ignore[attr-defined]
+    trainer.concatenated_forward = concatenated_forward

@@ -71,14 +71,18 @@ def _expected_cluster(tokenizer, rows, input_ids) -> int:
     return found.pop()
 
 
-def _check_ids(out, rows, model_dir):
+def _check_ids(out, rows, model_dir, reference: bool = True):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     forwards = torch.load(out / "preference_ids.pt")
     policy = [f for f in forwards if f["grad"]]
     reference = [f for f in forwards if not f["grad"]]
-    assert policy and len(reference) == len(policy), [f["grad"] for f in forwards]
+    if reference:
+        assert policy and len(reference) == len(policy), [f["grad"] for f in forwards]
+    else:  # ORPO: the policy's forward only
+        assert policy and not reference, [f["grad"] for f in forwards]
+        reference = policy
     n_layers = len(policy[0]["layers"])
     assert n_layers >= 2
     for pol, ref in zip(policy, reference):
@@ -183,3 +187,61 @@ def _probe_clusters():
     from preference_ids_plugin import PROBE_CLUSTERS
 
     return PROBE_CLUSTERS
+
+
+def test_orpo_lora_ids_for_chosen_and_rejected_and_loss_falls(tmp_path, tiny_model_dir):
+    """ORPO (no reference): TRL concatenates chosen and rejected inside the trainer and calls
+    the model with input_ids and attention_mask only; every MoCE layer still gets the row's
+    cluster on both halves."""
+    rows = _rows()
+    prompts = [{"prompt": r["question"], "chosen": r["chosen"], "rejected": r["rejected"],
+                "cluster_id": r["cluster_id"]} for r in rows]
+    cfg = _dpo_config(tiny_model_dir, tmp_path, rows, rl="orpo", orpo_alpha=0.1)
+    data = tmp_path / "orpo.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in prompts))
+    cfg["datasets"] = [dict(path=str(data), ds_type="json", split="train")]
+    cfg.pop("trl")
+    run_train(cfg, tmp_path)
+    out = tmp_path / "model"
+    _check_ids(out, rows, tiny_model_dir, reference=False)
+    history = _history(out)
+    for key in ("rewards/margins", "log_odds_ratio", "nll_loss", "moce/aux_loss"):
+        assert all(key in h for h in history), (key, history[0].keys())
+    mean = lambda hs, k: sum(h[k] for h in hs) / len(hs)  # noqa: E731
+    assert mean(history[-4:], "loss") < mean(history[:4], "loss") - 0.05, \
+        [h["loss"] for h in history]
+
+
+def test_kto_lora_ids_in_policy_reference_and_kl_forwards(tmp_path, tiny_model_dir):
+    """KTO (unpaired): the main, KL and reference forwards each get every row's prompt cluster
+    (a KL row pairs row i's prompt with another row's completion: row i's cluster)."""
+    from transformers import AutoTokenizer
+
+    rows = _rows()
+    unpaired = [{"prompt": r["question"], "completion": r[key], "label": key == "chosen",
+                 "cluster_id": r["cluster_id"]} for r in rows for key in ("chosen", "rejected")]
+    cfg = _dpo_config(tiny_model_dir, tmp_path, rows, rl="kto")
+    data = tmp_path / "kto.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in unpaired))
+    cfg["datasets"] = [dict(path=str(data), ds_type="json", split="train")]
+    run_train(cfg, tmp_path)
+    out = tmp_path / "model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    forwards = torch.load(out / "preference_ids.pt")
+    grads = [f["grad"] for f in forwards]
+    assert grads.count(True) >= 1 and grads.count(False) >= 2 * grads.count(True), grads
+    for f in forwards:
+        mask = f["attention_mask"].bool()
+        layers = list(f["layers"].values())
+        assert len(layers) >= 2 and all(torch.equal(ids, layers[0]) for ids in layers)
+        ids = layers[0]
+        assert ids.shape == f["input_ids"].shape and (ids[~mask] == -1).all()
+        for row in range(ids.shape[0]):
+            want = _expected_cluster(tokenizer, rows, f["input_ids"][row][mask[row]])
+            assert (ids[row][mask[row]] == want).all(), (row, ids[row].unique(), want)
+    history = _history(out)
+    for key in ("kl", "moce/aux_loss"):
+        assert all(key in h for h in history), (key, history[0].keys())
+    assert any(k.startswith("rewards/") for k in history[0])
+    torch.testing.assert_close(torch.load(out / "ref_logits_end.pt"),
+                               torch.load(out / "start_logits.pt"), rtol=0, atol=1e-5)
