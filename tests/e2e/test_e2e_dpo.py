@@ -220,7 +220,7 @@ def test_kto_lora_ids_in_policy_reference_and_kl_forwards(tmp_path, tiny_model_d
     rows = _rows()
     unpaired = [{"prompt": r["question"], "completion": r[key], "label": key == "chosen",
                  "cluster_id": r["cluster_id"]} for r in rows for key in ("chosen", "rejected")]
-    cfg = _dpo_config(tiny_model_dir, tmp_path, rows, rl="kto")
+    cfg = _dpo_config(tiny_model_dir, tmp_path, rows, rl="kto", remove_unused_columns=False)
     data = tmp_path / "kto.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in unpaired))
     cfg["datasets"] = [dict(path=str(data), ds_type="json", split="train")]

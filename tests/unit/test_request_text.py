@@ -382,3 +382,17 @@ def test_usage_clusters_rows_as_training_did(tmp_path):
     with pytest.raises(Stop):
         usage.measure_usage(moce, rows)
     assert seen == train_ids
+
+
+@pytest.mark.parametrize("fmt", ["dpo_chatml_intel", "dpo_implicit_prompt", "kto_prompt"])
+def test_stage1_reads_a_preference_config_by_its_prompts(tmp_path, fmt):
+    """What stage 1 (preprocess/cluster.py on a DPO/KTO YAML) embeds is each row's prompt,
+    never its chosen, rejected or completion text."""
+    make_row, entry, _, _ = FORMATS[fmt]
+    rows = sample_rows(12)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(make_row(r)) for r in rows))
+    cfg = {"rl": fmt.split("_")[0], "datasets": [{"path": str(data), "ds_type": "json",
+                                                   **entry}]}
+    texts = [row.text for row in rows_from_yaml(cfg, "auto")]
+    assert texts == [plain(r) for r in rows]
