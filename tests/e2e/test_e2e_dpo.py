@@ -134,6 +134,10 @@ def test_dpo_lora_ids_in_both_forwards_loss_falls_and_output_works(tmp_path, tin
     torch.testing.assert_close(torch.load(out / "ref_logits_end.pt"),
                                torch.load(out / "start_logits.pt"), rtol=0, atol=1e-5)
 
+    # ... while the experts and routers did train (PEFT's modules_to_save copy, saved with the
+    # adapter), so the equality above is the step-0 copy, not untrained experts.
+    _assert_experts_trained(out, tiny_model_dir)
+
     from moce_plugin.export import export_model
     from moce_plugin.inference import load_moce_model
 
@@ -144,37 +148,65 @@ def test_dpo_lora_ids_in_both_forwards_loss_falls_and_output_works(tmp_path, tin
     assert (exported / "config.json").is_file()
 
 
-def test_dpo_full_finetune_from_a_moce_sft_output(tmp_path, tiny_model_dir):
-    """SFT -> DPO: base_model is a MoCE SFT output; without an adapter axolotl loads a second
-    model as the reference, which must be the SFT model too (experts loaded, not upcycled)."""
+@pytest.mark.parametrize("start", ["plain", "moce_sft"])
+def test_dpo_full_finetune_reference(tmp_path, tiny_model_dir, start):
+    """Without an adapter axolotl loads a second model as the reference: from a plain base it
+    is upcycled as the policy was (same init_seed), from a MoCE SFT output (SFT -> DPO) it
+    loads the SFT experts; either way it equals the policy at step 0 and stays so."""
     from axolotl_helpers import write_cluster_jsonl
 
     from moce_plugin.inference import load_moce_model
 
-    sft_dir = tmp_path / "sft"
-    sft_dir.mkdir()
-    data = write_cluster_jsonl(sft_dir / "train.jsonl", limit=60)
-    run_train(base_config(tiny_model_dir, data, sft_dir, max_steps=3, save_steps=3,
-                          learning_rate=0.1, val_set_size=0), sft_dir)
-    sft = sft_dir / "model"
+    base, moce = tiny_model_dir, dict(num_clusters=3, experts_per_group=2, top_k=1,
+                                      adapter_dim=8, router_aux_loss_coef=0.01)
+    if start == "moce_sft":
+        sft_dir = tmp_path / "sft"
+        sft_dir.mkdir()
+        data = write_cluster_jsonl(sft_dir / "train.jsonl", limit=60)
+        run_train(base_config(tiny_model_dir, data, sft_dir, max_steps=3, save_steps=3,
+                              learning_rate=0.1, val_set_size=0), sft_dir)
+        base, moce = sft_dir / "model", dict(router_aux_loss_coef=0.01)
 
     rows = _rows()
-    cfg = _dpo_config(sft, tmp_path, rows, adapter=None, moce=dict(router_aux_loss_coef=0.01))
+    cfg = _dpo_config(base, tmp_path, rows, adapter=None, moce=moce)
     for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear"):
         cfg.pop(key)
     proc = run_train(cfg, tmp_path)
     out = tmp_path / "model"
-    assert f"MoCE: continuing from {sft}" in proc.stdout + proc.stderr
-    loaded = load_moce_model(sft).logits(_probe_ids(), _probe_clusters())
-    start = torch.load(out / "start_logits.pt")
-    torch.testing.assert_close(start, loaded, rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.load(out / "ref_logits_end.pt"), start, rtol=0, atol=1e-5)
+    # start_logits.pt: written at each load (policy, then reference) on the probe batch.
+    start_logits = torch.load(out / "start_logits.pt")
+    if start == "moce_sft":
+        assert f"MoCE: continuing from {base}" in proc.stdout + proc.stderr
+        loaded = load_moce_model(base).logits(_probe_ids(), _probe_clusters())
+        torch.testing.assert_close(start_logits, loaded, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.load(out / "ref_logits_end.pt"), start_logits,
+                               rtol=0, atol=1e-5)
     _check_ids(out, rows, tiny_model_dir)
     history = _history(out)
-    assert history[0]["rewards/margins"] == 0
+    # Step 1: the reference computes exactly what the policy does.
+    assert history[0]["rewards/margins"] == 0 and history[0]["rewards/chosen"] == 0
     assert any(h["rewards/margins"] != 0 for h in history[1:])
     after = load_moce_model(out).logits(_probe_ids(), _probe_clusters())
-    assert not torch.allclose(after, start)
+    assert not torch.allclose(after, start_logits)
+
+
+def _assert_experts_trained(out, model_dir) -> None:
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from moce_plugin.model.config import MoCEConfig
+    from moce_plugin.model.upcycle import upcycle_model
+
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir)
+    upcycle_model(fresh, MoCEConfig(num_clusters=3, experts_per_group=2, top_k=1,
+                                    adapter_dim=8), dtype=torch.float32, freeze_base=True)
+    init = fresh.state_dict()
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = [k for k in f.keys() if "moce_experts" in k]
+        assert keys
+        for key in keys:
+            start = init[key.replace("base_model.model.", "", 1)]
+            assert (f.get_tensor(key) - start).abs().max() > 1e-3, key
 
 
 def _probe_ids():
