@@ -7,6 +7,11 @@ seen. The rules, per shape of what comes in (docs/clustering.md, "Same cluster e
 * a **row** (a mapping in a training data format) with ``template="auto"``: the user turns of
   ``messages`` / ``conversations`` (role/content or from/value); else the first non-empty of
   instruction/question/prompt/query/text plus input/context. Never the answer.
+* a **preference row** (DPO/IPO: prompt + chosen + rejected; KTO: prompt + completion) is
+  its prompt's request: ``prompt`` as a string or as chat messages (TRL's conversational
+  format), or, with no prompt field (the implicit-prompt format), the user turns of
+  ``chosen``, which ``rejected`` shares; never a completion. Chosen and rejected therefore
+  always get the same cluster, the one the prompt alone gets at inference.
 * a row with a custom ``text_template`` (e.g. ``"{question}"``): the template over the row's
   fields, missing fields empty (as preprocessing always did).
 * **chat messages** (a list of turns): their user turns, exactly as the chat row they come from.
@@ -55,6 +60,10 @@ _ALPACA = re.compile(
     re.S,
 )
 _CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|\Z)", re.S)
+_LLAMA3_TURN = re.compile(
+    r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n(.*?)(?:<\|eot_id\|>|\Z)", re.S)
+#: Columns of a preference row that hold a completion (never part of the request).
+PREFERENCE_COMPLETION_KEYS = ("chosen", "rejected", "completion")
 
 
 class _EmptyMissing(dict):
@@ -129,7 +138,9 @@ def unformat_prompt(text: str) -> str:
 
     Recognised: axolotl's alpaca instruct frame (``### Instruction: ... ### Response:``, with
     or without input and system line; an answer after the response cue is dropped) ->
-    instruction + input; a ChatML conversation (``<|im_start|>user ...``) -> its user turns.
+    instruction + input; a ChatML conversation (``<|im_start|>user ...``) or a Llama 3 one
+    (``<|start_header_id|>user<|end_header_id|>``, as axolotl's ``llama3.*`` preference types
+    write prompts) -> its user turns.
     """
     text = text.strip()
     if "### Instruction:" in text:
@@ -140,6 +151,10 @@ def unformat_prompt(text: str) -> str:
     if text.startswith("<|im_start|>"):
         turns = [{"role": r, "content": c} for r, c in _CHATML_TURN.findall(text)]
         return _chat_user_text(turns)
+    if "<|start_header_id|>" in text:
+        turns = [{"role": r, "content": c} for r, c in _LLAMA3_TURN.findall(text)]
+        if turns:
+            return _chat_user_text(turns)
     return text
 
 
@@ -151,11 +166,22 @@ def _row_text(row: Mapping[str, Any], template: str) -> str:
         turns = row.get(key)
         if isinstance(turns, list) and turns:
             return _chat_user_text(turns)
+    prompt_turns = row.get("prompt")
+    if _is_turns(prompt_turns):  # TRL's conversational preference format
+        return _chat_user_text(prompt_turns)
+    if not any(_as_text(row.get(k)) for k in _PROMPT_KEYS) and _is_turns(row.get("chosen")):
+        # Implicit prompt: the shared user turns of chosen (rejected carries the same ones).
+        return _chat_user_text(row["chosen"])
     prompt = next((_as_text(row[k]) for k in _PROMPT_KEYS if _as_text(row.get(k))), "")
     extra = next((_as_text(row[k]) for k in _INPUT_KEYS if _as_text(row.get(k))), "")
     if not extra:
         prompt = unformat_prompt(prompt)
     return "\n".join(p for p in (prompt, extra) if p)
+
+
+def _is_turns(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, Mapping) for t in value) \
+        and any("role" in t or "from" in t for t in value)
 
 
 def _format(template: str, values: Mapping[str, Any]) -> str:

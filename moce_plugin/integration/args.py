@@ -24,8 +24,11 @@ from .continuation import prepare_continuation
 SUPPORTED_ADAPTERS = (None, "lora", "qlora")
 
 # (option, the one allowed value besides unset/false, why MoCE can't honour anything else)
+#: Preference tuning axolotl runs with MoCE: each row's cluster (its prompt's) reaches the
+#: policy's and the reference's forwards (integration/preference.py).
+SUPPORTED_RL = ("dpo", "ipo", "orpo", "kto")
+
 UNSUPPORTED_OPTIONS = (
-    ("rl", None, "cluster ids are carried through SFT datasets only; train MoCE with SFT."),
     ("streaming", None, "streamed datasets bypass the step that attaches cluster ids; "
      "prepare the dataset (streaming: false)."),
     ("pretraining_dataset", None, "pretraining streams bypass the cluster-id step; use "
@@ -106,6 +109,7 @@ class MoCEArgs(BaseModel):
                 )
             gc_kwargs["use_reentrant"] = False
             data["gradient_checkpointing_kwargs"] = gc_kwargs
+        _check_rl(data)
         for key, value, why in UNSUPPORTED_OPTIONS:
             if data.get(key) not in (None, False) and data.get(key) != value:
                 raise ValueError(
@@ -117,6 +121,27 @@ class MoCEArgs(BaseModel):
                 "per-token cluster ids; use gradient_checkpointing: true instead."
             )
         return data
+
+
+def _check_rl(data: dict) -> None:
+    rl = data.get("rl")
+    if rl in (None, False):
+        return
+    name = str(getattr(rl, "value", rl)).lower()
+    if data.get("precompute_ref_log_probs"):
+        raise ValueError(
+            "moce: precompute_ref_log_probs is not supported with MoCE: TRL computes the "
+            "reference log-probs while building the trainer, before the plugin's collator "
+            "adds the cluster ids (and TRL's KTO precompute calls the model with input_ids and "
+            "attention_mask only, trl/trainer/kto_trainer.py compute_ref_log_probs). Remove it "
+            "(the reference forward then runs each step)."
+        )
+    if name not in SUPPORTED_RL:
+        raise ValueError(
+            f"moce: `rl: {name}` is not supported with MoCE: its rows are generated during "
+            f"training (or it has no preference dataset) and carry no cluster id. Use one of "
+            f"{', '.join(SUPPORTED_RL)}, or SFT."
+        )
 
 
 def _check_local_architecture(data: dict) -> None:

@@ -44,6 +44,25 @@ PATCHES: tuple[Patch, ...] = (
         "moce_plugin.integration.datasets:wrap_dataset_hash",
         "the dataset_prepared_path cache must change when the cluster artifact or the "
         "cluster column changes, or training would reuse stale ids.",
+        also_in=("axolotl.utils.data.rl",),
+    ),
+    Patch(
+        "axolotl.utils.data.rl", "_load_split",
+        "moce_plugin.integration.preference:wrap_rl_load_split",
+        "preference datasets: the config must reach the dataset loader below, which axolotl "
+        "calls with the dataset's own config only.",
+    ),
+    Patch(
+        "axolotl.utils.data.rl", "load_dataset_with_config",
+        "moce_plugin.integration.preference:wrap_rl_load_dataset",
+        "preference datasets: attach each raw row's cluster column (its prompt's cluster) "
+        "before axolotl's preference transform; the RL path has no per-row hook.",
+    ),
+    Patch(
+        "axolotl.utils.data.rl", "_map_dataset",
+        "moce_plugin.integration.preference:wrap_rl_map_dataset",
+        "preference types may drop every raw column (remove_columns: __all__); the cluster "
+        "column is put back after the row-for-row transform.",
     ),
     Patch(
         "axolotl.cli.merge_lora", "do_merge_lora",
@@ -91,7 +110,8 @@ INSTANCE_PATCHES: tuple[tuple[str, str], ...] = (
     ("Trainer.log", "adds the aggregated routing metrics to the step logs and writes the "
      "per-layer detail to moce_routing.jsonl (integration/trainer.py)."),
     ("Trainer.data_collator / eval_data_collator", "wrapped by MoCEDataCollator to pad the "
-     "per-token cluster ids (integration/trainer.py)."),
+     "per-token cluster ids (integration/trainer.py); for DPO by MoCEPreferenceCollator "
+     "(integration/preference.py)."),
     ("*ForCausalLM._validate_model_kwargs", "lets generate() pass moce_cluster_ids through "
      "**kwargs to every forward step (model/upcycle.py)."),
 )

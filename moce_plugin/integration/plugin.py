@@ -45,6 +45,7 @@ from .args import cluster_model_of, moce_config_from_cfg
 from .continuation import load_moce_source, moce_source
 from .datasets import check_prepared_dataset
 from .patches import install_patches
+from .preference import check_preference_dataset, is_preference_trainer
 from .trainer import MoCECheckpointCallback, attach_moce_to_trainer
 
 # Under the "axolotl." namespace so axolotl's logging config shows our INFO lines.
@@ -171,8 +172,13 @@ class MoCEPlugin(BasePlugin):
     # ---- trainer ---------------------------------------------------------------------------
     @_moce_only()
     def post_trainer_create(self, cfg: Any, moce: MoCEConfig, trainer: Any) -> None:
-        check_prepared_dataset(getattr(trainer, "train_dataset", None), "train")
-        check_prepared_dataset(getattr(trainer, "eval_dataset", None), "eval")
+        if is_preference_trainer(trainer):
+            for split in ("train", "eval"):
+                check_preference_dataset(getattr(trainer, f"{split}_dataset", None),
+                                         moce.cluster_column, split)
+        else:
+            check_prepared_dataset(getattr(trainer, "train_dataset", None), "train")
+            check_prepared_dataset(getattr(trainer, "eval_dataset", None), "eval")
         attach_moce_to_trainer(trainer, moce)
 
     @_moce_only(default=list)

@@ -27,6 +27,7 @@ from ..model.routing import CLUSTER_IDS_KWARG, aux_loss_of
 from ..model.wrappers import metrics_of, pop_last_routing
 from ..outputs.folder import ROUTING_LOG_NAME, save_moce_files, saved_meta
 from .datasets import MoCEDataCollator
+from .preference import is_preference_trainer, wrap_preference_collators
 
 
 def attach_moce_to_trainer(trainer: Any, config: MoCEConfig) -> None:
@@ -36,6 +37,11 @@ def attach_moce_to_trainer(trainer: Any, config: MoCEConfig) -> None:
     _add_aux_loss(trainer, config.router_aux_loss_coef)
     _add_routing_logs(trainer)
     _keep_layer_metrics_off_console(trainer)
+    if is_preference_trainer(trainer):
+        # Rows carry their cluster column; the preference collator spreads it per token.
+        wrap_preference_collators(trainer, config.cluster_column)
+        _keep_cluster_id_column(trainer, config.cluster_column)
+        return
     _wrap_collators(trainer)
     _keep_cluster_id_column(trainer)
 
@@ -187,14 +193,14 @@ def _wrap_collators(trainer: Any) -> None:
             setattr(trainer, attr, MoCEDataCollator(inner, padding_side=side))
 
 
-def _keep_cluster_id_column(trainer: Any) -> None:
+def _keep_cluster_id_column(trainer: Any, column: str = CLUSTER_IDS_KWARG) -> None:
     """HF's remove_unused_columns drops columns not in forward's signature."""
     setter = getattr(trainer, "_set_signature_columns_if_needed", None)
     if callable(setter):
         setter()
         cols = trainer._signature_columns
-        if cols is not None and CLUSTER_IDS_KWARG not in cols:
-            cols.append(CLUSTER_IDS_KWARG)
+        if cols is not None and column not in cols:
+            cols.append(column)
 
 
 class MoCECheckpointCallback(TrainerCallback):

@@ -79,6 +79,12 @@ def _backbone_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
 def _backbone_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     stack = collector_stack()
     records = stack.pop() if stack else []
+    if module.training and not torch.is_grad_enabled():
+        # A training-mode forward without grad is a preference trainer's reference forward
+        # through this same model (DPO with the LoRA adapter disabled): not the policy's
+        # routing, so it neither replaces the records whose aux loss the trainer adds nor
+        # counts in the routing metrics.
+        return
     keep_last_records(module, records)
     if module.training:
         module._moce_metrics.update(records)

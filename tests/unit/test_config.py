@@ -67,7 +67,7 @@ def test_config_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [
-    ("rl", "dpo"), ("streaming", True), ("batch_flattening", True),
+    ("rl", "grpo"), ("streaming", True), ("batch_flattening", True),
     ("tensor_parallel_size", 2), ("context_parallel_size", 2),
     ("pretraining_dataset", [{"path": "x"}]), ("activation_offloading", True),
 ])
@@ -75,6 +75,20 @@ def test_unsupported_axolotl_options_fail_with_reason(key, value):
     with pytest.raises(ValidationError, match=f"{key}.*(not supported|replaces)"):
         MoCEArgs.model_validate({"moce": {"num_clusters": 2}, key: value})
     MoCEArgs.model_validate({"moce": {"num_clusters": 2}, "tensor_parallel_size": 1})
+
+
+@pytest.mark.parametrize("rl", ["grpo", "gdpo", "ebft"])
+def test_rl_types_without_preference_rows_are_refused_alone(rl):
+    with pytest.raises(ValidationError, match=r"rows are generated during training"):
+        MoCEArgs.model_validate({"moce": {"num_clusters": 2}, "rl": rl})
+    for ok in ("dpo", "ipo", "orpo", "kto"):
+        MoCEArgs.model_validate({"moce": {"num_clusters": 2}, "rl": ok})
+
+
+def test_precomputed_reference_log_probs_are_refused():
+    with pytest.raises(ValidationError, match="precompute_ref_log_probs is not supported"):
+        MoCEArgs.model_validate({"moce": {"num_clusters": 2}, "rl": "dpo",
+                                 "precompute_ref_log_probs": True})
 
 
 @pytest.mark.parametrize("clustering,match", [

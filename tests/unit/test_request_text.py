@@ -91,7 +91,61 @@ def _qa(r: dict) -> dict:
 USER_DEFINED = {"field_instruction": "question", "field_output": "answer",
                 "format": "{instruction}\n", "no_input_format": "{instruction}\n"}
 
+# Preference rows (rl: dpo / ipo; KTO's prompt + completion): the prompt is the request,
+# chosen and rejected never are.
+def _dpo_question(r: dict) -> dict:
+    return {"system": "You are helpful.", "question": plain(r), "chosen": r["output"],
+            "rejected": r["output"][::-1]}
+
+
+def _dpo_prompt(r: dict) -> dict:
+    return {"prompt": plain(r), "chosen": r["output"], "rejected": r["output"][::-1]}
+
+
+def _dpo_conversational(r: dict) -> dict:
+    return {"prompt": user_turn(plain(r)),
+            "chosen": [{"role": "assistant", "content": r["output"]}],
+            "rejected": [{"role": "assistant", "content": r["output"][::-1]}]}
+
+
+def _dpo_implicit(r: dict) -> dict:
+    return {turn: [{"role": "user", "content": plain(r)},
+                   {"role": "assistant", "content": answer}]
+            for turn, answer in (("chosen", r["output"]), ("rejected", r["output"][::-1]))}
+
+
+def _dpo_chat_template(r: dict) -> dict:
+    return {"messages": user_turn(plain(r)),
+            "chosen": {"role": "assistant", "content": r["output"]},
+            "rejected": {"role": "assistant", "content": r["output"][::-1]}}
+
+
+def _kto(r: dict) -> dict:
+    return {"prompt": plain(r), "completion": r["output"], "label": True}
+
+
+def axolotl_dpo_prompt(kind: str, row: dict) -> str:
+    """The prompt axolotl's preference transform writes for a row (what TRL then tokenizes)."""
+    from axolotl.prompt_strategies.dpo import load
+
+    return load(kind, DictDefault({}))(dict(row))["prompt"]
+
+
 FORMATS: dict[str, tuple[Callable[[dict], dict], dict, str, RequestMaker]] = {
+    "dpo_chatml_intel": (_dpo_question, {"type": "chatml.intel"}, "auto", lambda row, r: [
+        row, plain(r), user_turn(plain(r)), axolotl_dpo_prompt("chatml.intel", row)]),
+    "dpo_llama3_prompt": (_dpo_prompt, {"type": "llama3.prompt_pairs"}, "auto",
+                          lambda row, r: [row, plain(r), user_turn(plain(r)),
+                                          axolotl_dpo_prompt("llama3.prompt_pairs", row)]),
+    "dpo_conversational": (_dpo_conversational, {}, "auto", lambda row, r: [
+        row, row["prompt"], plain(r), chatml(row["prompt"])]),
+    "dpo_implicit_prompt": (_dpo_implicit, {"type": "chatml.argilla_chat"}, "auto",
+                            lambda row, r: [row, plain(r), row["chosen"][:1],
+                                            axolotl_dpo_prompt("chatml.argilla_chat", row)]),
+    "dpo_chat_template": (_dpo_chat_template, {"type": "chat_template.default"}, "auto",
+                          lambda row, r: [row, row["messages"], plain(r)]),
+    "kto_prompt": (_kto, {}, "auto", lambda row, r: [row, plain(r), user_turn(plain(r))]),
+
     "alpaca": (_alpaca, {"type": "alpaca"}, "auto", lambda row, r: [
         row, plain(r), alpaca_prompt(r["instruction"], r["input"]), user_turn(plain(r)),
         chatml(user_turn(plain(r)))]),
@@ -328,3 +382,17 @@ def test_usage_clusters_rows_as_training_did(tmp_path):
     with pytest.raises(Stop):
         usage.measure_usage(moce, rows)
     assert seen == train_ids
+
+
+@pytest.mark.parametrize("fmt", ["dpo_chatml_intel", "dpo_implicit_prompt", "kto_prompt"])
+def test_stage1_reads_a_preference_config_by_its_prompts(tmp_path, fmt):
+    """What stage 1 (preprocess/cluster.py on a DPO/KTO YAML) embeds is each row's prompt,
+    never its chosen, rejected or completion text."""
+    make_row, entry, _, _ = FORMATS[fmt]
+    rows = sample_rows(12)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(make_row(r)) for r in rows))
+    cfg = {"rl": fmt.split("_")[0], "datasets": [{"path": str(data), "ds_type": "json",
+                                                   **entry}]}
+    texts = [row.text for row in rows_from_yaml(cfg, "auto")]
+    assert texts == [plain(r) for r in rows]
