@@ -52,6 +52,19 @@ MUTANTS = [
      "columns = groups[:, None] * E + torch.arange(E, device=h.device)",
      "columns = 0 * groups[:, None] + torch.arange(E, device=h.device)",
      "tests/unit/test_layer.py -k 'fast_equals_naive and eager'"),
+    # The few-token inference path (decode steps).
+    ("gather plan drops the padding mask", "moce_plugin/model/plans.py",
+     "    weights = routing.weights * mask\n    if general is not None:",
+     "    weights = routing.weights\n    if general is not None:",
+     "tests/unit/test_decode.py -k 'inference_step_equals_eager'"),
+    ("gather plan forgets the token's group", "moce_plugin/model/plans.py",
+     "ids = groups[:, None] * experts.experts_per_group + routing.experts()",
+     "ids = 0 * groups[:, None] + routing.experts()",
+     "tests/unit/test_decode.py -k 'kv_cache and per-token'"),
+    ("cached cluster ids ignore in-place edits", "moce_plugin/model/routing.py",
+     "key = (ids._version, tuple(batch_shape), device)",
+     "key = (tuple(batch_shape), device)",
+     "tests/unit/test_decode.py -k cluster_ids_are_resolved"),
 ]
 
 

@@ -36,6 +36,7 @@ from transformers.activations import ACT2FN
 from .config import MoCEConfig
 from .losses import grouped_load_balancing_loss, router_entropy
 from .plans import (
+    GATHER_MAX_SLOTS,
     GENERAL_PLANS,
     GROUP_PLANS,
     Plan,
@@ -44,16 +45,16 @@ from .plans import (
     expert_outputs,
     plan_is_valid,
     route,
+    slots_of,
 )
 from .routers import build_router
 from .routing import (
-    IGNORE_CLUSTER_ID,
     RoutingRecord,
     in_forward,
     previous_record,
     record_routing,
     routing_stats_requested,
-    token_cluster_ids,
+    token_routing_ids,
 )
 
 
@@ -80,6 +81,8 @@ class MoCEExperts(nn.Module):
             config.adapter_activation
         ]
         total = self.num_groups * self.experts_per_group + self.num_general
+        self.slots_per_token = slots_of(self.top_k, self.experts_per_group,
+                                        self.general_top_k, self.num_general)
         self.router = build_router(config, hidden_size)
         self.general_router = (
             nn.Parameter(torch.empty(self.num_general, hidden_size)) if self.num_general else None
@@ -152,8 +155,13 @@ class MoCEExperts(nn.Module):
         general: Routing | None,
     ) -> torch.Tensor:
         """sum over each token's experts of weight * adapter(h), weights times ``mask``, by
-        the forced or the measured plan (:mod:`.plans`)."""
-        plan = self.plan or choose_plan(self.top_k, self.experts_per_group, self.general_top_k,
+        the forced or the measured plan (:mod:`.plans`); without autograd, a call of few
+        slots (a decode step) gathers its experts' weights instead of sorting into bins."""
+        plan = self.plan
+        if plan is None and not torch.is_grad_enabled() and (
+                h.shape[0] * self.slots_per_token <= GATHER_MAX_SLOTS):
+            plan = "gather"
+        plan = plan or choose_plan(self.top_k, self.experts_per_group, self.general_top_k,
                                         self.num_general, self.num_groups, h.shape[0],
                                         self.adapter_dim)
         return expert_outputs(self, plan, h, groups, mask, routing, general)
@@ -173,8 +181,7 @@ class MoCEMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_mlp(hidden_states, *args, **kwargs)
         lead_shape = hidden_states.shape[:-1]
-        ids = token_cluster_ids(lead_shape, hidden_states.device).reshape(-1)
-        valid = ids != IGNORE_CLUSTER_ID
+        ids, valid = token_routing_ids(lead_shape, hidden_states.device)
         # A gradient-checkpointing recompute runs after the forward returned: no previous
         # layer's record then (the router replays what it cached in the forward).
         recompute = not in_forward()

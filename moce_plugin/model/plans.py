@@ -29,6 +29,11 @@ group's), ``blocks`` (one dense call, every token one set), ``fold`` (shared blo
 group's block call; needs ``blocks`` or ``sets``). A plan turns the routing into calls
 (:class:`SlotCall`, :class:`BlockCall`); :func:`expert_outputs` runs them. ``"eager"``
 names the reference.
+
+``"gather"`` is the few-token plan (a decode step: one token per sequence): each slot's
+adapter weights are gathered and run as one batched product, with no sort, no bins and no
+plan choice. It is what the layer takes without autograd for at most
+:data:`GATHER_MAX_SLOTS` slots, where dispatching into bins costs more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -110,7 +115,13 @@ Call = SlotCall | BlockCall
 GroupPlan = Callable[[Experts, Routing, torch.Tensor, torch.Tensor], Call]
 # (experts, general routing, mask [T, 1], the group's call) -> every call of the layer
 GeneralPlan = Callable[[Experts, Routing, torch.Tensor, Call], list[Call]]
-Plan = tuple[str, str | None] | Literal["eager"]
+Plan = tuple[str, str | None] | Literal["eager", "gather"]
+
+#: The layer runs the ``"gather"`` plan without autograd up to this many (token, expert)
+#: slots in a call: measured on the CPU against the sorted plans (docs/performance.md,
+#: "Decode"); beyond it the gathered weight copies ([slots, d, r] twice) cost more than
+#: the sort they save.
+GATHER_MAX_SLOTS = 32
 
 P = TypeVar("P")
 
@@ -300,6 +311,8 @@ def expert_outputs(
     decision (None without general experts)."""
     if plan == "eager":
         return eager_expert_outputs(experts, h, groups, mask, routing, general)
+    if plan == "gather":
+        return gathered_expert_outputs(experts, h, groups, mask, routing, general)
     group_plan, general_plan = plan
     calls = [GROUP_PLANS[group_plan](experts, routing, groups, mask)]
     if general is not None:
@@ -311,6 +324,40 @@ def expert_outputs(
     for call in calls[1:]:
         out = out + run_call(experts, h, call)
     return out
+
+
+def slots_of(top_k: int | str, experts: int, general_top_k: int | str = 0,
+             general: int = 0) -> int:
+    """(token, expert) slots per token: k (soft: every expert of the group), plus the general
+    experts' (soft: all of them)."""
+    group = experts if top_k == "soft" else int(top_k)
+    if not general:
+        return group
+    return group + (general if general_top_k == "soft" else int(general_top_k))
+
+
+def gathered_expert_outputs(
+    experts: Experts, h: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor,
+    routing: Routing, general: Routing | None,
+) -> torch.Tensor:
+    """The few-token plan: each (token, expert) slot's ``down``/``up`` gathered ([A, d, r],
+    [A, r, d], A = T * slots) and applied as two batched products, then each token's slots
+    summed. Plain differentiable ops (no custom backward): meant for inference steps."""
+    ids = groups[:, None] * experts.experts_per_group + routing.experts()
+    weights = routing.weights * mask
+    if general is not None:
+        first = experts.num_groups * experts.experts_per_group
+        ids = torch.cat([ids, first + general.experts()], 1)
+        weights = torch.cat([weights, general.weights * mask], 1)
+    down, up = experts.down, experts.up
+    (tokens, slots), (_, rank, dim) = ids.shape, up.shape
+    flat = ids.reshape(-1)
+    rows = h.to(down.dtype)[:, None, None, :].expand(tokens, slots, 1, dim)
+    z = experts.act(torch.bmm(rows.reshape(tokens * slots, 1, dim), down.index_select(0, flat)))
+    z = z.view(tokens, slots, rank) * weights.to(down.dtype)[:, :, None]
+    # A token's slots side by side are one adapter of rank slots*r: the product sums them.
+    gathered_up = up.index_select(0, flat).view(tokens, slots * rank, dim)
+    return torch.bmm(z.view(tokens, 1, slots * rank), gathered_up).view(tokens, dim)
 
 
 def eager_expert_outputs(
@@ -335,6 +382,7 @@ def eager_expert_outputs(
 
 
 __all__ = [
+    "GATHER_MAX_SLOTS",
     "GENERAL_PLANS",
     "GROUP_PLANS",
     "BlockCall",
@@ -347,6 +395,8 @@ __all__ = [
     "chosen_sets",
     "eager_expert_outputs",
     "expert_outputs",
+    "gathered_expert_outputs",
     "plan_is_valid",
     "route",
+    "slots_of",
 ]

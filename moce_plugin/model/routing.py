@@ -98,6 +98,30 @@ def token_cluster_ids(batch_shape: torch.Size, device: torch.device) -> torch.Te
     return ids[:, -seq:] if ids.shape[1] > seq else ids
 
 
+def token_routing_ids(
+    batch_shape: torch.Size, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [T], real-token mask [T]): :func:`token_cluster_ids` flattened and compared with
+    :data:`IGNORE_CLUSTER_ID`, computed once for all MoCE layers of a forward.
+
+    Every layer of one forward sees the same ids tensor and hidden-state shape; in a decode
+    step (one token per sequence, dozens of layers) checking, expanding and comparing them
+    again in each layer was a visible share of the step. The cached pair is reused only for
+    the same tensor object, unmodified (``_version``), shape and device."""
+    ids = current_cluster_ids()
+    if not isinstance(ids, torch.Tensor) or torch.compiler.is_compiling():
+        flat = token_cluster_ids(batch_shape, device).reshape(-1)
+        return flat, flat != IGNORE_CLUSTER_ID
+    key = (ids._version, tuple(batch_shape), device)
+    cached = getattr(_state, "token_ids", None)
+    if cached is not None and cached[0] is ids and cached[1] == key:
+        return cached[2], cached[3]
+    flat = token_cluster_ids(batch_shape, device).reshape(-1)
+    valid = flat != IGNORE_CLUSTER_ID
+    _state.token_ids = (ids, key, flat, valid)
+    return flat, valid
+
+
 @dataclass
 class RoutingRecord:
     """What one MoCE layer saw in one forward: its aux loss (with grad) and stats."""

@@ -1,0 +1,177 @@
+"""The few-token inference path (a decode step: one token per sequence) against the eager
+reference: the ``"gather"`` plan (`moce_plugin.model.plans`), when the layer takes it, the
+per-forward cluster-id cache (`moce_plugin.model.routing`), and greedy decoding with the KV
+cache against a full recomputation through the eager plan, for every routing mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_plans import ROUTINGS, batch, make_experts
+from tiny_models import tiny_causal_lm
+
+from moce_plugin.model import plans as plans_mod
+from moce_plugin.model.config import MoCEConfig
+from moce_plugin.model.layer import MoCEMLP
+from moce_plugin.model.plans import GATHER_MAX_SLOTS
+from moce_plugin.model.routers import ACMoERouter
+from moce_plugin.model.routing import cluster_ids_context, collector_stack
+from moce_plugin.model.upcycle import moce_experts_modules, upcycle_model
+
+
+def config_slots(kwargs: dict) -> int:
+    """Slots per token from the routing settings themselves (not from the layer): k, or E
+    when soft, plus the general experts' k (or G when soft; None means the group's k)."""
+    experts = kwargs.get("experts", 4)
+    top_k = kwargs["top_k"]
+    slots = experts if top_k == "soft" else top_k
+    general = kwargs.get("general", 0)
+    if general:
+        gk = kwargs.get("general_top_k") or top_k
+        slots += general if gk == "soft" else gk
+    return slots
+
+
+def _inputs(T: int, groups: int):
+    x, h, g, valid, prev = batch(T=T, groups=groups, seed=T)
+    valid[0] = False  # always one padding row
+    return x, h, g, valid, prev
+
+
+@pytest.mark.parametrize("kwargs", ROUTINGS)
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_inference_step_equals_eager(kwargs, tokens):
+    """Without autograd and with few tokens the layer runs its own choice (the gather plan):
+    equal to the eager plan, padding rows left at h."""
+    layer = make_experts(**kwargs).eval()
+    if isinstance(layer.router, ACMoERouter):  # eval routes on running statistics
+        layer.router.seen.fill_(1.0)
+        layer.router.dispersion.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
+    x, h, g, valid, prev = _inputs(tokens, kwargs.get("groups", 3))
+    prev = prev if isinstance(layer.router, ACMoERouter) else None
+    with torch.no_grad():
+        layer.plan = None
+        got, _ = layer(x, h, g, valid, prev)
+        layer.plan = "eager"
+        want, _ = layer(x, h, g, valid, prev)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[~valid], h[~valid])
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(top_k=2), id="top2"),
+    pytest.param(dict(top_k="soft"), id="soft"),
+    pytest.param(dict(top_k=2, general=3, general_top_k=1), id="V-top2-gen1"),
+    pytest.param(dict(top_k=1, general=3, general_top_k="soft"), id="V-top1-gensoft"),
+])
+def test_layer_gathers_only_without_autograd_and_few_slots(kwargs, monkeypatch):
+    """The gather plan serves inference calls of at most GATHER_MAX_SLOTS (token, expert)
+    slots; training (autograd) and larger calls keep the sorted plans."""
+    calls = []
+    real = plans_mod.gathered_expert_outputs
+
+    def spy(experts, h, *args):
+        calls.append(h.shape[0])
+        return real(experts, h, *args)
+
+    monkeypatch.setattr(plans_mod, "gathered_expert_outputs", spy)
+    layer = make_experts(**kwargs).eval()
+    fits = GATHER_MAX_SLOTS // config_slots(kwargs)
+    groups = kwargs.get("groups", 3)
+    for tokens, grad, expected in [(fits, False, True), (fits + 1, False, False),
+                                   (1, True, False)]:
+        calls.clear()
+        x, h, g, valid, _ = _inputs(tokens, groups)
+        with torch.set_grad_enabled(grad):
+            layer(x, h, g, valid)
+        assert calls == ([tokens] if expected else []), (tokens, grad)
+
+
+def test_cluster_ids_are_resolved_again_when_they_change():
+    """The per-forward id cache is keyed on the tensor, its version, the shape and device: an
+    in-place edit or another tensor of the same values is never served stale ids."""
+    cfg = MoCEConfig(num_clusters=3, experts_per_group=2, top_k=1, adapter_dim=8)
+    mlp = MoCEMLP(torch.nn.Linear(32, 32), 32, cfg, 0).eval()
+    with torch.no_grad():
+        mlp.moce_experts.up.normal_(generator=torch.Generator().manual_seed(0))
+    hs = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
+
+    def fresh(values):
+        with cluster_ids_context(torch.tensor(values)), torch.no_grad():
+            collector_stack().append([])
+            try:
+                return mlp(hs)
+            finally:
+                collector_stack().pop()
+
+    ids = torch.tensor([0, 1])
+    with cluster_ids_context(ids), torch.no_grad():
+        first = mlp(hs)
+        ids[1] = 2  # in place: same object, new version
+        edited = mlp(hs)
+        shorter = mlp(hs[:, :1])  # same ids, another shape
+    torch.testing.assert_close(first, fresh([0, 1]))
+    torch.testing.assert_close(edited, fresh([0, 2]))
+    assert not torch.allclose(first, edited)
+    torch.testing.assert_close(shorter, fresh([0, 2])[:, :1])
+
+
+DECODE_ROUTINGS = [
+    pytest.param(dict(top_k=1), id="top1"),
+    pytest.param(dict(top_k=2), id="top2"),
+    pytest.param(dict(top_k="soft"), id="soft"),
+    pytest.param(dict(top_k=2, num_general_experts=2, general_top_k=1), id="V-top2-gen1"),
+    pytest.param(dict(top_k="soft", num_general_experts=2), id="V-soft"),
+    pytest.param(dict(top_k=2, router="acmoe"), id="top2-acmoe"),
+]
+
+
+def _decode_model(kwargs: dict):
+    cfg = MoCEConfig(num_clusters=3, experts_per_group=4, adapter_dim=8, **kwargs)
+    model = upcycle_model(tiny_causal_lm("llama"), cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, module in moce_experts_modules(model):
+            module.up.normal_(0, 0.5, generator=gen)
+            if isinstance(module.router, ACMoERouter):  # as after training
+                module.router.seen.fill_(1.0)
+                module.router.dispersion.uniform_(0.5, 1.5, generator=gen)
+    return model
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-seq", "per-token"])
+@pytest.mark.parametrize("kwargs", DECODE_ROUTINGS)
+def test_decode_with_kv_cache_equals_full_eager_recomputation(kwargs, per_token):
+    """Greedy decoding (the layer's own choice at each step: gather plan at decode) equals
+    recomputing the whole sequence at every step with the eager plan, for left-padded
+    prompts of different lengths with per-sequence or per-token cluster ids."""
+    model = _decode_model(kwargs)
+    steps, pad = 4, 0
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, 128, (3, 7), generator=gen)
+    mask = torch.ones_like(prompt)
+    prompt[0, :3], mask[0, :3] = pad, 0  # left padding
+    prompt[2, :1], mask[2, :1] = pad, 0
+    clusters = torch.tensor([0, 2, 1])
+    ids = clusters
+    if per_token:  # padding positions carry the ignore id
+        ids = torch.where(mask.bool(), clusters[:, None], torch.full_like(prompt, -1))
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=mask, moce_cluster_ids=ids,
+                             max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             use_cache=True, pad_token_id=pad, output_logits=True,
+                             return_dict_in_generate=True)
+        for _, module in moce_experts_modules(model):
+            module.plan = "eager"
+        seq, full_mask = prompt, mask
+        for step in range(steps):
+            full_ids = ids
+            if per_token:  # generated tokens continue their sequence's cluster
+                full_ids = torch.cat([ids, clusters[:, None].expand(-1, step)], 1)
+            logits = model(input_ids=seq, attention_mask=full_mask, moce_cluster_ids=full_ids,
+                           use_cache=False).logits[:, -1]
+            torch.testing.assert_close(out.logits[step], logits, atol=1e-4, rtol=1e-4)
+            logits[:, model.config.eos_token_id] = -torch.inf  # what min_new_tokens does
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+    assert torch.equal(out.sequences, seq)
