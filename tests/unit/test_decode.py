@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_plans import ROUTINGS, batch, make_experts
+from layer_helpers import make_experts
+from test_plans import ROUTINGS, batch
 from tiny_models import tiny_causal_lm
 
 from moce_plugin.model import plans as plans_mod
