@@ -350,11 +350,7 @@ def run_clustering(
         rows = list(rows)
     check_replaceable(output, ARTIFACT_KIND)  # before embedding: never replace a user's files
     num_clusters = resolve_num_clusters(num_clusters)
-    signature = encoder.signature if encoder is not None else encode.encoder_signature(
-        options.embedding_model, options.prefix, options.prompt)
-    scan = scan_rows(rows, signature, num_clusters, options.text_template)
-    check_locations(output, options)
-    if encoder is None:
+    if encoder is None:  # built now, loaded on first use: its signature keys the rows
         device = options.device
         if ranks.distributed and device is None and _cuda_available():
             device = f"cuda:{ranks.local_rank}"  # one GPU per rank, no per-process pool
@@ -365,6 +361,8 @@ def run_clustering(
             options.batch_size,
             device,
         )
+    scan = scan_rows(rows, encoder.signature, num_clusters, options.text_template)
+    check_locations(output, options)
     cache_root = Path(options.cache_dir) if options.cache_dir else output.parent / ".moce_cache"
     cache = encode.EmbeddingCache(cache_root, encoder.signature)
 
