@@ -125,7 +125,12 @@ def _rss_anon_kib() -> int:
 def _memory_child(n: int, work: Path) -> None:
     import threading
 
-    from moce_plugin.clustering import ClusteringOptions, rows_from_examples, run_clustering
+    from moce_plugin.clustering import (
+        ClusteringOptions,
+        RowStream,
+        iter_rows_from_examples,
+        run_clustering,
+    )
 
     peak_anon = [0]
     done = threading.Event()
@@ -136,7 +141,8 @@ def _memory_child(n: int, work: Path) -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
-    rows = rows_from_examples("synthetic", synthetic_examples(n), "auto")
+    # Streamed as stage 1 streams a YAML's data sets: regenerated on each pass, never a list.
+    rows = RowStream(lambda: iter_rows_from_examples("synthetic", synthetic_examples(n), "auto"))
     opts = ClusteringOptions(cache_dir=str(work / "cache"), report=False,
                              cache_shard_rows=16384, batch_size=4096)
     run_clustering(rows, work / "clusters", "auto", opts, HashEncoder(), progress=False,

@@ -48,8 +48,10 @@ from .kmeans import (
 )
 from .options import ClusteringOptions, resolve_num_clusters
 from .pipeline import (
+    RowStream,
     build_metadata,
     check_rows,
+    iter_rows_from_examples,
     load_yaml_datasets,
     rows_from_examples,
     rows_from_yaml,
@@ -92,6 +94,7 @@ __all__ = [
     "REQUIRED_FILES",
     "Request",
     "Row",
+    "RowStream",
     "SentenceTransformerEncoder",
     "build_metadata",
     "check_rows",
@@ -105,6 +108,7 @@ __all__ = [
     "find_elbow",
     "fit_kmeans",
     "iter_rows",
+    "iter_rows_from_examples",
     "l2_normalize",
     "load_sentence_transformer",
     "load_yaml_datasets",

@@ -79,10 +79,30 @@ ARTIFACT_KIND = FolderKind(
 def data_fingerprint(keys: Iterable[str], labels: Iterable[int] | None = None) -> str:
     """Order-independent fingerprint of the clustered rows (a multiset of content keys), or,
     with ``labels``, of what training consumes: the multiset of (key, cluster) pairs."""
-    items = sorted(zip(keys, labels)) if labels is not None else sorted((k, -1) for k in keys)
+    keys = list(keys)
+    digests = np.fromiter((bytes.fromhex(k) for k in keys), KEY_DIGEST, len(keys))
+    return digest_fingerprint(digests, None if labels is None else np.fromiter(labels, np.int64))
+
+
+#: A content key (sha256 hex of a text) as a fixed-size array item: its 32 raw bytes.
+KEY_DIGEST = np.dtype("S32")
+
+
+def digest_fingerprint(digests: np.ndarray, labels: np.ndarray | None = None,
+                       chunk_rows: int = 65536) -> str:
+    """:func:`data_fingerprint` of keys given as a :data:`KEY_DIGEST` array: the same hash
+    (raw bytes sort as their lowercase hex does), from arrays instead of a list of tuples."""
+    table = np.empty(len(digests), [("key", KEY_DIGEST), ("cluster", np.int64)])
+    table["key"] = digests
+    table["cluster"] = -1 if labels is None else labels
+    table.sort(order=["key", "cluster"])
     h = hashlib.sha256()
-    for key, label in items:
-        h.update(f"{key}:{label};".encode())
+    for start in range(0, len(table), chunk_rows):
+        part = table[start : start + chunk_rows]
+        raw = part["key"].tobytes()  # fixed width: keys ending in NUL bytes stay whole
+        h.update("".join(
+            f"{raw[32 * i : 32 * i + 32].hex()}:{c};" for i, c in enumerate(
+                part["cluster"].tolist())).encode())
     return h.hexdigest()
 
 
@@ -131,8 +151,14 @@ def write_index(path: Path, keys: Iterable[str], labels: Iterable[int]) -> None:
     """:data:`INDEX_FILE` of the (content key, cluster) pairs, sorted by key (one per key)."""
     table = np.fromiter(
         ((bytes.fromhex(k), c) for k, c in zip(keys, labels)), _INDEX_DTYPE)
-    table = np.unique(table)  # sorted by key, then cluster; equal texts share one cluster
-    np.save(path, table)
+    write_index_table(path, table["key"], table["cluster"])
+
+
+def write_index_table(path: Path, digests: np.ndarray, labels: np.ndarray) -> None:
+    """:func:`write_index` from a :data:`KEY_DIGEST` array and the labels."""
+    table = np.empty(len(digests), _INDEX_DTYPE)
+    table["key"], table["cluster"] = digests, labels
+    np.save(path, np.unique(table))  # sorted by key, then cluster; equal texts share a cluster
 
 
 class ClusterModel:

@@ -6,7 +6,7 @@ import importlib.resources
 import json
 import os
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -173,6 +173,23 @@ class EmbeddingCache:
             known.update(k.decode() for k in keys.tolist())
         return known
 
+    def known_digests(self) -> np.ndarray:
+        """:func:`key_digests` of every readable shard's keys, sorted and distinct: 16 bytes a
+        text, no Python object per key."""
+        parts = [np.zeros(0, DIGEST)]
+        for shard in sorted(self.dir.glob("shard-*.npz")):
+            try:
+                with np.load(shard) as data:
+                    keys = data["keys"]
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged shard is just recomputed
+            parts.append(hex_digests(keys))
+        return np.unique(np.concatenate(parts))
+
+    def digests(self, texts: Iterable[str]) -> np.ndarray:
+        """:func:`key_digests` of the texts' cache keys, in order."""
+        return key_digests(self.key(t) for t in texts)
+
     def write(self, keys: Sequence[str], embeddings: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"shard-{time.time_ns():020d}-{os.getpid()}.npz"
@@ -180,6 +197,32 @@ class EmbeddingCache:
         with open(tmp, "wb") as f:
             np.savez(f, keys=np.array([k.encode() for k in keys]), emb=embeddings)
         os.replace(tmp, final)
+
+
+#: A cache key as a fixed-size array item: the first 16 bytes (128 bits) of its sha256, so a
+#: million rows' keys take 16 MB instead of a million Python strings.
+DIGEST = np.dtype("S16")
+
+
+def key_digests(keys: Iterable[str]) -> np.ndarray:
+    """Hex keys (sha256 hex digests) -> :data:`DIGEST` array."""
+    return np.fromiter((bytes.fromhex(k[:32]) for k in keys), DIGEST)
+
+
+def hex_digests(keys: np.ndarray) -> np.ndarray:
+    """A shard's stored keys (ASCII hex, ``S64``) -> :data:`DIGEST` array, vectorised."""
+    if not len(keys):
+        return np.zeros(0, DIGEST)
+    raw = np.frombuffer(np.asarray(keys, "S64").tobytes(), np.uint8).reshape(-1, 64)[:, :32]
+    nibble = np.where(raw >= ord("a"), raw - (ord("a") - 10), raw - ord("0")).astype(np.uint8)
+    return np.ascontiguousarray(nibble[:, 0::2] * 16 + nibble[:, 1::2]).view(DIGEST).ravel()
+
+
+def digest_owner(digests: np.ndarray, world_size: int) -> np.ndarray:
+    """:func:`.distributed.shard_of` of every digest (its first 15 hex digits mod the world
+    size), vectorised."""
+    first = np.frombuffer(np.ascontiguousarray(digests).tobytes(), ">u8")[0::2]
+    return ((first >> np.uint64(4)) % np.uint64(world_size)).astype(np.int64)
 
 
 def _distinct_todo(
@@ -195,7 +238,7 @@ def _distinct_todo(
 
 
 def _encode_into(
-    todo_items: Sequence[tuple[str, str]],
+    todo_items: Iterable[tuple[str, str]],
     encoder: Encoder,
     cache: EmbeddingCache | None,
     known: dict[str, np.ndarray] | None,
@@ -203,16 +246,17 @@ def _encode_into(
     shard_rows: int,
     progress: bool,
     desc: str = "embedding",
+    total: int | None = None,
 ) -> None:
     """Encode in shards of ``shard_rows`` texts, each saved to the cache (and ``known``)
-    before the next starts."""
+    before the next starts; ``todo_items`` may be a generator (``total`` for the bar)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=len(todo_items), desc=desc, unit="text", disable=not progress or not todo_items
-    )
-    for start in range(0, len(todo_items), shard_rows):
-        shard = todo_items[start : start + shard_rows]
+    if total is None:
+        todo_items = list(todo_items)
+        total = len(todo_items)
+    bar = tqdm(total=total, desc=desc, unit="text", disable=not progress or not total)
+    for shard in _batches(iter(todo_items), shard_rows):
         parts = []
         for b in range(0, len(shard), batch_size):
             batch = [t for _, t in shard[b : b + batch_size]]
@@ -225,6 +269,48 @@ def _encode_into(
         if known is not None:
             known.update(zip(shard_keys, emb))
     bar.close()
+
+
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while batch := [item for _, item in zip(range(size), items)]:
+        yield batch
+
+
+def embed_missing(
+    texts: Callable[[], Iterable[str]],
+    digests: np.ndarray,
+    encoder: Encoder,
+    cache: EmbeddingCache,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 64,
+    shard_rows: int = 1024,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Embed into ``cache`` the distinct texts rank ``rank`` of ``world_size`` owns and the
+    cache lacks, reading them afresh from ``texts()`` (no list of every text: only one shard
+    of texts is held at a time); ``digests`` are the texts' :meth:`EmbeddingCache.digests`.
+    Returns (distinct texts this rank owns, texts it encoded now). Texts are encoded in
+    first-seen order, so the shards and batches are those of an in-memory list."""
+    distinct, first = np.unique(digests, return_index=True)
+    mine = digest_owner(distinct, world_size) == rank
+    known = cache.known_digests()
+    pos = np.minimum(np.searchsorted(known, distinct), max(len(known) - 1, 0))
+    have = known[pos] == distinct if len(known) else np.zeros(len(distinct), bool)
+    todo = np.sort(first[mine & ~have])
+    wanted = np.zeros(len(digests), bool)
+    wanted[todo] = True
+
+    def items() -> Iterator[tuple[str, str]]:
+        for i, text in enumerate(texts()):
+            if wanted[i]:
+                yield cache.key(text), text
+
+    desc = f"embedding (rank {rank}/{world_size})" if world_size > 1 else "embedding"
+    if len(todo):
+        _encode_into(items(), encoder, cache, None, batch_size, shard_rows, progress, desc,
+                     total=len(todo))
+    return int(mine.sum()), len(todo)
 
 
 def embed_texts(
@@ -264,14 +350,8 @@ def embed_share(
     (:func:`.distributed.shard_of` of the cache key) and the cache lacks; returns (texts this
     rank owns, texts it encoded now). The split is by content, so the ranks agree without
     talking and a rerun resumes from every rank's finished shards."""
-    from .distributed import shard_of
-
-    keys = [cache.key(t) for t in texts]
-    mine = {k for k in keys if shard_of(k, world_size) == rank}
-    todo = _distinct_todo(texts, keys, cache.known_keys(), mine.__contains__)
-    desc = f"embedding (rank {rank}/{world_size})" if world_size > 1 else "embedding"
-    _encode_into(todo, encoder, cache, None, batch_size, shard_rows, progress, desc)
-    return len(mine), len(todo)
+    return embed_missing(lambda: texts, cache.digests(texts), encoder, cache, rank,
+                         world_size, batch_size, shard_rows, progress)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +16,11 @@ from .kmeans import ElbowResult, KMeansFit
 if TYPE_CHECKING:
     from .options import ClusteringOptions
     from .rows import Row
+
+#: Above this many rows the TF-IDF keywords of report.md come from a seeded sample of the
+#: texts (TF-IDF holds its whole input in memory).
+KEYWORD_SAMPLE = 50_000
+
 
 def top_keywords(texts: Sequence[str], labels: np.ndarray, k: int, n_terms: int = 8):
     """Per cluster, the terms with the highest mean TF-IDF: a quick "what is this cluster"."""
@@ -46,6 +51,41 @@ def representatives(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, n:
         d = ((x[idx] - centre) ** 2).sum(1)
         out.append(idx[np.argsort(d)[:n]].tolist())
     return out
+
+
+def representatives_chunked(
+    x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, n: int = 3,
+    chunk_rows: int = 16384,
+) -> list[list[int]]:
+    """:func:`representatives` read in chunks (``x`` may be a memmap): per cluster the ``n``
+    rows closest to its centroid, ties by row index."""
+    c = np.asarray(centroids, np.float32)
+    best_d = np.zeros(0, np.float64)
+    best_i = np.zeros(0, np.int64)
+    for start in range(0, len(x), chunk_rows):
+        xb = np.asarray(x[start : start + chunk_rows], np.float32)
+        lb = labels[start : start + len(xb)]
+        d = ((xb - c[lb]) ** 2).sum(1).astype(np.float64)
+        best_d = np.concatenate([best_d, d])
+        best_i = np.concatenate([best_i, np.arange(start, start + len(xb))])
+        order = np.lexsort((best_i, best_d, labels[best_i]))
+        best_d, best_i = best_d[order], best_i[order]
+        cl = labels[best_i]
+        rank = np.arange(len(cl)) - np.searchsorted(cl, cl, "left")
+        keep = rank < n
+        best_d, best_i = best_d[keep], best_i[keep]
+    cl = labels[best_i]
+    return [best_i[cl == k].tolist() for k in range(len(c))]
+
+
+def purity_of_pairs(pairs: Mapping[tuple[int, str], int], num_rows: int) -> float:
+    """:func:`purity` from (cluster, source) -> row counts."""
+    if not num_rows:
+        return 0.0
+    best: dict[int, int] = {}
+    for (label, _src), count in pairs.items():
+        best[label] = max(best.get(label, 0), count)
+    return sum(best.values()) / num_rows
 
 
 def purity(labels: Sequence[int], sources: Sequence[str]) -> float:
@@ -105,17 +145,25 @@ def plot_cluster_map(x: np.ndarray, labels: np.ndarray, path: Path, sample: int,
 
 
 def source_table(labels: np.ndarray, sources: Sequence[str], k: int) -> tuple[list[str], Any]:
-    names = sorted(set(sources))
+    return table_of_pairs(Counter(zip(np.asarray(labels).tolist(), sources)), k)
+
+
+def table_of_pairs(pairs: Mapping[tuple[int, str], int], k: int) -> tuple[list[str], Any]:
+    """(source names, k x sources counts) from (cluster, source) -> row counts."""
+    names = sorted({src for _, src in pairs})
     table = np.zeros((k, len(names)), np.int64)
     col = {s: j for j, s in enumerate(names)}
-    for label, src in zip(labels.tolist(), sources):
-        table[label, col[src]] += 1
+    for (label, src), count in pairs.items():
+        table[label, col[src]] += count
     return names, table
 
 
 def plot_cluster_by_source(labels: np.ndarray, sources: Sequence[str], k: int, path: Path):
+    plot_source_table(*source_table(labels, sources, k), k, path)
+
+
+def plot_source_table(names: list[str], table: Any, k: int, path: Path) -> None:
     plt = pyplot()
-    names, table = source_table(labels, sources, k)
     fig, ax = plt.subplots(figsize=(6, 4))
     bottom = np.zeros(k)
     for j, name in enumerate(names):
@@ -139,18 +187,23 @@ def _md_escape(text: str, limit: int = 200) -> str:
 
 def report_markdown(
     metadata: dict,
-    rows: Sequence[Row],
-    labels: np.ndarray,
+    rows: Sequence[Row] | Mapping[int, Row],
+    labels: np.ndarray | None,
     keywords: list[list[str]],
     reps: list[list[int]],
+    table: tuple[list[str], Any] | None = None,
 ) -> str:
+    """report.md; ``rows`` needs only the quoted rows (``reps``) when ``table`` (the cluster
+    x source counts, :func:`table_of_pairs`) is given, else every row and ``labels``."""
     k = metadata["num_clusters"]
-    sources = [r.source for r in rows]
-    names, table = source_table(labels, sources, k)
+    if table is None:
+        assert labels is not None and isinstance(rows, Sequence)
+        table = source_table(labels, [r.source for r in rows], k)
+    names, table = table
     lines = [
         "# MoCE cluster report",
         "",
-        f"- rows: {len(rows)}, k = {k} ({metadata['k_selection']['method']})",
+        f"- rows: {metadata['num_rows']}, k = {k} ({metadata['k_selection']['method']})",
         f"- encoder: `{metadata['embedding']['model']}` (dim {metadata['embedding']['dim']}, "
         f"prefix {metadata['embedding']['prefix']!r}, normalize "
         f"{metadata['embedding']['normalize']})",
@@ -187,7 +240,25 @@ def write_report(
     texts = [r.text for r in rows]
     keywords = top_keywords(texts, fit.labels, fit.k)
     reps = representatives(x, fit.labels, fit.centroids)
-    (out / REPORT_FILE).write_text(report_markdown(metadata, rows, fit.labels, keywords, reps))
-    plot_cluster_map(x, fit.labels, out / CLUSTER_MAP_PLOT, options.tsne_sample, options.seed)
-    plot_cluster_by_source(fit.labels, [r.source for r in rows], fit.k, out / BY_SOURCE_PLOT)
+    pairs = Counter(zip(fit.labels.tolist(), (r.source for r in rows)))
+    write_report_parts(out, metadata, rows, reps, keywords, pairs, x, fit, options)
 
+
+def write_report_parts(
+    out: Path,
+    metadata: dict,
+    rows: Sequence[Row] | Mapping[int, Row],
+    reps: list[list[int]],
+    keywords: list[list[str]],
+    pairs: Mapping[tuple[int, str], int],
+    x: np.ndarray,
+    fit: KMeansFit,
+    options: ClusteringOptions,
+) -> None:
+    """report.md and the plots from counts and the quoted rows only (what the streamed
+    pipeline has); the t-SNE map is drawn from a sample of ``x``."""
+    table = table_of_pairs(pairs, fit.k)
+    (out / REPORT_FILE).write_text(
+        report_markdown(metadata, rows, None, keywords, reps, table=table))
+    plot_cluster_map(x, fit.labels, out / CLUSTER_MAP_PLOT, options.tsne_sample, options.seed)
+    plot_source_table(*table, fit.k, out / BY_SOURCE_PLOT)

@@ -7,7 +7,9 @@ sitecustomize), so the artifacts can be compared exactly:
 * 2 ranks write the same artifact as 1 process (assignments, k, metadata; centroids to float
   tolerance), and both ranks embedded a share;
 * a rank killed mid-embedding, then a rerun: the rerun finishes, keeps the finished shards and
-  encodes no text twice, and its artifact equals the 1-process one.
+  encodes no text twice, and its artifact equals the 1-process one;
+* ``accelerate launch -m axolotl.cli.preprocess CFG`` with the artifact missing: stage 1 on
+  both ranks (the same artifact), then axolotl's prepared data set.
 """
 
 from __future__ import annotations
@@ -57,11 +59,12 @@ def write_config(workdir: Path, data: Path) -> Path:
     return cfg
 
 
-def run_stage1(workdir: Path, nproc: int, **extra_env: str) -> subprocess.CompletedProcess:
+def run_stage1(workdir: Path, nproc: int, module: str = "moce_plugin.clustering.cli",
+               cfg: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess:
     """The CLI under `accelerate launch` (nproc > 1: its torchrun launcher, gloo on CPU) or as
     one plain process."""
-    cfg = write_config(workdir, workdir.parent / "data.jsonl")
-    cmd = module_command("moce_plugin.clustering.cli", [str(cfg)], nproc)
+    cfg = cfg or write_config(workdir, workdir.parent / "data.jsonl")
+    cmd = module_command(module, [str(cfg)], nproc)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "AXOLOTL_DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1", "MOCE_TEST_ENCODER": "bag",
            **extra_env}
@@ -70,9 +73,9 @@ def run_stage1(workdir: Path, nproc: int, **extra_env: str) -> subprocess.Comple
     env.pop("ACCELERATE_USE_CPU", None)
     try:
         return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
-                              timeout=240)
+                              timeout=480)
     except subprocess.TimeoutExpired as err:  # a hang at the barrier is a failure
-        raise AssertionError(f"stage 1 on {nproc} processes did not finish in 240s") from err
+        raise AssertionError(f"stage 1 on {nproc} processes did not finish in 480s") from err
 
 
 def cache_keys(workdir: Path) -> list[str]:
@@ -143,3 +146,23 @@ def test_killed_rank_then_rerun_resumes(one_process: Path) -> None:
     keys = cache_keys(work)
     assert len(keys) == len(set(keys)) == 3 * ROWS_PER_TOPIC  # nothing encoded twice
     assert_same_artifact(work / "clusters", one_process)
+
+
+def test_axolotl_preprocess_under_accelerate_launch(one_process: Path, tiny_model_dir) -> None:
+    """`accelerate launch -m axolotl.cli.preprocess CFG` on 2 gloo ranks with the artifact
+    missing: the plugin runs stage 1 on both ranks (the one-process artifact), then axolotl
+    prepares the data set on the same launch."""
+    import yaml
+    from axolotl_helpers import base_config
+
+    work = one_process.parent.parent / "preprocess"
+    work.mkdir()
+    clustering = yaml.safe_load(write_config(work, work.parent / "data.jsonl").read_text())
+    cfg = base_config(tiny_model_dir, work.parent / "data.jsonl", work, val_set_size=0)
+    cfg["moce"] = {**cfg["moce"], **clustering["moce"]}
+    path = work / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_stage1(work, 2, module="axolotl.cli.preprocess", cfg=path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert_same_artifact(work / "clusters", one_process)
+    assert any(p.is_dir() for p in (work / "prepared").iterdir())

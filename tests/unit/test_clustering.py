@@ -451,3 +451,68 @@ def test_sorted_index_lookup_equals_the_assignments_table(fake_artifact, tmp_pat
     get = ClusterModel(path, model.metadata, model.centroids)._index_get()
     assert [get(k) for k in keys] == [0, 1, 2, 3, 4]
     assert get("ab" * 31 + "01") is None and get("00" * 32) is None
+
+
+def test_streamed_rows_give_the_in_memory_artifact(tmp_path: Path) -> None:
+    """On the bundled sample: rows streamed through a RowStream (regenerated on each pass,
+    never a list) give the artifact of a list of rows, file for file (report.md too), and
+    stage 1 never holds more than a handful of rows at once (the rows report.md quotes)."""
+    from fake_encoder import BagEncoder
+
+    from moce_plugin.clustering import Row, RowStream, iter_rows_from_examples
+
+    class CountedRow(Row):
+        alive = peak = 0
+
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            CountedRow.alive += 1
+            CountedRow.peak = max(CountedRow.peak, CountedRow.alive)
+
+        def __del__(self) -> None:
+            CountedRow.alive -= 1
+
+    examples = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    passes = []
+
+    def read():
+        passes.append(1)
+        for r in iter_rows_from_examples(str(SAMPLE), examples, "auto"):
+            yield CountedRow(r.dataset, r.index, r.text, r.source)
+
+    arts = {}
+    for name, rows, memmap_rows in (
+        ("list", rows_from_examples(str(SAMPLE), examples, "auto"), 10**9),
+        ("stream", RowStream(read), 0),
+    ):
+        opts = ClusteringOptions(cache_dir=str(tmp_path / f"cache-{name}"), report=True,
+                                 memmap_rows=memmap_rows, elbow_sample=250, k_max=5)
+        arts[name] = run_clustering(rows, tmp_path / name, "auto", opts, BagEncoder(),
+                                    progress=False).path
+    assert len(passes) == 3  # check and key, embed, write: the rows are read, never kept
+    k = json.loads((arts["stream"] / METADATA_FILE).read_text())["num_clusters"]
+    assert CountedRow.peak <= 3 * k + 2, CountedRow.peak  # 600 if a list of rows were built
+    for name in ("assignments.jsonl", "assignments.index.npy", "centroids.npy", "report.md"):
+        assert (arts["list"] / name).read_bytes() == (arts["stream"] / name).read_bytes(), name
+    meta = [json.loads((arts[n] / METADATA_FILE).read_text()) for n in ("list", "stream")]
+    for m in meta:
+        m.pop("created")
+    assert meta[0] == meta[1]
+
+
+def test_embedding_matrix_by_digest_matches_rows_across_shards(tmp_path: Path) -> None:
+    """Rows matched to cache shards by key digest: repeated texts, texts spread over several
+    shards, an older shard winning over a later copy of the same text, another data set's
+    texts ignored, and a missing text named as such."""
+    from moce_plugin.clustering.pipeline import embedding_matrix
+
+    cache = EmbeddingCache(tmp_path, "sig")
+    texts = ["a", "b", "a", "c", "d", "b", "a"]
+    vec = {t: np.full(3, float(i + 1), np.float32) for i, t in enumerate("abcdz")}
+    cache.write([cache.key(t) for t in ("c", "a", "z")], np.stack([vec["c"], vec["a"], vec["z"]]))
+    cache.write([cache.key(t) for t in ("b", "d")], np.stack([vec["b"], vec["d"]]))
+    cache.write([cache.key("a")], np.full((1, 3), -9.0, np.float32))  # a later copy: ignored
+    x = embedding_matrix(texts, cache, normalize=False)
+    np.testing.assert_array_equal(x, np.stack([vec[t] for t in texts]))
+    with pytest.raises(ClusteringError, match="1 embeddings are not in the cache"):
+        embedding_matrix(texts + ["new", "new"], cache, normalize=False)
