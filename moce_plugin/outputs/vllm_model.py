@@ -42,7 +42,14 @@ from ..model.cluster_ids import IGNORE_CLUSTER_ID, check_cluster_ids
 from ..model.config import MoCEConfig
 from ..model.layer import MoCEMLP
 from ..model.routing import cluster_ids_context, collector_stack, current_cluster_ids
-from .hf_native import HAS_ARTIFACT_KEY, LOG_ENV, MOCE_KEY, ClusterAssigner, log
+from .hf_native import (
+    HAS_ARTIFACT_KEY,
+    LOG_ENV,
+    MOCE_KEY,
+    ClusterAssigner,
+    check_export_weights,
+    log,
+)
 from .vllm_plugin import CLUSTER_ARG, VLLM_BASE_ARCHITECTURES
 
 #: The key prefix of moce_weights.safetensors (see :mod:`~moce_plugin.model.state_dict`).
@@ -67,6 +74,10 @@ class MoCEVLLMMixin:
             self.moce_layers.append(index)
         self.moce_config = moce
         folder = Path(vllm_config.model_config.model)
+        if folder.is_dir():
+            # The refusal of the Hugging Face path (NaN/inf or overwritten MoCE tensors, named),
+            # before vLLM reads the weights in.
+            check_export_weights(folder, self)
         self.moce_assigner = ClusterAssigner(folder if folder.is_dir() else None, moce.groups,
                                              bool(getattr(hf_config, HAS_ARTIFACT_KEY, False)))
         self._moce_clusters: dict[str, int] = {}

@@ -162,3 +162,31 @@ def test_vllm_serve_answers_the_openai_client_with_per_domain_clusters(exports, 
         assert f"moce cluster {cluster} <- {prompt[:80]!r}" in log, log[-4000:]
     assert log.count(f"moce cluster {expected[1]} <- {PROMPTS[1][:80]!r}") == 2  # + streamed
     assert "moce cluster 2 <- moce_cluster=2" in log
+
+
+def test_vllm_refuses_an_export_with_a_damaged_expert(exports, tmp_path):
+    """vLLM runs the export's weight check before loading: NaN in one expert is refused,
+    naming the tensor, as with AutoModelForCausalLM (tests/unit/test_export_weights.py)."""
+    import os
+    import shutil
+    import subprocess
+
+    from safetensors.torch import load_file, save_file
+    from vllm_helpers import VLLM_ENV
+
+    dest = tmp_path / "damaged"
+    shutil.copytree(exports["soft"], dest)
+    tensors = load_file(dest / "model.safetensors")
+    name = next(k for k in sorted(tensors) if ".moce_experts." in k)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    script = tmp_path / "load.py"
+    script.write_text("from vllm import LLM\n\nif __name__ == '__main__':\n"
+                      f"    LLM(model={str(dest)!r}, dtype='float32', max_model_len=64, "
+                      "enforce_eager=True)\n")
+    proc = subprocess.run([str(require_vllm()), str(script)], cwd=tmp_path,
+                          env={**os.environ, **VLLM_ENV}, capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert name in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-4000:]

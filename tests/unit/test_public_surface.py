@@ -91,7 +91,11 @@ def test_train_base_model_unfreezes_the_base(train_base):
     assert all(base) if train_base else not any(base)
 
 
-def test_register_architecture_adds_a_family():
+def test_register_architecture_adds_a_family(monkeypatch):
+    from moce_plugin.model import architectures
+
+    # the family registered here must not outlive the test (other tests list the families)
+    monkeypatch.setattr(architectures, "_REGISTRY", dict(architectures._REGISTRY))
     model = tiny_causal_lm("llama")
     model.config.model_type = "my_llama_fork"
     with pytest.raises(ValueError, match="does not support model_type 'my_llama_fork'"):
