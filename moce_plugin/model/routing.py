@@ -109,7 +109,10 @@ def token_routing_ids(
     again in each layer was a visible share of the step. The cached pair is reused only for
     the same tensor object, unmodified (``_version``), shape and device."""
     ids = current_cluster_ids()
-    if not isinstance(ids, torch.Tensor) or torch.compiler.is_compiling():
+    # Inference-mode tensors (vLLM, `torch.inference_mode()` callers) have no version counter
+    # to key the cache on: resolved per layer, as under compile.
+    if (not isinstance(ids, torch.Tensor) or torch.compiler.is_compiling()
+            or ids.is_inference()):
         flat = token_cluster_ids(batch_shape, device).reshape(-1)
         return flat, flat != IGNORE_CLUSTER_ID
     key = (ids._version, tuple(batch_shape), device)

@@ -176,3 +176,22 @@ def test_decode_with_kv_cache_equals_full_eager_recomputation(kwargs, per_token)
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
             full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
     assert torch.equal(out.sequences, seq)
+
+
+def test_generation_under_inference_mode_equals_no_grad():
+    """`torch.inference_mode()` (vLLM's forwards, many serving loops) makes the cluster ids
+    inference tensors, which have no version counter: generation must work there and give
+    what it gives under `no_grad`."""
+    cfg = MoCEConfig(num_clusters=3, experts_per_group=2, top_k=2, adapter_dim=8)
+    model = upcycle_model(tiny_causal_lm("llama"), cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("moce_experts.up"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 50, (2, 5), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, moce_cluster_ids=torch.tensor([0, 2]), **kwargs)
+    with torch.inference_mode():
+        got = model.generate(ids, moce_cluster_ids=torch.tensor([0, 2]), **kwargs)
+    assert torch.equal(got, want)
