@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--servers", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm/bin/python")
+    parser.add_argument("--eager-base", action="store_true",
+                        help="run (b) with --enforce-eager too, as the MoCE plugin runs (a): "
+                        "MoCE's own cost without vLLM's torch.compile of the base")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 concurrent, "
                         "1 request each, 8 tokens")
     args = parser.parse_args()
@@ -179,7 +182,8 @@ def main() -> None:
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     plans = {
         "a": (vllm + [str(args.export)] + vllm_flags, str(args.export)),
-        "b": (vllm + [str(base)] + vllm_flags, str(base)),
+        "b": (vllm + [str(base)] + vllm_flags + (["--enforce-eager"] if args.eager_base else []),
+              str(base)),
         "c": ([sys.executable, "-m", "transformers.cli.transformers", "serve",
                str(args.export), "--trust-remote-code", "--dtype", "float32"], str(args.export)),
     }
