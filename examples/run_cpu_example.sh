@@ -3,7 +3,8 @@
 # install -> convert SmolLM2 -> cluster the data (stage 1) -> train MoCE with axolotl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+# The example trains and generates only: the vLLM serving environment is not needed here.
+MOCE_SKIP_VLLM=1 bash scripts/install.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
