@@ -161,29 +161,24 @@ class EmbeddingCache:
             known.update(zip((k.decode() for k in keys.tolist()), emb))
         return known
 
-    def known_keys(self) -> set[str]:
-        """The keys of every readable shard, without their embeddings."""
-        known: set[str] = set()
+    def _shard_keys(self) -> Iterator[np.ndarray]:
+        """The key array of every readable shard, in shard order (no embeddings read)."""
         for shard in sorted(self.dir.glob("shard-*.npz")):
             try:
                 with np.load(shard) as data:
                     keys = data["keys"]
             except (OSError, ValueError, KeyError):
                 continue  # a damaged shard is just recomputed
-            known.update(k.decode() for k in keys.tolist())
-        return known
+            yield keys
+
+    def known_keys(self) -> set[str]:
+        """The keys of every readable shard, without their embeddings."""
+        return {k.decode() for keys in self._shard_keys() for k in keys.tolist()}
 
     def known_digests(self) -> np.ndarray:
         """:func:`key_digests` of every readable shard's keys, sorted and distinct: 16 bytes a
         text, no Python object per key."""
-        parts = [np.zeros(0, DIGEST)]
-        for shard in sorted(self.dir.glob("shard-*.npz")):
-            try:
-                with np.load(shard) as data:
-                    keys = data["keys"]
-            except (OSError, ValueError, KeyError):
-                continue  # a damaged shard is just recomputed
-            parts.append(hex_digests(keys))
+        parts = [np.zeros(0, DIGEST)] + [hex_digests(keys) for keys in self._shard_keys()]
         return np.unique(np.concatenate(parts))
 
     def digests(self, texts: Iterable[str]) -> np.ndarray:
