@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.launch import free_port
 from bench.machine_info import ROOT, cpu_model
 
 PROMPTS = [
@@ -98,21 +98,16 @@ def summarize(rates: dict[str, dict[int, float]]) -> list[str]:
     return lines
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A server process started on a free port, ready when /health answers."""
 
-    def __init__(self, argv: list[str], env: dict, log: Path, port: int) -> None:
+    def __init__(self, argv: list[str], env: dict, log: Path, port: int,
+                 ready_s: int = 900) -> None:
         self.port, self.log = port, log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
-        for _ in range(900):
+        for _ in range(ready_s):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 return
@@ -121,7 +116,7 @@ class Server:
                     raise RuntimeError(f"{argv[0]} exited: {log.read_text()[-3000:]}") from None
                 time.sleep(1)
         self.stop()
-        raise RuntimeError(f"{argv[0]} did not start in 900 s: see {log}")
+        raise RuntimeError(f"{argv[0]} did not start in {ready_s} s: see {log}")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -190,7 +185,7 @@ def main() -> None:
     rates: dict[str, dict[int, float]] = {}
     for name in args.servers:
         argv, model = plans[name]
-        port = _free_port()
+        port = free_port()
         print(f"{name}: {' '.join(argv[:4])} ...", flush=True)
         server = Server(argv + ["--host", "127.0.0.1", "--port", str(port)], env,
                         work / f"{name}.log", port)

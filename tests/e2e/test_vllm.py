@@ -101,39 +101,25 @@ def test_offline_llm_equals_the_hf_export_for_every_cluster_and_routing(exports,
 
 def test_vllm_serve_answers_the_openai_client_with_per_domain_clusters(exports, tmp_path):
     import os
-    import socket
-    import subprocess
-    import time
-    import urllib.request
 
     from openai import OpenAI
     from vllm_helpers import VLLM_ENV
 
+    from bench.bench_vllm import Server
+    from bench.launch import free_port
     from moce_plugin.clustering import ClusterModel
 
     dest = exports["topk_v"]
     expected = ClusterModel.load(dest / "cluster_artifact").assign_requests(PROMPTS).tolist()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     vllm = require_vllm().parent / "vllm"
     log_path = tmp_path / "serve.log"
     env = {**os.environ, **VLLM_ENV, "MOCE_LOG_CLUSTERS": "1"}
-    with open(log_path, "w") as log_file:  # no MoCE flag: the plugin does the rest
-        server = subprocess.Popen(
-            [str(vllm), "serve", str(dest), "--host", "127.0.0.1", "--port", str(port),
-             "--dtype", "float32", "--max-model-len", "256"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    # no MoCE flag: the plugin does the rest; the server is ready when /health answers
+    server = Server([str(vllm), "serve", str(dest), "--host", "127.0.0.1", "--port", str(port),
+                     "--dtype", "float32", "--max-model-len", "256"], env, log_path, port,
+                    ready_s=600)
     try:
-        for _ in range(600):  # the engine loads the model before the server listens
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, log_path.read_text()[-4000:]
-                time.sleep(1)
-        else:
-            raise AssertionError("vllm serve did not start: " + log_path.read_text()[-4000:])
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
                         timeout=300, max_retries=0)
         for prompt in PROMPTS:
@@ -151,12 +137,7 @@ def test_vllm_serve_answers_the_openai_client_with_per_domain_clusters(exports, 
                                            extra_body={"vllm_xargs": {"moce_cluster": 2}})
         assert forced.usage.completion_tokens == 4
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop()
     log = log_path.read_text()
     for prompt, cluster in zip(PROMPTS, expected):
         assert f"moce cluster {cluster} <- {prompt[:80]!r}" in log, log[-4000:]
