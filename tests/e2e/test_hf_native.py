@@ -309,49 +309,30 @@ def test_lm_eval_stock_hf_model_scores_like_the_moce_class(exported, tmp_path):
         assert got == pytest.approx(want, abs=1e-4)  # same clusters, same log-likelihoods
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_transformers_serve_answers_the_openai_client_with_per_domain_clusters(exported,
                                                                                tmp_path):
     import os
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     from openai import OpenAI
 
+    from bench.bench_vllm import Server
+    from bench.launch import free_port
     from moce_plugin.clustering import ClusterModel
 
     _, dest = exported
     expected = ClusterModel.load(dest / "cluster_artifact").assign_requests(PROMPTS).tolist()
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "MOCE_LOG_CLUSTERS": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    with open(log_path, "w") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "transformers.cli.transformers", "serve", str(dest),
-             "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
-             "--device", "cpu", "--dtype", "float32"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    # the server loads the model before it listens: ready when /health answers
+    server = Server([sys.executable, "-m", "transformers.cli.transformers", "serve", str(dest),
+                     "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port),
+                     "--device", "cpu", "--dtype", "float32"], env, log_path, port,
+                    ready_s=120)
     try:
-        for _ in range(120):  # the server loads the model before it listens
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(1)
-        else:
-            raise AssertionError("transformers serve did not start: " + log_path.read_text())
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120,
                         max_retries=0)
         for prompt in PROMPTS:
@@ -365,12 +346,7 @@ def test_transformers_serve_answers_the_openai_client_with_per_domain_clusters(e
         pieces = [c.choices[0].delta.content for c in stream if c.choices]
         assert "".join(p for p in pieces if p)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop()
     log = log_path.read_text()
     for prompt, cluster in zip(PROMPTS + PROMPTS[:1], expected + expected[:1]):
         assert f"moce cluster {cluster} <- {prompt[:80]!r}" in log, log[-3000:]
