@@ -61,6 +61,18 @@ MUTANTS = [
      "ids = groups[:, None] * experts.experts_per_group + routing.experts()",
      "ids = 0 * groups[:, None] + routing.experts()",
      "tests/unit/test_decode.py -k 'kv_cache and per-token'"),
+    ("dense plan's cached down layout ignores in-place edits", "moce_plugin/model/layer.py",
+     "key = (version, down.data_ptr()",
+     "key = (None, down.data_ptr()",
+     "tests/unit/test_decode.py -k dense_plan_follows"),
+    ("few-token plan rule inverted", "moce_plugin/model/plans.py",
+     'return "dense" if experts <= DENSE_SLOT_FACTOR * slots else "gather"',
+     'return "gather" if experts <= DENSE_SLOT_FACTOR * slots else "dense"',
+     "tests/unit/test_decode.py -k few_token_plan"),
+    ("dense plan leaks unchosen experts", "moce_plugin/model/plans.py",
+     "z = (z.view(tokens, total, rank) * dense[:, :, None])",
+     "z = (z.view(tokens, total, rank) * dense[:, :, None].clamp(min=1e-3))",
+     "tests/unit/test_decode.py -k 'inference_step_equals_eager and dense'"),
     ("cached cluster ids ignore in-place edits", "moce_plugin/model/routing.py",
      "key = (ids._version, tuple(batch_shape), device)",
      "key = (tuple(batch_shape), device)",
@@ -71,7 +83,8 @@ MUTANTS = [
 def run(name: str, rel: str, old: str, new: str, tests: str) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
-        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "outputs"))
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".venv-vllm", ".git",
+                                                                  "outputs"))
         target = copy / rel
         text = target.read_text()
         if old not in text:

@@ -36,13 +36,13 @@ from transformers.activations import ACT2FN
 from .config import MoCEConfig
 from .losses import grouped_load_balancing_loss, router_entropy
 from .plans import (
-    GATHER_MAX_SLOTS,
     GENERAL_PLANS,
     GROUP_PLANS,
     Plan,
     Routing,
     choose_plan,
     expert_outputs,
+    few_token_plan,
     plan_is_valid,
     route,
     slots_of,
@@ -89,6 +89,8 @@ class MoCEExperts(nn.Module):
         )
         self.down = nn.Parameter(torch.empty(total, hidden_size, self.adapter_dim))
         self.up = nn.Parameter(torch.empty(total, self.adapter_dim, hidden_size))
+        # (key, [N*r, d] copy of down) of down_rows(): not a buffer, never saved.
+        self._down_rows: tuple[tuple, torch.Tensor] | None = None
         self.reset_parameters(seed=config.init_seed + 1000 * layer_index)
 
     @torch.no_grad()
@@ -106,6 +108,26 @@ class MoCEExperts(nn.Module):
             uniform_(self.general_router, bound)
         uniform_(self.down, bound)
         self.up.zero_()  # exact base-model behaviour at step 0
+
+    def down_rows(self) -> torch.Tensor:
+        """``down`` [N, d, r] as one linear weight [N*r, d] (row e*r + j: expert e's column
+        j), for the few-token ``"dense"`` plan. Without autograd the copy is kept until
+        ``down`` changes (its version, storage or dtype), so a decode step does not pay for
+        it: the memory of one more ``down``. With autograd, or under compile, it is made in
+        the call (differentiable)."""
+        down = self.down
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return down.transpose(1, 2).reshape(-1, down.shape[1])
+        # Inference tensors have no version counter (and cannot change outside inference
+        # mode): their storage identifies them.
+        version = None if down.is_inference() else down._version
+        key = (version, down.data_ptr(), down.dtype, down.device, down.shape)
+        cached = self._down_rows
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                rows = down.detach().transpose(1, 2).reshape(-1, down.shape[1]).contiguous()
+            self._down_rows = cached = (key, rows)
+        return cached[1]
 
     def forward(
         self, x: torch.Tensor, h: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
@@ -156,11 +178,11 @@ class MoCEExperts(nn.Module):
     ) -> torch.Tensor:
         """sum over each token's experts of weight * adapter(h), weights times ``mask``, by
         the forced or the measured plan (:mod:`.plans`); without autograd, a call of few
-        slots (a decode step) gathers its experts' weights instead of sorting into bins."""
+        slots (a decode step) takes a few-token plan (:func:`~.plans.few_token_plan`)
+        instead of sorting into bins."""
         plan = self.plan
-        if plan is None and not torch.is_grad_enabled() and (
-                h.shape[0] * self.slots_per_token <= GATHER_MAX_SLOTS):
-            plan = "gather"
+        if plan is None and not torch.is_grad_enabled():
+            plan = few_token_plan(h.shape[0] * self.slots_per_token, self.down.shape[0])
         plan = plan or choose_plan(self.top_k, self.experts_per_group, self.general_top_k,
                                         self.num_general, self.num_groups, h.shape[0],
                                         self.adapter_dim)

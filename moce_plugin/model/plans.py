@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, NamedTuple, Protocol, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from .expert_ops import block_adapter_sum, routed_adapter_sum
 
@@ -93,6 +94,10 @@ class Experts(Protocol):
     up: torch.Tensor  # [N, r, d]
     act: Callable[[torch.Tensor], torch.Tensor]
 
+    def down_rows(self) -> torch.Tensor:
+        """``down`` as one linear weight [N*r, d] (row e*r + j: expert e's column j)."""
+        ...
+
 
 class SlotCall(NamedTuple):
     """One :func:`~.expert_ops.routed_adapter_sum` call."""
@@ -115,13 +120,29 @@ Call = SlotCall | BlockCall
 GroupPlan = Callable[[Experts, Routing, torch.Tensor, torch.Tensor], Call]
 # (experts, general routing, mask [T, 1], the group's call) -> every call of the layer
 GeneralPlan = Callable[[Experts, Routing, torch.Tensor, Call], list[Call]]
-Plan = tuple[str, str | None] | Literal["eager", "gather"]
+Plan = tuple[str, str | None] | Literal["eager", "gather", "dense"]
 
 #: The layer runs the ``"gather"`` plan without autograd up to this many (token, expert)
 #: slots in a call: measured on the CPU against the sorted plans (docs/performance.md,
 #: "Decode"); beyond it the gathered weight copies ([slots, d, r] twice) cost more than
 #: the sort they save.
 GATHER_MAX_SLOTS = 32
+
+#: Few-token calls run every expert (``"dense"``) once their slots reach ``N /
+#: DENSE_SLOT_FACTOR`` (N: the layer's experts): gathering copies each slot's weights out
+#: and reads them again, the dense plan reads each of the N experts' once, in place.
+#: Measured on the CPU (SmolLM2-135M, 3 x 4 experts, top-2; docs/performance.md, "Decode"):
+#: dense faster at 8 tokens (16 slots) in vLLM and `generate`, gather at 1 and 4.
+DENSE_SLOT_FACTOR = 1
+
+
+def few_token_plan(slots: int, experts: int) -> Plan | None:
+    """The plan of a call without autograd of ``slots`` (token, expert) slots in a layer of
+    ``experts`` adapters: ``"gather"`` or ``"dense"`` up to :data:`GATHER_MAX_SLOTS`
+    slots, else None (the measured choice of :func:`choose_plan`)."""
+    if slots > GATHER_MAX_SLOTS:
+        return None
+    return "dense" if experts <= DENSE_SLOT_FACTOR * slots else "gather"
 
 P = TypeVar("P")
 
@@ -313,6 +334,8 @@ def expert_outputs(
         return eager_expert_outputs(experts, h, groups, mask, routing, general)
     if plan == "gather":
         return gathered_expert_outputs(experts, h, groups, mask, routing, general)
+    if plan == "dense":
+        return dense_expert_outputs(experts, h, groups, mask, routing, general)
     group_plan, general_plan = plan
     calls = [GROUP_PLANS[group_plan](experts, routing, groups, mask)]
     if general is not None:
@@ -336,6 +359,20 @@ def slots_of(top_k: int | str, experts: int, general_top_k: int | str = 0,
     return group + (general if general_top_k == "soft" else int(general_top_k))
 
 
+def _slot_ids_and_weights(
+    experts: Experts, groups: torch.Tensor, mask: torch.Tensor, routing: Routing,
+    general: Routing | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T, slots] expert ids in [0, N), [T, slots] weights times ``mask``) of every token."""
+    ids = groups[:, None] * experts.experts_per_group + routing.experts()
+    weights = routing.weights * mask
+    if general is not None:
+        first = experts.num_groups * experts.experts_per_group
+        ids = torch.cat([ids, first + general.experts()], 1)
+        weights = torch.cat([weights, general.weights * mask], 1)
+    return ids, weights
+
+
 def gathered_expert_outputs(
     experts: Experts, h: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor,
     routing: Routing, general: Routing | None,
@@ -343,12 +380,7 @@ def gathered_expert_outputs(
     """The few-token plan: each (token, expert) slot's ``down``/``up`` gathered ([A, d, r],
     [A, r, d], A = T * slots) and applied as two batched products, then each token's slots
     summed. Plain differentiable ops (no custom backward): meant for inference steps."""
-    ids = groups[:, None] * experts.experts_per_group + routing.experts()
-    weights = routing.weights * mask
-    if general is not None:
-        first = experts.num_groups * experts.experts_per_group
-        ids = torch.cat([ids, first + general.experts()], 1)
-        weights = torch.cat([weights, general.weights * mask], 1)
+    ids, weights = _slot_ids_and_weights(experts, groups, mask, routing, general)
     down, up = experts.down, experts.up
     (tokens, slots), (_, rank, dim) = ids.shape, up.shape
     flat = ids.reshape(-1)
@@ -358,6 +390,26 @@ def gathered_expert_outputs(
     # A token's slots side by side are one adapter of rank slots*r: the product sums them.
     gathered_up = up.index_select(0, flat).view(tokens, slots * rank, dim)
     return torch.bmm(z.view(tokens, 1, slots * rank), gathered_up).view(tokens, dim)
+
+
+def dense_expert_outputs(
+    experts: Experts, h: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor,
+    routing: Routing, general: Routing | None,
+) -> torch.Tensor:
+    """The few-token plan: every expert's adapter on every token as two plain products
+    ([T, d] x [d, N*r], then [T, N*r] x [N*r, d]), each token's unchosen experts at weight 0.
+    The N experts' weights are read once per call, in place: gathering them per slot copies
+    them per token, and sorting slots into bins costs more than the arithmetic of a decode
+    step. Plain differentiable ops; the layer takes it without autograd."""
+    ids, weights = _slot_ids_and_weights(experts, groups, mask, routing, general)
+    up = experts.up
+    total, rank, dim = up.shape
+    tokens = h.shape[0]
+    dense = torch.zeros(tokens, total, dtype=up.dtype, device=h.device)
+    dense = dense.scatter_add(1, ids, weights.to(up.dtype))
+    z = experts.act(F.linear(h.to(up.dtype), experts.down_rows()))  # [T, N*r]
+    z = (z.view(tokens, total, rank) * dense[:, :, None]).view(tokens, total * rank)
+    return torch.mm(z, up.reshape(total * rank, dim))
 
 
 def eager_expert_outputs(
@@ -382,6 +434,7 @@ def eager_expert_outputs(
 
 
 __all__ = [
+    "DENSE_SLOT_FACTOR",
     "GATHER_MAX_SLOTS",
     "GENERAL_PLANS",
     "GROUP_PLANS",
@@ -393,8 +446,10 @@ __all__ = [
     "all_plans",
     "choose_plan",
     "chosen_sets",
+    "dense_expert_outputs",
     "eager_expert_outputs",
     "expert_outputs",
+    "few_token_plan",
     "gathered_expert_outputs",
     "plan_is_valid",
     "route",

@@ -1,7 +1,7 @@
 """MoCE exports served by vLLM (the plugin in moce_plugin/outputs/vllm_*.py): offline `LLM`
 greedy generations equal the Hugging Face-loaded export's for every cluster, automatic
 per-request clusters in a batch mixing three domains (prefilled in chunks, decoded together),
-top-k + (V) and soft routing; the OpenAI client against `vllm serve`. vLLM runs in its own
+top-1 + (V), top-2 and soft routing; the OpenAI client against `vllm serve`. vLLM runs in its own
 environment (`.venv-vllm`, `bash scripts/install.sh --vllm`)."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ NEW_TOKENS = 6
 CONFIGS = {
     "topk_v": CFG,  # top-1 of 2 experts per group + 1 general expert (the (V) variant)
     "soft": MoCEConfig(num_clusters=3, experts_per_group=2, top_k="soft", adapter_dim=8),
+    # top-2 of 4: decode steps of one request take the "gather" plan, of several "dense"
+    "top2": MoCEConfig(num_clusters=3, experts_per_group=4, top_k=2, adapter_dim=8),
 }
 
 pytestmark = pytest.mark.slow

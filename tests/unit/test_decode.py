@@ -1,5 +1,6 @@
 """The few-token inference path (a decode step: one token per sequence) against the eager
-reference: the ``"gather"`` plan (`moce_plugin.model.plans`), when the layer takes it, the
+reference: the few-token plans ``"gather"`` and ``"dense"`` (`moce_plugin.model.plans`), which
+one the layer takes and when, the cached ``down`` layout of the dense plan, the
 per-forward cluster-id cache (`moce_plugin.model.routing`), and greedy decoding with the KV
 cache against a full recomputation through the eager plan, for every routing mode."""
 
@@ -14,7 +15,7 @@ from tiny_models import tiny_causal_lm
 from moce_plugin.model import plans as plans_mod
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.layer import MoCEMLP
-from moce_plugin.model.plans import GATHER_MAX_SLOTS
+from moce_plugin.model.plans import DENSE_SLOT_FACTOR, GATHER_MAX_SLOTS
 from moce_plugin.model.routers import ACMoERouter
 from moce_plugin.model.routing import cluster_ids_context, collector_stack
 from moce_plugin.model.upcycle import moce_experts_modules, upcycle_model
@@ -41,9 +42,10 @@ def _inputs(T: int, groups: int):
 
 @pytest.mark.parametrize("kwargs", ROUTINGS)
 @pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_inference_step_equals_eager(kwargs, tokens):
-    """Without autograd and with few tokens the layer runs its own choice (the gather plan):
-    equal to the eager plan, padding rows left at h."""
+@pytest.mark.parametrize("plan", [None, "gather", "dense"])
+def test_inference_step_equals_eager(kwargs, tokens, plan):
+    """Without autograd and with few tokens the layer runs its own choice (None) or a forced
+    few-token plan: equal to the eager plan, padding rows left at h."""
     layer = make_experts(**kwargs).eval()
     if isinstance(layer.router, ACMoERouter):  # eval routes on running statistics
         layer.router.seen.fill_(1.0)
@@ -51,7 +53,7 @@ def test_inference_step_equals_eager(kwargs, tokens):
     x, h, g, valid, prev = _inputs(tokens, kwargs.get("groups", 3))
     prev = prev if isinstance(layer.router, ACMoERouter) else None
     with torch.no_grad():
-        layer.plan = None
+        layer.plan = plan
         got, _ = layer(x, h, g, valid, prev)
         layer.plan = "eager"
         want, _ = layer(x, h, g, valid, prev)
@@ -59,33 +61,87 @@ def test_inference_step_equals_eager(kwargs, tokens):
     torch.testing.assert_close(got[~valid], h[~valid])
 
 
+def config_experts(kwargs: dict) -> int:
+    """The layer's adapters from the settings: C * E group experts plus the general ones."""
+    return kwargs.get("groups", 3) * kwargs.get("experts", 4) + kwargs.get("general", 0)
+
+
 @pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(top_k=1), id="top1"),
     pytest.param(dict(top_k=2), id="top2"),
     pytest.param(dict(top_k="soft"), id="soft"),
     pytest.param(dict(top_k=2, general=3, general_top_k=1), id="V-top2-gen1"),
     pytest.param(dict(top_k=1, general=3, general_top_k="soft"), id="V-top1-gensoft"),
+    pytest.param(dict(top_k=1, groups=8, experts=8), id="top1-C8E8"),
 ])
-def test_layer_gathers_only_without_autograd_and_few_slots(kwargs, monkeypatch):
-    """The gather plan serves inference calls of at most GATHER_MAX_SLOTS (token, expert)
-    slots; training (autograd) and larger calls keep the sorted plans."""
+def test_layer_takes_a_few_token_plan_only_without_autograd_and_few_slots(kwargs, monkeypatch):
+    """Inference calls of at most GATHER_MAX_SLOTS (token, expert) slots take a few-token
+    plan: "dense" once the slots reach N / DENSE_SLOT_FACTOR (N: all the layer's experts),
+    else "gather"; training (autograd) and larger calls keep the sorted plans."""
     calls = []
-    real = plans_mod.gathered_expert_outputs
+    for name in ("gathered_expert_outputs", "dense_expert_outputs"):
+        real = getattr(plans_mod, name)
 
-    def spy(experts, h, *args):
-        calls.append(h.shape[0])
-        return real(experts, h, *args)
+        def spy(experts, h, *args, _name=name, _real=real):
+            calls.append((_name.split("_")[0], h.shape[0]))
+            return _real(experts, h, *args)
 
-    monkeypatch.setattr(plans_mod, "gathered_expert_outputs", spy)
+        monkeypatch.setattr(plans_mod, name, spy)
     layer = make_experts(**kwargs).eval()
-    fits = GATHER_MAX_SLOTS // config_slots(kwargs)
+    per_token = config_slots(kwargs)
+    fits = GATHER_MAX_SLOTS // per_token
     groups = kwargs.get("groups", 3)
-    for tokens, grad, expected in [(fits, False, True), (fits + 1, False, False),
-                                   (1, True, False)]:
+    seen = set()
+    for tokens in range(1, fits + 2):
         calls.clear()
         x, h, g, valid, _ = _inputs(tokens, groups)
-        with torch.set_grad_enabled(grad):
+        with torch.no_grad():
             layer(x, h, g, valid)
-        assert calls == ([tokens] if expected else []), (tokens, grad)
+        if tokens > fits:
+            assert calls == [], tokens
+            continue
+        dense = config_experts(kwargs) <= DENSE_SLOT_FACTOR * tokens * per_token
+        assert calls == [("dense" if dense else "gathered", tokens)], tokens
+        seen.add(calls[0][0])
+    calls.clear()
+    x, h, g, valid, _ = _inputs(1, groups)
+    layer(x, h, g, valid)  # autograd on
+    assert calls == []
+    # the settings above reach both few-token plans, or only one where the rule says so
+    assert seen == ({"dense"} if config_experts(kwargs) <= DENSE_SLOT_FACTOR * per_token
+                    else {"gathered", "dense"} if config_experts(kwargs)
+                    <= DENSE_SLOT_FACTOR * fits * per_token else {"gathered"})
+
+
+def test_dense_plan_follows_in_place_weight_changes():
+    """The dense plan keeps a copy of ``down`` in another layout between calls: an in-place
+    change (an optimizer step, ``load_state_dict``) or a new tensor must be
+    seen in the next call, never the stale copy."""
+    layer = make_experts(top_k=2).eval()
+    layer.plan = "dense"
+    x, h, g, valid, _ = _inputs(4, 3)
+
+    def both():
+        with torch.no_grad():
+            layer.plan = "dense"
+            got, _ = layer(x, h, g, valid)
+            layer.plan = "eager"
+            want, _ = layer(x, h, g, valid)
+        return got, want
+
+    first, _ = both()
+    with torch.no_grad():
+        layer.down.mul_(2.0)  # in place: same storage, new version
+    got, want = both()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, first)
+    other = make_experts(top_k=2, seed=7)
+    layer.load_state_dict(other.state_dict())
+    got, want = both()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    layer.down = torch.nn.Parameter(layer.down.detach() + 1.0)  # a new tensor
+    got, want = both()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_cluster_ids_are_resolved_again_when_they_change():

@@ -62,8 +62,9 @@ ROUTINGS = [
 ROUTINGS_X_PLANS = [
     pytest.param(p.values[0], plan, id=f"{p.id}-{'+'.join(s for s in plan if s)}")
     for p in ROUTINGS for plan in all_plans(bool(p.values[0].get("general")))
-] + [  # the few-token plan, here with autograd too (plain differentiable ops)
-    pytest.param(p.values[0], "gather", id=f"{p.id}-gather") for p in ROUTINGS
+] + [  # the few-token plans, here with autograd too (plain differentiable ops)
+    pytest.param(p.values[0], plan, id=f"{p.id}-{plan}")
+    for p in ROUTINGS for plan in ("gather", "dense")
 ]
 
 
