@@ -77,6 +77,15 @@ MUTANTS = [
      "key = (ids._version, tuple(batch_shape), device)",
      "key = (tuple(batch_shape), device)",
      "tests/unit/test_decode.py -k cluster_ids_are_resolved"),
+    # Compiled inference (vLLM): ids from the persistent buffer, the plan chosen at run time.
+    ("compiled inference bakes the traced size's plan", "moce_plugin/model/layer.py",
+     "if plan is None and not torch.is_grad_enabled() and torch.compiler.is_compiling():",
+     "if False:",
+     "tests/unit/test_compiled_inference.py"),
+    ("token-id buffer read from its end", "moce_plugin/model/layer.py",
+     "ids = self.token_ids[: lead_shape.numel()]",
+     "ids = self.token_ids[-lead_shape.numel():]",
+     "tests/unit/test_compiled_inference.py"),
 ]
 
 

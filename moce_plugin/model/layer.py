@@ -26,13 +26,16 @@ synchronisation on the fast path.
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .cluster_ids import IGNORE_CLUSTER_ID
 from .config import MoCEConfig
 from .losses import grouped_load_balancing_loss, router_entropy
 from .plans import (
@@ -91,6 +94,9 @@ class MoCEExperts(nn.Module):
         self.up = nn.Parameter(torch.empty(total, self.adapter_dim, hidden_size))
         # (key, [N*r, d] copy of down) of down_rows(): not a buffer, never saved.
         self._down_rows: tuple[tuple, torch.Tensor] | None = None
+        # This layer's key in the run-time plan op's registry (see _expert_outputs).
+        self._op_key = next(_OP_KEYS)
+        _OP_LAYERS[self._op_key] = self
         self.reset_parameters(seed=config.init_seed + 1000 * layer_index)
 
     @torch.no_grad()
@@ -181,6 +187,13 @@ class MoCEExperts(nn.Module):
         slots (a decode step) takes a few-token plan (:func:`~.plans.few_token_plan`)
         instead of sorting into bins."""
         plan = self.plan
+        if plan is None and not torch.is_grad_enabled() and torch.compiler.is_compiling():
+            # A graph traced once for every token count (vLLM) would keep the plan of the
+            # size it was traced at; the op chooses at run time, by the call's token count.
+            g = general or (None, None, None)
+            return torch.ops.moce.inference_expert_outputs(
+                h, groups, mask, routing.probs, routing.chosen, routing.weights, g[0], g[1],
+                g[2], self._op_key)
         if plan is None and not torch.is_grad_enabled():
             plan = few_token_plan(h.shape[0] * self.slots_per_token, self.down.shape[0])
         plan = plan or choose_plan(self.top_k, self.experts_per_group, self.general_top_k,
@@ -189,8 +202,40 @@ class MoCEExperts(nn.Module):
         return expert_outputs(self, plan, h, groups, mask, routing, general)
 
 
+# MoCEExperts by key, for the op below (an op takes tensors and numbers, not modules).
+_OP_LAYERS: weakref.WeakValueDictionary[int, MoCEExperts] = weakref.WeakValueDictionary()
+_OP_KEYS = itertools.count()
+
+
+@torch.library.custom_op("moce::inference_expert_outputs", mutates_args=())
+def _inference_expert_outputs(
+    h: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, probs: torch.Tensor,
+    chosen: torch.Tensor | None, weights: torch.Tensor, general_probs: torch.Tensor | None,
+    general_chosen: torch.Tensor | None, general_weights: torch.Tensor | None, layer: int,
+) -> torch.Tensor:
+    """A layer's expert outputs without autograd, its plan chosen here, at run time, from
+    the call's token count (what the eager path does). Opaque to torch.compile."""
+    experts = _OP_LAYERS[layer]
+    general = (None if general_probs is None
+               else Routing(general_probs, general_chosen, general_weights))
+    with torch.no_grad():
+        return MoCEExperts._expert_outputs(
+            experts, h, groups, mask, Routing(probs, chosen, weights), general).to(h.dtype)
+
+
+@_inference_expert_outputs.register_fake
+def _(h, groups, mask, probs, chosen, weights, general_probs, general_chosen,
+      general_weights, layer):
+    return torch.empty_like(h)
+
+
 class MoCEMLP(nn.Module):
-    """Drop-in replacement of a decoder MLP: frozen ``base_mlp`` + ``moce_experts``."""
+    """Drop-in replacement of a decoder MLP: frozen ``base_mlp`` + ``moce_experts``.
+
+    ``token_ids``: None (the ids come from the forward's routing context), or a
+    ``[max_tokens]`` buffer of per-token cluster ids that the host writes in place before
+    each forward (vLLM: one buffer shared by all layers), read as its first T entries, so
+    a compiled graph sees each step's ids."""
 
     def __init__(
         self, base_mlp: nn.Module, hidden_size: int, config: MoCEConfig, layer_index: int
@@ -199,11 +244,17 @@ class MoCEMLP(nn.Module):
         self.base_mlp = base_mlp
         self.moce_experts = MoCEExperts(hidden_size, config, layer_index)
         self.layer_index = layer_index
+        self.token_ids: torch.Tensor | None
+        self.register_buffer("token_ids", None, persistent=False)  # never saved
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_mlp(hidden_states, *args, **kwargs)
         lead_shape = hidden_states.shape[:-1]
-        ids, valid = token_routing_ids(lead_shape, hidden_states.device)
+        if self.token_ids is not None:
+            ids = self.token_ids[: lead_shape.numel()]
+            valid = ids != IGNORE_CLUSTER_ID
+        else:
+            ids, valid = token_routing_ids(lead_shape, hidden_states.device)
         # A gradient-checkpointing recompute runs after the forward returned: no previous
         # layer's record then (the router replays what it cached in the forward).
         recompute = not in_forward()

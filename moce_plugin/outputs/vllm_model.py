@@ -10,8 +10,10 @@ each token belongs to (``req_indices``, filled by ``_prepare_inputs``) and each 
 state (``requests[req_id]``: the whole prompt's token ids and its ``SamplingParams``). The
 model itself only sees tokens and positions, so :func:`install_runner_hook` wraps the runner's
 ``_model_forward`` (its documented override point): before each forward it maps every token
-to its request's cluster and makes the ``[tokens]`` ids visible to the MoCE layers
-(:func:`~moce_plugin.model.routing.cluster_ids_context`, what every other path uses).
+to its request's cluster. The model writes those ``[tokens]`` ids in place into one persistent
+buffer that every MoCE layer reads (``MoCEMLP.token_ids``), so the graph vLLM compiles once
+reads each step's ids, like vLLM's own LoRA index mapping; the expert plan is chosen at run
+time inside that graph (``moce::inference_expert_outputs``).
 
 A request's cluster is chosen once, the first time one of its tokens is scheduled, and kept
 until it finishes: ``SamplingParams.extra_args["moce_cluster"]`` if the client gave one, else
@@ -73,6 +75,14 @@ class MoCEVLLMMixin:
             layer.mlp = MoCEMLP(layer.mlp, hidden, moce, index)
             self.moce_layers.append(index)
         self.moce_config = moce
+        # Each step's per-token ids, written in place before the forward and read by every
+        # MoCE layer as its first T entries: a compiled graph sees them (thread-local ids
+        # would be fixed at trace time).
+        self.moce_token_ids = torch.full(
+            (vllm_config.scheduler_config.max_num_batched_tokens,), IGNORE_CLUSTER_ID,
+            dtype=torch.long, device=vllm_config.device_config.device)
+        for index in self.moce_layers:
+            layers[index].mlp.token_ids = self.moce_token_ids
         folder = Path(vllm_config.model_config.model)
         if folder.is_dir():
             # The refusal of the Hugging Face path (NaN/inf or overwritten MoCE tensors, named),
@@ -142,15 +152,23 @@ class MoCEVLLMMixin:
                 *args: Any, **kwargs: Any) -> Any:
         num_tokens = positions.shape[-1]
         ids = current_cluster_ids()
+        buffer = self.moce_token_ids
+        if num_tokens > buffer.shape[0]:
+            raise MissingClusterIdsError(
+                f"MoCE in vLLM: a step of {num_tokens} tokens, more than the "
+                f"{buffer.shape[0]} of max_num_batched_tokens the model was built for (this "
+                "vLLM version is not supported by moce_plugin).")
         if ids is None:
             # vLLM's own warm-up / profiling runs call the model directly: no requests,
             # every token runs the frozen FFN only.
-            ids = torch.full((num_tokens,), IGNORE_CLUSTER_ID, dtype=torch.long)
+            buffer[:num_tokens].fill_(IGNORE_CLUSTER_ID)
         elif ids.shape[0] != num_tokens:
             raise MissingClusterIdsError(
                 f"MoCE in vLLM: {ids.shape[0]} cluster ids for {num_tokens} tokens (the model "
                 "runner's layout changed; this vLLM version is not supported by moce_plugin).")
-        with _moce_forward(ids.to(positions.device)):
+        else:
+            buffer[:num_tokens].copy_(ids, non_blocking=True)
+        with _moce_forward(buffer[:num_tokens]):
             return super().forward(input_ids, positions, *args, **kwargs)
 
 

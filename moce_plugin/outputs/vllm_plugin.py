@@ -8,8 +8,9 @@ before it reads a model's config. It teaches vLLM three things, all without
   block, with ``architectures`` read as ``MoCE<Base>ForCausalLM`` (the folder keeps
   ``["AutoModelForCausalLM"]`` for ``transformers serve``; only vLLM's view changes);
 - those architectures (:mod:`.vllm_model`, imported lazily by vLLM's registry);
-- their config hook: prefix caching off (a prefix's KV depends on its request's cluster) and
-  eager execution (the per-token cluster ids are set per step, outside any compiled graph).
+- their config hook: prefix caching off (a prefix's KV depends on its request's cluster), and
+  eager execution where compiling is not supported: ACMoE routers (their statistics branch on
+  data) and devices other than the CPU (CUDA graph capture of the MoCE layers is not tested).
 
 This module imports vLLM only inside :func:`register`, so importing it never needs vLLM.
 """
@@ -20,7 +21,7 @@ import functools
 from typing import Any
 
 from ..model.architectures import supported_model_types
-from .hf_native import BASE_TYPE_KEY, MODEL_TYPE
+from .hf_native import BASE_TYPE_KEY, MOCE_KEY, MODEL_TYPE
 
 #: The vLLM class of each MoCE family's base (``model_type`` -> vLLM architecture name).
 VLLM_BASE_ARCHITECTURES = {
@@ -87,13 +88,23 @@ def _config_hook(base: type) -> type:
                 cache.enable_prefix_caching = False
                 log.info("MoCE: prefix caching off (the KV of a prefix depends on its cluster)")
             model = vllm_config.model_config
-            if not model.enforce_eager:
-                # The per-token cluster ids change every step outside the model's inputs: a
-                # compiled graph or a captured CUDA graph would replay stale ones.
+            reason = eager_reason(getattr(model.hf_config, MOCE_KEY, None) or {},
+                                  str(vllm_config.device_config.device_type))
+            if reason and not model.enforce_eager:
                 model.enforce_eager = True
-                log.info("MoCE: eager execution (per-step cluster ids)")
+                log.info("MoCE: eager execution (%s)", reason)
 
     return MoCEConfigHook
+
+
+def eager_reason(moce: dict, device_type: str) -> str | None:
+    """Why an export must run eagerly in vLLM (None: vLLM may compile it)."""
+    if moce.get("router") == "acmoe":
+        return "the ACMoE router's statistics branch on data"
+    if device_type != "cpu":
+        return (f"compiled MoCE layers and CUDA graphs are tested on the CPU only, not "
+                f"{device_type}")
+    return None
 
 
 _CONFIG_PREFIX = "MoCEVLLMConfig_"

@@ -29,13 +29,14 @@ OFFLINE = """
 import json, sys
 from vllm import LLM, SamplingParams
 
-def main(exports, prompts, new_tokens):
+def main(runs, prompts, new_tokens):
     results = {}
-    for name, path in exports.items():
-        # A token budget of 16 per step: every prompt is prefilled in chunks, beside other
-        # requests' decode steps (continuous batching at its most mixed).
-        llm = LLM(model=path, dtype="float32", max_model_len=256, enforce_eager=True,
-                  enable_chunked_prefill=True, max_num_batched_tokens=16, max_num_seqs=16)
+    for name, run in runs.items():
+        # Eager runs: a token budget of 16 per step, every prompt prefilled in chunks beside
+        # other requests' decode steps (continuous batching at its most mixed).
+        llm = LLM(model=run["path"], dtype="float32", max_model_len=256,
+                  enforce_eager=run["eager"], enable_chunked_prefill=True,
+                  max_num_batched_tokens=run["budget"], max_num_seqs=16)
         greedy = dict(max_tokens=new_tokens, temperature=0)
         explicit = [(p, c) for p in range(len(prompts)) for c in range(3)]
         outs = llm.generate([prompts[p] for p, _ in explicit],
@@ -46,6 +47,7 @@ def main(exports, prompts, new_tokens):
             "explicit": {f"{p},{c}": list(o.outputs[0].token_ids)
                          for (p, c), o in zip(explicit, outs)},
             "auto": [list(o.outputs[0].token_ids) for o in auto],
+            "eager": llm.llm_engine.vllm_config.model_config.enforce_eager,
         }
         del llm
     print(json.dumps(results))
@@ -81,14 +83,21 @@ def hf_reference(dest) -> dict:
 
 
 def test_offline_llm_equals_the_hf_export_for_every_cluster_and_routing(exports, tmp_path):
+    """Every routing eagerly; top-2 also compiled by vLLM (the plugin lets it compile on the
+    CPU), with a budget of 64 tokens a step, so one traced graph runs the prefill's sorted
+    plans and the decode steps' gather and dense plans."""
     from moce_plugin.clustering import ClusterModel
 
+    runs = {name: {"path": str(path), "eager": True, "budget": 16}
+            for name, path in exports.items()}
+    runs["top2_compiled"] = {"path": str(exports["top2"]), "eager": False, "budget": 64}
     script = tmp_path / "offline.py"
     script.write_text(OFFLINE)
-    proc = run_vllm(script, tmp_path, json.dumps({k: str(v) for k, v in exports.items()}),
-                         json.dumps(PROMPTS), str(NEW_TOKENS))
+    proc = run_vllm(script, tmp_path, json.dumps(runs), json.dumps(PROMPTS), str(NEW_TOKENS))
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, dest in exports.items():
+    assert got["top2_compiled"]["eager"] is False  # compiled: the plugin did not force eager
+    for name in runs:
+        dest = exports[name.removesuffix("_compiled")]
         want = hf_reference(dest)
         clusters = ClusterModel.load(dest / "cluster_artifact").assign_requests(PROMPTS).tolist()
         assert sorted(clusters) == [0, 1, 2]  # three domains, three clusters
