@@ -157,9 +157,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--servers", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm/bin/python")
-    parser.add_argument("--eager-base", action="store_true",
-                        help="run (b) with --enforce-eager too, as the MoCE plugin runs (a): "
-                        "MoCE's own cost without vLLM's torch.compile of the base")
+    parser.add_argument("--eager", action="store_true",
+                        help="run (a) and (b) with --enforce-eager: without vLLM's torch.compile "
+                        "(how the plugin runs ACMoE exports and non-CPU devices)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 2 concurrent, "
                         "1 request each, 8 tokens")
     args = parser.parse_args()
@@ -173,12 +173,12 @@ def main() -> None:
     base = write_base_folder(args.export, work / "base")
     vllm = [str(args.vllm_python), "-m", "vllm.entrypoints.cli.main", "serve"]
     vllm_flags = ["--dtype", "float32", "--max-model-len", "1024"]
+    eager = ["--enforce-eager"] if args.eager else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     plans = {
-        "a": (vllm + [str(args.export)] + vllm_flags, str(args.export)),
-        "b": (vllm + [str(base)] + vllm_flags + (["--enforce-eager"] if args.eager_base else []),
-              str(base)),
+        "a": (vllm + [str(args.export)] + vllm_flags + eager, str(args.export)),
+        "b": (vllm + [str(base)] + vllm_flags + eager, str(base)),
         "c": ([sys.executable, "-m", "transformers.cli.transformers", "serve",
                str(args.export), "--trust-remote-code", "--dtype", "float32"], str(args.export)),
     }
