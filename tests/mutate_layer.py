@@ -86,6 +86,10 @@ MUTANTS = [
      "ids = self.token_ids[: lead_shape.numel()]",
      "ids = self.token_ids[-lead_shape.numel():]",
      "tests/unit/test_compiled_inference.py"),
+    ("a copied layer keeps the original's op key", "moce_plugin/model/layer.py",
+     "        super().__setstate__(state)\n        self._register_for_op()",
+     "        super().__setstate__(state)",
+     "tests/unit/test_compiled_inference.py"),
 ]
 
 

@@ -94,10 +94,19 @@ class MoCEExperts(nn.Module):
         self.up = nn.Parameter(torch.empty(total, self.adapter_dim, hidden_size))
         # (key, [N*r, d] copy of down) of down_rows(): not a buffer, never saved.
         self._down_rows: tuple[tuple, torch.Tensor] | None = None
-        # This layer's key in the run-time plan op's registry (see _expert_outputs).
+        self._register_for_op()
+        self.reset_parameters(seed=config.init_seed + 1000 * layer_index)
+
+    def _register_for_op(self) -> None:
+        """This layer's own key in the run-time plan op's registry (see _expert_outputs)."""
         self._op_key = next(_OP_KEYS)
         _OP_LAYERS[self._op_key] = self
-        self.reset_parameters(seed=config.init_seed + 1000 * layer_index)
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (deepcopy: PEFT's modules_to_save, a reference model) or an unpickled layer
+        # gets a key of its own; the original's would make the op run the original's weights.
+        super().__setstate__(state)
+        self._register_for_op()
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:

@@ -129,3 +129,27 @@ def test_vllm_compiles_moce_on_the_cpu_except_acmoe():
     assert eager_reason({}, "cpu") is None
     assert "ACMoE" in eager_reason({"router": "acmoe"}, "cpu")
     assert "cuda" in eager_reason({"router": "linear"}, "cuda")
+
+
+def test_a_copied_layer_runs_its_own_weights_in_the_compiled_op():
+    """deepcopy (PEFT's modules_to_save, a DPO reference) gives the copy its own op key: a
+    compiled copy whose experts changed must not run the original's."""
+    torch._dynamo.reset()
+    original = _mlp(dict(top_k=2))
+    copied = copy.deepcopy(original)
+    with torch.no_grad():
+        copied.moce_experts.up.mul_(-1)
+    tokens = 8
+    ids = _ids(tokens, 7)
+    x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(7))
+    want = _eager(copied, x, ids)
+    copied.token_ids = ids.clone()
+    compiled = torch.compile(copied, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        collector_stack().append([])
+        try:
+            got = compiled(x)
+        finally:
+            collector_stack().pop()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(want, _eager(original, x, ids))
