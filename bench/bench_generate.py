@@ -2,6 +2,7 @@
 
     python -m bench.bench_generate [--new-tokens 64] [--batch-sizes 1 4] [--repeats 3]
         [--threads 1] [--wall] [--exported [--artifact CLUSTER_ARTIFACT_DIR]]
+        [--device cuda --dtype bfloat16] [--model-dir DIR --random-weights]
 
 Model: SmolLM2-135M-Instruct (examples/prepare_smollm2.py converts it). MoCE: 3 groups x 4
 experts, top-2, adapter dim 64 on every layer (the CPU example's setting), with non-zero
@@ -12,7 +13,11 @@ weights so the experts really run. LoRA: r=64 on the MLP projections (gate/up/do
 Timing: CPU time of this process (``time.process_time``) on ``--threads`` threads (default
 1), the MoCE and LoRA runs interleaved one repeat at a time, best of ``--repeats``: on a
 shared machine wall time measures the neighbours, and a load that drifts during the run hits
-both models alike. ``--wall`` measures wall time instead.
+both models alike. ``--wall`` measures wall time instead. ``--device cuda`` times wall
+clock with the GPU synchronised after each ``generate`` (the host's CPU time would miss the
+GPU's); ``--random-weights`` builds the model from ``--model-dir``'s ``config.json`` alone
+(same shapes and speed, no weight file: how a lent GPU machine runs it without the 540 MB
+checkpoint).
 
 ``--exported`` also saves that MoCE model as a training output, exports it
 (``moce_plugin.export``) and measures, in the same run, ``load_moce_model``'s model and the
@@ -46,25 +51,42 @@ PROMPTS = [
 
 
 def machine() -> str:
+    if MODEL["device"] != "cpu":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {MODEL['dtype']}"
     return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def load_base():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# Set by main() from --model-dir, --random-weights, --device and --dtype.
+MODEL = {"dir": MODEL_DIR, "random": False, "device": "cpu", "dtype": torch.float32}
 
-    if not MODEL_DIR.is_dir():
-        sys.exit("run `python examples/prepare_smollm2.py` first")
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+
+def load_base():
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = MODEL["dir"]
+    if not (model_dir / "config.json").is_file():
+        sys.exit(f"no model in {model_dir}: run `python examples/prepare_smollm2.py` first")
+    tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval(), tok
+    if MODEL["random"]:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                                 dtype=MODEL["dtype"])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=MODEL["dtype"])
+    return model.to(MODEL["device"]).eval(), tok
 
 
-def moce_model():
+def moce_model(plan: str | None = None):
     model, tok = load_base()
     cfg = MoCEConfig(num_clusters=3, experts_per_group=4, top_k=2, adapter_dim=64)
     upcycle_model(model, cfg)
+    if plan is not None:
+        for module in model.modules():
+            if type(module).__name__ == "MoCEExperts":
+                module.plan = plan
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("moce_experts.up"):
@@ -76,8 +98,11 @@ def lora_model():
     from peft import LoraConfig, get_peft_model
 
     model, tok = load_base()
+    # autocast_adapter_dtype=False: LoRA in the base's dtype, like MoCE's experts (PEFT would
+    # keep a bf16 base's adapters in float32)
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0,
-                                             target_modules=["gate_proj", "up_proj", "down_proj"]))
+                                             target_modules=["gate_proj", "up_proj", "down_proj"]),
+                           autocast_adapter_dtype=False)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -89,20 +114,28 @@ def lora_model():
 CLOCK = time.process_time
 
 
+def synchronize() -> None:
+    if MODEL["device"] != "cpu":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def tokens_per_second(model, tok, batch: int, new_tokens: int, repeats: int, moce: bool,
                       warmup: bool = True) -> float:
     prompts = (PROMPTS * batch)[:batch]
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    extra = {"moce_cluster_ids": torch.arange(batch) % 3} if moce else {}
+    device = MODEL["device"]
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    extra = {"moce_cluster_ids": (torch.arange(batch) % 3).to(device)} if moce else {}
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=tok.pad_token_id or tok.eos_token_id, use_cache=True)
     if warmup:
         model.generate(**enc, **extra, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         start = CLOCK()
         model.generate(**enc, **extra, **kwargs)
+        synchronize()
         best = min(best, CLOCK() - start)
     return batch * new_tokens / best
 
@@ -160,14 +193,28 @@ def main() -> None:
                         help="torch threads (default 1: CPU time is then the step's cost)")
     parser.add_argument("--wall", action="store_true",
                         help="wall time instead of this process's CPU time")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: wall time)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR,
+                        help="base model folder (default: the converted SmolLM2)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights from --model-dir's config.json (no weight file)")
+    parser.add_argument("--plan", choices=["gather", "dense", "eager"],
+                        help="force this expert plan in every MoCE layer (default: chosen "
+                             "per call, moce_plugin.model.plans)")
     args = parser.parse_args()
+    if args.exported and args.device != "cpu":
+        parser.error("--exported runs on the CPU only")
+    MODEL.update(dir=args.model_dir, random=args.random_weights, device=args.device,
+                 dtype=getattr(torch, args.dtype))
     global CLOCK
-    CLOCK = time.perf_counter if args.wall else time.process_time
+    CLOCK = time.perf_counter if args.wall or args.device != "cpu" else time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"machine: {machine()}; {'wall' if args.wall else 'CPU'} time, best of "
+    wall = CLOCK is time.perf_counter
+    print(f"machine: {machine()}; {'wall' if wall else 'CPU'} time, best of "
           f"{args.repeats}, models interleaved")
-    moce, tok = moce_model()
+    moce, tok = moce_model(args.plan)
     lora = None if args.skip_lora else lora_model()[0]
     if lora is not None:
         print(f"{'batch':>5} {'LoRA tok/s':>11} {'MoCE tok/s':>11} {'MoCE/LoRA':>10}")

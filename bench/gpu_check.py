@@ -110,7 +110,9 @@ def last_figure(text: str) -> str | None:
 
 def pytest_figure(_ctx: Context, text: str) -> tuple[str, str | None]:
     """pytest's closing line, e.g. ``3 passed, 1 skipped in 12.3s`` -> ``3 passed, 1 skipped``."""
-    found = re.findall(r"=+ (.*?) in [\d.]+s", text)
+    # `-q` prints the line bare ("8 passed in 14.6s"), without it between "=" rules
+    found = re.findall(r"^(?:=+ )?(\d+ (?:passed|failed|skipped|error|errors|deselected|"
+                       r"xfailed|xpassed|warnings?)\b.*?) in [\d.]+s", text, re.MULTILINE)
     if not found:
         return "no pytest summary", "pytest printed no summary line"
     summary = found[-1]

@@ -204,7 +204,8 @@ class MoCEExperts(nn.Module):
                 h, groups, mask, routing.probs, routing.chosen, routing.weights, g[0], g[1],
                 g[2], self._op_key)
         if plan is None and not torch.is_grad_enabled():
-            plan = few_token_plan(h.shape[0] * self.slots_per_token, self.down.shape[0])
+            plan = few_token_plan(h.shape[0] * self.slots_per_token, self.down.shape[0],
+                                  h.device.type)
         plan = plan or choose_plan(self.top_k, self.experts_per_group, self.general_top_k,
                                         self.num_general, self.num_groups, h.shape[0],
                                         self.adapter_dim)

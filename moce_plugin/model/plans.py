@@ -135,13 +135,22 @@ GATHER_MAX_SLOTS = 32
 #: dense faster at 8 tokens (16 slots) in vLLM and `generate`, gather at 1 and 4.
 DENSE_SLOT_FACTOR = 1
 
+#: On a CUDA device, calls without autograd of more than :data:`GATHER_MAX_SLOTS` and up to
+#: this many slots also run ``"dense"``: a GPU's decode step is bound by kernel launches,
+#: and the sorted plans launch many more kernels than two plain products. Measured on an
+#: H200 (bf16, SmolLM2-135M shapes, 3 x 4 experts, top-2, ``generate`` at batch 32 = 64
+#: slots): dense 1.7x the sorted plan's tokens/s (docs/performance.md, "Decode on a GPU").
+#: Larger calls are unmeasured there and keep the sorted plans.
+CUDA_DENSE_MAX_SLOTS = 64
 
-def few_token_plan(slots: int, experts: int) -> Plan | None:
+
+def few_token_plan(slots: int, experts: int, device_type: str = "cpu") -> Plan | None:
     """The plan of a call without autograd of ``slots`` (token, expert) slots in a layer of
-    ``experts`` adapters: ``"gather"`` or ``"dense"`` up to :data:`GATHER_MAX_SLOTS`
-    slots, else None (the measured choice of :func:`choose_plan`)."""
+    ``experts`` adapters on a ``device_type`` device: ``"gather"`` or ``"dense"`` up to
+    :data:`GATHER_MAX_SLOTS` slots, ``"dense"`` up to :data:`CUDA_DENSE_MAX_SLOTS` on CUDA,
+    else None (the measured choice of :func:`choose_plan`)."""
     if slots > GATHER_MAX_SLOTS:
-        return None
+        return "dense" if device_type == "cuda" and slots <= CUDA_DENSE_MAX_SLOTS else None
     return "dense" if experts <= DENSE_SLOT_FACTOR * slots else "gather"
 
 P = TypeVar("P")
@@ -434,6 +443,7 @@ def eager_expert_outputs(
 
 
 __all__ = [
+    "CUDA_DENSE_MAX_SLOTS",
     "DENSE_SLOT_FACTOR",
     "GATHER_MAX_SLOTS",
     "GENERAL_PLANS",

@@ -166,7 +166,8 @@ def previous_record() -> RoutingRecord | None:
 
 def in_forward() -> bool:
     """True inside a backbone forward; False e.g. during a checkpointing recompute."""
-    return bool(collector_stack())
+    # len(), not bool(): dynamo before torch 2.13 breaks the graph on bool(list)
+    return len(collector_stack()) > 0
 
 
 def record_routing(record: RoutingRecord) -> None:

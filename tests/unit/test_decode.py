@@ -15,7 +15,12 @@ from tiny_models import tiny_causal_lm
 from moce_plugin.model import plans as plans_mod
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.layer import MoCEMLP
-from moce_plugin.model.plans import DENSE_SLOT_FACTOR, GATHER_MAX_SLOTS
+from moce_plugin.model.plans import (
+    CUDA_DENSE_MAX_SLOTS,
+    DENSE_SLOT_FACTOR,
+    GATHER_MAX_SLOTS,
+    few_token_plan,
+)
 from moce_plugin.model.routers import ACMoERouter
 from moce_plugin.model.routing import cluster_ids_context, collector_stack
 from moce_plugin.model.upcycle import moce_experts_modules, upcycle_model
@@ -111,6 +116,42 @@ def test_layer_takes_a_few_token_plan_only_without_autograd_and_few_slots(kwargs
     assert seen == ({"dense"} if config_experts(kwargs) <= DENSE_SLOT_FACTOR * per_token
                     else {"gathered", "dense"} if config_experts(kwargs)
                     <= DENSE_SLOT_FACTOR * fits * per_token else {"gathered"})
+
+
+@pytest.mark.parametrize("experts", [12, 64])
+def test_few_token_rule_on_cuda_runs_dense_up_to_its_own_bound(experts):
+    """On CUDA (launch-bound decode) calls beyond GATHER_MAX_SLOTS and up to
+    CUDA_DENSE_MAX_SLOTS slots run dense; the CPU keeps the sorted plans there; both agree
+    below GATHER_MAX_SLOTS; neither takes a few-token plan beyond its bound."""
+    for slots in range(1, CUDA_DENSE_MAX_SLOTS + 3):
+        small = "dense" if experts <= DENSE_SLOT_FACTOR * slots else "gather"
+        cpu = small if slots <= GATHER_MAX_SLOTS else None
+        cuda = small if slots <= GATHER_MAX_SLOTS else (
+            "dense" if slots <= CUDA_DENSE_MAX_SLOTS else None)
+        assert few_token_plan(slots, experts) == cpu, slots
+        assert few_token_plan(slots, experts, "cpu") == cpu, slots
+        assert few_token_plan(slots, experts, "cuda") == cuda, slots
+    assert GATHER_MAX_SLOTS < CUDA_DENSE_MAX_SLOTS
+
+
+def test_layer_asks_the_few_token_rule_for_its_input_device(monkeypatch):
+    """The layer passes its input's device type to the rule (CUDA decode takes dense up to
+    a larger bound), with its own slot and expert counts."""
+    seen = []
+    real = plans_mod.few_token_plan
+
+    def spy(slots, experts, device_type):  # no default: a call without the device fails
+        seen.append((slots, experts, device_type))
+        return real(slots, experts, device_type)
+
+    import moce_plugin.model.layer as layer_mod
+
+    monkeypatch.setattr(layer_mod, "few_token_plan", spy)
+    layer = make_experts(top_k=2, groups=3, experts=4).eval()
+    x, h, g, valid, _ = _inputs(3, 3)
+    with torch.no_grad():
+        layer(x, h, g, valid)
+    assert seen == [(3 * 2, 3 * 4, "cpu")]
 
 
 def test_dense_plan_follows_in_place_weight_changes():

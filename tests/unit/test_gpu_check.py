@@ -202,3 +202,17 @@ def test_axolotl_configs_of_the_gpu_runs():
         "qlora", True, True)
     with pytest.raises(ValueError):
         ch.axolotl_config("dpo", Path("/m"), Path("/d.jsonl"), Path("/o"))
+
+
+@pytest.mark.parametrize("text, figure, problem", [
+    # what `pytest -q` printed on the lent H200: no "=" rules around the closing line
+    ("........                                                                 [100%]\n"
+     "8 passed in 14.56s\n", "8 passed", None),
+    ("..s\n2 passed, 1 skipped in 3.10s\n", "2 passed, 1 skipped", None),
+    ("F.\n==== 1 failed, 1 passed in 2.00s ====\n", "1 failed, 1 passed", "1 failed, 1 passed"),
+    ("ss\n2 skipped in 0.50s\n", "2 skipped", "nothing passed (2 skipped)"),
+    ("ImportError while loading conftest\n", "no pytest summary",
+     "pytest printed no summary line"),
+])
+def test_pytest_figure_reads_the_quiet_closing_line(tmp_path, text, figure, problem):
+    assert check.pytest_figure(_ctx(tmp_path), text) == (figure, problem)
