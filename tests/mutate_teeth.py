@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MUTANTS = [
     # -- the five survivors of the second round
     ("entropy: padding counted in the logged router entropy", "moce_plugin/model/layer.py",
-     "entropy = router_entropy(probs, valid)",
-     "entropy = router_entropy(probs, torch.ones_like(valid))",
+     "entropy = router_entropy(routing.probs, valid)",
+     "entropy = router_entropy(routing.probs, torch.ones_like(valid))",
      "tests/unit/test_teeth.py", "entropy"),
     ("acmoe: moving-average weights swapped", "moce_plugin/model/routers.py",
      "m * running + (1 - m) * batch", "(1 - m) * running + m * batch",
@@ -43,7 +43,7 @@ MUTANTS = [
     # -- the kept-back classes: generation paths against full recomputation
     ("generate: cached steps take the prompt's first per-token id",
      "moce_plugin/model/routing.py",
-     "            return ids[:, -seq:]", "            return ids[:, :seq]",
+     "return ids[:, -seq:] if ids.shape[1] > seq", "return ids[:, :seq] if ids.shape[1] > seq",
      "tests/unit/test_teeth.py", "cached_generation and per_token"),
     ("generate: batch padded on the right", "moce_plugin/outputs/load.py",
      'tok.padding_side = "left"  # generation continues at the right edge',
@@ -59,10 +59,11 @@ MUTANTS = [
      "tests/unit/test_user_errors.py", "truncated_adapter"),
     ("7: artifact location checked only after loading the data",
      "moce_plugin/clustering/cli.py",
-     "    check_locations(Path(out), options)  # before the data and the encoder are loaded\n",
+     "    check_locations(Path(out), options)\n",
      "", "tests/unit/test_user_errors.py", "under_a_file"),
     ("8: clustering ignores the dataset's roles and fields", "moce_plugin/clustering/pipeline.py",
-     "view = dataset_row_view(entry)", "view = dataset_row_view(None)",
+     "loaded = [(name, ds, dataset_row_view(entry))",
+     "loaded = [(name, ds, dataset_row_view(None))",
      "tests/unit/test_request_text.py", "custom_roles"),
     ("8: training lookup ignores the dataset's roles", "moce_plugin/integration/datasets.py",
      "view = dataset_row_view(dataset_config)", "view = dataset_row_view(None)",
