@@ -1,12 +1,17 @@
-"""Mutation check of the output-safety tests: plant one bug at a time in the source tree and
-expect the named tests to fail (``python tests/mutate_outputs.py [name-substring ...]`` from
-the repository root; each mutant is reverted after its run, also on Ctrl-C)."""
+"""Mutation check of the output-safety tests: plant one bug at a time in a scratch copy of
+the repository and expect the named tests to fail (``python tests/mutate_outputs.py
+[name-substring ...]``). The working tree is never mutated, also when the run is killed."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MUTANTS = [
     ("export: non-empty DEST accepted", "moce_plugin/outputs/export.py",
@@ -26,8 +31,8 @@ MUTANTS = [
      "    tmp = Path(tempfile.mkdtemp(dir=dest.parent))\n    fill(tmp)\n"
      "    shutil.rmtree(dest, ignore_errors=True)\n    tmp.rename(dest)\n    return dest",
      "tests/unit/test_output_safety.py", "midway"),
-    ("merge-lora: overwrites foreign merged/", "moce_plugin/integration/plugin.py",
-     "overwrite=(dest / EXPORT_RECORD).is_file()", "overwrite=True",
+    ("merge-lora: a previous merge is not replaced", "moce_plugin/integration/plugin.py",
+     "base_model=cfg.base_model, overwrite=True,", "base_model=cfg.base_model, overwrite=False,",
      "tests/unit/test_output_safety.py", "merge_lora"),
     ("load: no fallback to model weights", "moce_plugin/outputs/folder.py",
      "    return moce_weights_from_model_files(directory, model)",
@@ -176,22 +181,48 @@ MUTANTS = [
      "        self._chain_sigint(out)\n", "", "tests/e2e/test_e2e_interrupt.py", "SIGINT"),
 ]
 
-only = sys.argv[1:]
-caught = 0
-for name, file, old, new, test, k in MUTANTS:
-    if only and not any(o in name for o in only):
-        continue
-    path = Path(file)
-    original = path.read_text()
-    assert original.count(old) == 1, (name, original.count(old))
-    path.write_text(original.replace(old, new))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:warnings",
-                               test, "-k", k], capture_output=True, text=True)
-    finally:
-        path.write_text(original)
-    ok = proc.returncode == 1
-    caught += ok
-    print(f"{'CAUGHT  ' if ok else 'MISSED  '}{name}  (rc {proc.returncode}: "
-          f"{proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ''})", flush=True)
-print(f"{caught} caught")
+
+def _ignore(folder: str, names: list[str]) -> set[str]:
+    """Not copied: caches, virtual environments, models and run outputs at the top level
+    (not the package's moce_plugin/outputs)."""
+    skip = {".venv", ".venv-vllm", ".git", "__pycache__", ".pytest_cache", ".moce_cache"}
+    if Path(folder) == ROOT:
+        skip.add("outputs")
+    if Path(folder) == ROOT / "examples":
+        skip.add("models")
+    return skip & set(names)
+
+
+def main(only: list[str]) -> int:
+    caught = total = 0
+    with tempfile.TemporaryDirectory(prefix="mutate_outputs-") as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy, ignore=_ignore)
+        env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy, not an installed package
+        for name, file, old, new, test, k in MUTANTS:
+            if only and not any(o in name for o in only):
+                continue
+            total += 1
+            path = copy / file
+            original = path.read_text()
+            if original.count(old) != 1:
+                print(f"STALE    {name}: the text occurs {original.count(old)} times in {file}")
+                continue
+            path.write_text(original.replace(old, new))
+            try:
+                proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
+                                       "no:warnings", "-p", "no:cacheprovider", test, "-k", k],
+                                      cwd=copy, env=env, capture_output=True, text=True)
+            finally:
+                path.write_text(original)
+            ok = proc.returncode == 1
+            caught += ok
+            last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            print(f"{'CAUGHT  ' if ok else 'MISSED  '}{name}  (rc {proc.returncode}: {last})",
+                  flush=True)
+    print(f"{caught} of {total} caught")
+    return 0 if caught == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

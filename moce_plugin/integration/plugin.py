@@ -326,13 +326,14 @@ def wrap_merge_lora(original: Callable) -> Callable:
     def do_merge_lora(*, cfg: Any) -> None:
         if not cfg.get("moce"):
             return original(cfg=cfg)
-        from ..outputs.export import EXPORT_RECORD, export_model
+        from ..outputs.export import export_model
 
         dest = Path(cfg.output_dir) / "merged"
         LOG.info("MoCE: merging %s into %s with moce_plugin.export", cfg.lora_model_dir, dest)
-        # axolotl's layout puts merged/ inside the run; a previous merge (our export record
-        # inside) is replaced like axolotl does, anything else in merged/ is refused.
-        export_model(cfg.lora_model_dir, dest, base_model=cfg.base_model,
-                     overwrite=(dest / EXPORT_RECORD).is_file(), allow_inside_source=True)
+        # axolotl's layout puts merged/ inside the run; a previous merge is replaced like
+        # axolotl does (overwrite replaces only an earlier export: anything else in merged/
+        # is refused by export_model itself).
+        export_model(cfg.lora_model_dir, dest, base_model=cfg.base_model, overwrite=True,
+                     allow_inside_source=True)
 
     return do_merge_lora
