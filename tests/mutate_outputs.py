@@ -4,16 +4,11 @@ the repository and expect the named tests to fail (``python tests/mutate_outputs
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from mutation_runner import Mutant, run_mutants
 
-MUTANTS = [
+MUTANTS: list[Mutant] = [
     ("export: non-empty DEST accepted", "moce_plugin/outputs/export.py",
      "and not overwrite:\n        raise ExportError", "and False:\n        raise ExportError",
      "tests/unit/test_output_safety.py", "non_empty"),
@@ -182,47 +177,5 @@ MUTANTS = [
 ]
 
 
-def _ignore(folder: str, names: list[str]) -> set[str]:
-    """Not copied: caches, virtual environments, models and run outputs at the top level
-    (not the package's moce_plugin/outputs)."""
-    skip = {".venv", ".venv-vllm", ".git", "__pycache__", ".pytest_cache", ".moce_cache"}
-    if Path(folder) == ROOT:
-        skip.add("outputs")
-    if Path(folder) == ROOT / "examples":
-        skip.add("models")
-    return skip & set(names)
-
-
-def main(only: list[str]) -> int:
-    caught = total = 0
-    with tempfile.TemporaryDirectory(prefix="mutate_outputs-") as tmp:
-        copy = Path(tmp) / "repo"
-        shutil.copytree(ROOT, copy, ignore=_ignore)
-        env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy, not an installed package
-        for name, file, old, new, test, k in MUTANTS:
-            if only and not any(o in name for o in only):
-                continue
-            total += 1
-            path = copy / file
-            original = path.read_text()
-            if original.count(old) != 1:
-                print(f"STALE    {name}: the text occurs {original.count(old)} times in {file}")
-                continue
-            path.write_text(original.replace(old, new))
-            try:
-                proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
-                                       "no:warnings", "-p", "no:cacheprovider", test, "-k", k],
-                                      cwd=copy, env=env, capture_output=True, text=True)
-            finally:
-                path.write_text(original)
-            ok = proc.returncode == 1
-            caught += ok
-            last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-            print(f"{'CAUGHT  ' if ok else 'MISSED  '}{name}  (rc {proc.returncode}: {last})",
-                  flush=True)
-    print(f"{caught} of {total} caught")
-    return 0 if caught == total else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_mutants(MUTANTS, sys.argv[1:], "mutate_outputs-", ("-p", "no:warnings")))

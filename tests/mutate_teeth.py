@@ -1,21 +1,15 @@
 """Mutation check of issue 25's tests: the planted bugs that survived the second round and
-the bad-input fixes, planted one at a time in the source tree; each must make its named tests
-fail (``python tests/mutate_teeth.py [name-substring ...]``). The bugs are planted in a scratch
-copy of the repository, one at a time. Prints CAUGHT / MISSED per bug."""
+the bad-input fixes, planted one at a time in a scratch copy of the repository; each must make
+its named tests fail (``python tests/mutate_teeth.py [name-substring ...]``). Prints CAUGHT /
+MISSED per bug."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from mutation_runner import Mutant, run_mutants
 
-# (what, file, original text, planted text, test file, -k expression)
-MUTANTS = [
+MUTANTS: list[Mutant] = [
     # -- the five survivors of the second round
     ("entropy: padding counted in the logged router entropy", "moce_plugin/model/layer.py",
      "entropy = router_entropy(routing.probs, valid)",
@@ -107,47 +101,5 @@ MUTANTS = [
 ]
 
 
-def _ignore(folder: str, names: list[str]) -> set[str]:
-    """Not copied: caches, the virtual environment, and run outputs at the top level (not
-    the package's moce_plugin/outputs)."""
-    skip = {".venv", ".git", "__pycache__", ".pytest_cache"}
-    if Path(folder) == ROOT:
-        skip.add("outputs")
-    return skip & set(names)
-
-
-def main(only: list[str]) -> int:
-    caught = total = 0
-    with tempfile.TemporaryDirectory(prefix="mutate_teeth-") as tmp:
-        # A scratch copy: the working tree is never left mutated (also when killed).
-        copy = Path(tmp) / "repo"
-        shutil.copytree(ROOT, copy, ignore=_ignore)
-        env = {**os.environ, "PYTHONPATH": str(copy)}  # the copy, not an installed package
-        for name, file, old, new, test, k in MUTANTS:
-            if only and not any(o in name for o in only):
-                continue
-            path = copy / file
-            original = path.read_text()
-            total += 1
-            if original.count(old) != 1:
-                print(f"STALE    {name}: the text occurs {original.count(old)} times in {file}")
-                continue
-            path.write_text(original.replace(old, new))
-            try:
-                proc = subprocess.run(
-                    [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                     "-m", "not slow", test, "-k", k],
-                    cwd=copy, env=env, capture_output=True, text=True)
-            finally:
-                path.write_text(original)
-            ok = proc.returncode == 1  # tests failed (not: collection error, none selected)
-            caught += ok
-            last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-            print(f"{'CAUGHT  ' if ok else 'MISSED  '}{name}  (rc {proc.returncode}: {last})",
-                  flush=True)
-    print(f"{caught} of {total} caught")
-    return 0 if caught == total else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_mutants(MUTANTS, sys.argv[1:], "mutate_teeth-", ("-m", "not slow")))
