@@ -6,6 +6,7 @@ by the routing context; and when the vLLM plugin lets vLLM compile (``eager_reas
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -42,14 +43,21 @@ def _ids(tokens: int, seed: int) -> torch.Tensor:
     return ids
 
 
-def _eager(mlp: MoCEMLP, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The reference: the layer fed by the routing context, as in every other path."""
-    with torch.no_grad(), cluster_ids_context(ids):
+def _in_forward(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` without autograd inside a backbone forward (a pushed routing collector),
+    as a MoCE layer runs in a model."""
+    with torch.no_grad():
         collector_stack().append([])
         try:
-            return mlp(x)
+            return layer(x)
         finally:
             collector_stack().pop()
+
+
+def _eager(mlp: MoCEMLP, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The reference: the layer fed by the routing context, as in every other path."""
+    with cluster_ids_context(ids):
+        return _in_forward(mlp, x)
 
 
 def _expected_plan(kwargs: dict, tokens: int):
@@ -76,12 +84,7 @@ def test_token_ids_buffer_equals_the_routing_context_and_is_not_saved(kwargs):
         ids = _ids(tokens, tokens)
         x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(tokens))
         buffer[:tokens] = ids
-        with torch.no_grad():
-            collector_stack().append([])
-            try:
-                got = mlp(x)
-            finally:
-                collector_stack().pop()
+        got = _in_forward(mlp, x)
         torch.testing.assert_close(got, _eager(reference, x, ids), atol=0, rtol=0)
 
 
@@ -111,12 +114,7 @@ def test_one_compiled_graph_chooses_each_calls_plan_at_run_time(kwargs, monkeypa
         x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(step))
         buffer[:tokens] = ids
         plans.clear()
-        with torch.no_grad():
-            collector_stack().append([])
-            try:
-                got = compiled(x)
-            finally:
-                collector_stack().pop()
+        got = _in_forward(compiled, x)
         assert plans == [(_expected_plan(kwargs, tokens), tokens)], (tokens, plans)
         plans.clear()
         torch.testing.assert_close(got, _eager(reference, x, ids), atol=1e-6, rtol=1e-5)
@@ -145,11 +143,6 @@ def test_a_copied_layer_runs_its_own_weights_in_the_compiled_op():
     want = _eager(copied, x, ids)
     copied.token_ids = ids.clone()
     compiled = torch.compile(copied, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        collector_stack().append([])
-        try:
-            got = compiled(x)
-        finally:
-            collector_stack().pop()
+    got = _in_forward(compiled, x)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(want, _eager(original, x, ids))
