@@ -37,7 +37,7 @@ import torch
 
 from bench.machine_info import cpu_model
 from moce_plugin.model.config import MoCEConfig
-from moce_plugin.model.upcycle import upcycle_model
+from moce_plugin.model.upcycle import moce_experts_modules, upcycle_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,9 @@ def load_base():
 
     model_dir = MODEL["dir"]
     if not (model_dir / "config.json").is_file():
-        sys.exit(f"no model in {model_dir}: run `python examples/prepare_smollm2.py` first")
+        fix = ("run `python examples/prepare_smollm2.py` first" if model_dir == MODEL_DIR
+               else "--model-dir needs a model folder with config.json and tokenizer files")
+        sys.exit(f"no model in {model_dir}: {fix}")
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -84,9 +86,8 @@ def moce_model(plan: str | None = None):
     cfg = MoCEConfig(num_clusters=3, experts_per_group=4, top_k=2, adapter_dim=64)
     upcycle_model(model, cfg)
     if plan is not None:
-        for module in model.modules():
-            if type(module).__name__ == "MoCEExperts":
-                module.plan = plan
+        for _, experts in moce_experts_modules(model):
+            experts.plan = plan
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("moce_experts.up"):
@@ -205,6 +206,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.exported and args.device != "cpu":
         parser.error("--exported runs on the CPU only")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
     MODEL.update(dir=args.model_dir, random=args.random_weights, device=args.device,
                  dtype=getattr(torch, args.dtype))
     global CLOCK
