@@ -135,23 +135,31 @@ GATHER_MAX_SLOTS = 32
 #: dense faster at 8 tokens (16 slots) in vLLM and `generate`, gather at 1 and 4.
 DENSE_SLOT_FACTOR = 1
 
-#: On a CUDA device, calls without autograd of more than :data:`GATHER_MAX_SLOTS` and up to
-#: this many slots also run ``"dense"``: a GPU's decode step is bound by kernel launches,
-#: and the sorted plans launch many more kernels than two plain products. Measured on an
-#: H200 (bf16, SmolLM2-135M shapes, 3 x 4 experts, top-2, ``generate`` at batch 32 = 64
-#: slots): dense 1.7x the sorted plan's tokens/s (docs/performance.md, "Decode on a GPU").
-#: Larger calls are unmeasured there and keep the sorted plans.
-CUDA_DENSE_MAX_SLOTS = 64
+#: On a CUDA device, every call without autograd beyond :data:`GATHER_MAX_SLOTS` slots
+#: also runs ``"dense"`` while each of its two products does at most this many
+#: multiply-adds (tokens x experts x rank x hidden): the GPU is bound by launches and host
+#: time there, and the sorted plans launch many more kernels than two plain products.
+#: Measured on an H200 (bf16, torch 2.11, ``bench_expert_plans --inference --device cuda``;
+#: docs/performance.md, "Decode on a GPU"): dense was the fastest plan at every size up to
+#: 6.9e10 (4096 tokens x 64 experts x r 64 x d 4096: 0.84 ms, best sorted plan 0.93) and
+#: 1.6x slower than the sorted plans at 2.7e11 (16384 tokens). The bound sits a factor 2
+#: below that crossover, for hosts that launch kernels faster than the one measured.
+CUDA_DENSE_MAX_WORK = 2**35
 
 
-def few_token_plan(slots: int, experts: int, device_type: str = "cpu") -> Plan | None:
-    """The plan of a call without autograd of ``slots`` (token, expert) slots in a layer of
-    ``experts`` adapters on a ``device_type`` device: ``"gather"`` or ``"dense"`` up to
-    :data:`GATHER_MAX_SLOTS` slots, ``"dense"`` up to :data:`CUDA_DENSE_MAX_SLOTS` on CUDA,
-    else None (the measured choice of :func:`choose_plan`)."""
-    if slots > GATHER_MAX_SLOTS:
-        return "dense" if device_type == "cuda" and slots <= CUDA_DENSE_MAX_SLOTS else None
-    return "dense" if experts <= DENSE_SLOT_FACTOR * slots else "gather"
+def inference_plan(tokens: int, slots_per_token: int, experts: int, rank: int, hidden: int,
+                   device_type: str = "cpu") -> Plan | None:
+    """The plan of a call without autograd of ``tokens`` tokens, each with
+    ``slots_per_token`` (token, expert) slots, in a layer of ``experts`` adapters of
+    ``rank`` on ``hidden`` features, on a ``device_type`` device: ``"gather"`` or
+    ``"dense"`` up to :data:`GATHER_MAX_SLOTS` slots; on CUDA ``"dense"`` up to
+    :data:`CUDA_DENSE_MAX_WORK`; else None (the measured choice of :func:`choose_plan`)."""
+    slots = tokens * slots_per_token
+    if slots <= GATHER_MAX_SLOTS:
+        return "dense" if experts <= DENSE_SLOT_FACTOR * slots else "gather"
+    if device_type == "cuda" and tokens * experts * rank * hidden <= CUDA_DENSE_MAX_WORK:
+        return "dense"
+    return None
 
 P = TypeVar("P")
 
@@ -443,7 +451,7 @@ def eager_expert_outputs(
 
 
 __all__ = [
-    "CUDA_DENSE_MAX_SLOTS",
+    "CUDA_DENSE_MAX_WORK",
     "DENSE_SLOT_FACTOR",
     "GATHER_MAX_SLOTS",
     "GENERAL_PLANS",
@@ -459,8 +467,8 @@ __all__ = [
     "dense_expert_outputs",
     "eager_expert_outputs",
     "expert_outputs",
-    "few_token_plan",
     "gathered_expert_outputs",
+    "inference_plan",
     "plan_is_valid",
     "route",
     "slots_of",

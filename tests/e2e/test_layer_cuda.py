@@ -40,6 +40,58 @@ def test_cuda_bf16_matches_naive(top_k, general):
     assert fast.up.grad is not None and torch.isfinite(fast.up.grad).all()
 
 
+@pytest.mark.parametrize("tokens", [8, 2048])
+@pytest.mark.parametrize("top_k,general", [(1, 0), (2, 0), ("soft", 0), (2, 2), ("soft", 2)])
+def test_cuda_inference_calls_take_dense_within_the_bound_and_match_naive(top_k, general,
+                                                                          tokens):
+    """Without autograd on CUDA the layer runs dense up to CUDA_DENSE_MAX_WORK (decode
+    steps and prefills alike), equal to the naive loop in bf16 tolerance."""
+    from moce_plugin.model import plans as plans_mod
+
+    torch.manual_seed(0)
+    d = 256
+    cfg = MoCEConfig(num_clusters=7, experts_per_group=4, top_k=top_k,
+                     num_general_experts=general, adapter_dim=64)
+    fast = MoCEExperts(d, cfg).cuda().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        fast.up.normal_(0, 0.05)
+    ref = MoCEExperts(d, cfg).cuda().float().eval()
+    ref.load_state_dict({k: v.float() for k, v in fast.state_dict().items()})
+    x = torch.randn(tokens, d, device="cuda")
+    h = torch.randn(tokens, d, device="cuda")
+    g = torch.randint(0, 7, (tokens,), device="cuda")
+    valid = torch.rand(tokens, device="cuda") > 0.1
+    taken = []
+    real = plans_mod.expert_outputs
+
+    def spy(experts, plan, *args):
+        taken.append(plan)
+        return real(experts, plan, *args)
+
+    import moce_plugin.model.layer as layer_mod
+
+    layer_mod.expert_outputs, saved = spy, layer_mod.expert_outputs
+    try:
+        with torch.no_grad():
+            out, _ = fast(x.bfloat16(), h.bfloat16(), g, valid)
+    finally:
+        layer_mod.expert_outputs = saved
+    experts = 7 * 4 + general
+    work = tokens * experts * cfg.adapter_dim * d
+    gk = cfg.resolved_general_top_k
+    per_token = (4 if top_k == "soft" else top_k) + (
+        0 if not general else general if gk == "soft" else gk)
+    slots = tokens * per_token
+    assert work <= plans_mod.CUDA_DENSE_MAX_WORK
+    assert taken == ["dense" if slots > plans_mod.GATHER_MAX_SLOTS or experts <= slots
+                     else "gather"]
+    with torch.no_grad():
+        expected = naive_moce(cfg, ref, x.bfloat16().float(), h.bfloat16().float(), g, valid)
+    clear = _clear_choice(ref, x, g, top_k) & _clear_choice(ref, x, None, top_k)
+    torch.testing.assert_close(out.float()[clear], expected[clear], atol=0.1, rtol=0.05)
+    torch.testing.assert_close(out[~valid], h.bfloat16()[~valid])
+
+
 def _clear_choice(ref, x, groups, top_k, margin=0.02):
     if top_k == "soft":
         return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)

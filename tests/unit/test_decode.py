@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from layer_helpers import make_experts
+from layer_helpers import D, make_config, make_experts
 from test_plans import ROUTINGS, batch
 from tiny_models import tiny_causal_lm
 
@@ -16,10 +16,10 @@ from moce_plugin.model import plans as plans_mod
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.layer import MoCEMLP
 from moce_plugin.model.plans import (
-    CUDA_DENSE_MAX_SLOTS,
+    CUDA_DENSE_MAX_WORK,
     DENSE_SLOT_FACTOR,
     GATHER_MAX_SLOTS,
-    few_token_plan,
+    inference_plan,
 )
 from moce_plugin.model.routers import ACMoERouter
 from moce_plugin.model.routing import cluster_ids_context, collector_stack
@@ -46,11 +46,11 @@ def _inputs(T: int, groups: int):
 
 
 @pytest.mark.parametrize("kwargs", ROUTINGS)
-@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 40])
 @pytest.mark.parametrize("plan", [None, "gather", "dense"])
 def test_inference_step_equals_eager(kwargs, tokens, plan):
-    """Without autograd and with few tokens the layer runs its own choice (None) or a forced
-    few-token plan: equal to the eager plan, padding rows left at h."""
+    """Without autograd the layer runs its own choice (None) or a forced few-token plan
+    (dense also runs larger calls on CUDA): equal to the eager plan, padding rows left at h."""
     layer = make_experts(**kwargs).eval()
     if isinstance(layer.router, ACMoERouter):  # eval routes on running statistics
         layer.router.seen.fill_(1.0)
@@ -118,40 +118,47 @@ def test_layer_takes_a_few_token_plan_only_without_autograd_and_few_slots(kwargs
                     <= DENSE_SLOT_FACTOR * fits * per_token else {"gathered"})
 
 
-@pytest.mark.parametrize("experts", [12, 64])
-def test_few_token_rule_on_cuda_runs_dense_up_to_its_own_bound(experts):
-    """On CUDA (launch-bound decode) calls beyond GATHER_MAX_SLOTS and up to
-    CUDA_DENSE_MAX_SLOTS slots run dense; the CPU keeps the sorted plans there; both agree
-    below GATHER_MAX_SLOTS; neither takes a few-token plan beyond its bound."""
-    for slots in range(1, CUDA_DENSE_MAX_SLOTS + 3):
+@pytest.mark.parametrize("experts,rank,hidden", [(12, 64, 576), (64, 64, 4096), (14, 8, 16)])
+@pytest.mark.parametrize("per_token", [1, 2, 6])
+def test_inference_rule_on_cuda_runs_dense_up_to_its_work_bound(experts, rank, hidden,
+                                                                 per_token):
+    """Without autograd, calls of at most GATHER_MAX_SLOTS slots take a few-token plan on
+    every device; beyond that, CUDA runs dense while tokens x experts x rank x hidden (one
+    dense product's multiply-adds) stays within CUDA_DENSE_MAX_WORK, the CPU never."""
+    most = CUDA_DENSE_MAX_WORK // (experts * rank * hidden)  # the last dense token count
+    fits = GATHER_MAX_SLOTS // per_token
+    for tokens in [*range(1, fits + 3), most - 1, most, most + 1, 2 * most, 10**9]:
+        slots = tokens * per_token
         small = "dense" if experts <= DENSE_SLOT_FACTOR * slots else "gather"
         cpu = small if slots <= GATHER_MAX_SLOTS else None
-        cuda = small if slots <= GATHER_MAX_SLOTS else (
-            "dense" if slots <= CUDA_DENSE_MAX_SLOTS else None)
-        assert few_token_plan(slots, experts) == cpu, slots
-        assert few_token_plan(slots, experts, "cpu") == cpu, slots
-        assert few_token_plan(slots, experts, "cuda") == cuda, slots
-    assert GATHER_MAX_SLOTS < CUDA_DENSE_MAX_SLOTS
+        cuda = small if slots <= GATHER_MAX_SLOTS else "dense" if tokens <= most else None
+        args = (tokens, per_token, experts, rank, hidden)
+        assert inference_plan(*args) == cpu, tokens
+        assert inference_plan(*args, "cpu") == cpu, tokens
+        assert inference_plan(*args, "cuda") == cuda, tokens
+    assert most * per_token > GATHER_MAX_SLOTS  # the CUDA bound is reached above
 
 
-def test_layer_asks_the_few_token_rule_for_its_input_device(monkeypatch):
-    """The layer passes its input's device type to the rule (CUDA decode takes dense up to
-    a larger bound), with its own slot and expert counts."""
+def test_layer_asks_the_inference_rule_with_its_own_sizes_and_device(monkeypatch):
+    """The layer passes the rule its call's tokens, its slots per token, experts, rank,
+    hidden size (from the config, not the layer) and its input's device type."""
     seen = []
-    real = plans_mod.few_token_plan
+    real = plans_mod.inference_plan
 
-    def spy(slots, experts, device_type):  # no default: a call without the device fails
-        seen.append((slots, experts, device_type))
-        return real(slots, experts, device_type)
+    def spy(tokens, per_token, experts, rank, hidden, device_type):  # no defaults
+        seen.append((tokens, per_token, experts, rank, hidden, device_type))
+        return real(tokens, per_token, experts, rank, hidden, device_type)
 
     import moce_plugin.model.layer as layer_mod
 
-    monkeypatch.setattr(layer_mod, "few_token_plan", spy)
-    layer = make_experts(top_k=2, groups=3, experts=4).eval()
+    monkeypatch.setattr(layer_mod, "inference_plan", spy)
+    kwargs = dict(top_k=2, groups=3, experts=4, general=2, general_top_k=1)
+    layer = make_experts(**kwargs).eval()
     x, h, g, valid, _ = _inputs(3, 3)
     with torch.no_grad():
         layer(x, h, g, valid)
-    assert seen == [(3 * 2, 3 * 4, "cpu")]
+    rank = make_config(**kwargs).adapter_dim
+    assert seen == [(3, config_slots(kwargs), config_experts(kwargs), rank, D, "cpu")]
 
 
 def test_dense_plan_follows_in_place_weight_changes():
