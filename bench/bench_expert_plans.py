@@ -122,8 +122,11 @@ def main(argv: list[str] | None = None) -> None:
             times: dict[str, list[float]] = {n: [] for n in mods}
             for m in mods.values():
                 step(m, inputs, args.inference)  # warm-up
-            for _ in range(args.reps):
-                for n, m in mods.items():
+            names = list(mods)
+            for rep in range(args.reps):
+                # Rotated each repetition: the first call after another plan's ran slower.
+                for n in names[rep % len(names):] + names[:rep % len(names)]:
+                    m = mods[n]
                     t0 = clock()
                     step(m, inputs, args.inference)
                     times[n].append(clock() - t0)
@@ -131,9 +134,12 @@ def main(argv: list[str] | None = None) -> None:
                 top_k, args.experts, cfg.resolved_general_top_k, int(general), C, T,
                 args.rank) if s)
             if args.inference:
-                chosen = inference_plan(T, mods["auto"].slots_per_token,
-                                        C * args.experts + int(general), args.rank, d,
-                                        device.type) or chosen
+                taken = inference_plan(T, mods["auto"].slots_per_token,
+                                       C * args.experts + int(general), args.rank, d,
+                                       device.type, general=bool(int(general)))
+                if taken is not None:
+                    chosen = taken if isinstance(taken, str) else "+".join(
+                        s for s in taken if s)
             print(f"T={T} top_k={k} general={general} (chosen: {chosen}): " + ", ".join(
                 f"{n} {statistics.median(v) * 1e3:.3f}" for n, v in times.items()), flush=True)
 

@@ -193,8 +193,8 @@ class MoCEExperts(nn.Module):
     ) -> torch.Tensor:
         """sum over each token's experts of weight * adapter(h), weights times ``mask``, by
         the forced or the measured plan (:mod:`.plans`); without autograd, a call of few
-        slots (a decode step), or on CUDA of bounded work, takes the plan of
-        :func:`~.plans.inference_plan` instead of sorting into bins."""
+        slots (a decode step), on CUDA of bounded work, on the CPU of a few hundred tokens,
+        takes the plan of :func:`~.plans.inference_plan`."""
         plan = self.plan
         if plan is None and not torch.is_grad_enabled() and torch.compiler.is_compiling():
             # A graph traced once for every token count (vLLM) would keep the plan of the
@@ -205,7 +205,8 @@ class MoCEExperts(nn.Module):
                 g[2], self._op_key)
         if plan is None and not torch.is_grad_enabled():
             plan = inference_plan(h.shape[0], self.slots_per_token, self.down.shape[0],
-                                  self.adapter_dim, self.hidden_size, h.device.type)
+                                  self.adapter_dim, self.hidden_size, h.device.type,
+                                  general=self.num_general > 0)
         plan = plan or choose_plan(self.top_k, self.experts_per_group, self.general_top_k,
                                         self.num_general, self.num_groups, h.shape[0],
                                         self.adapter_dim)

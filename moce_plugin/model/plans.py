@@ -147,18 +147,34 @@ DENSE_SLOT_FACTOR = 1
 CUDA_DENSE_MAX_WORK = 2**35
 
 
+#: On the CPU, calls without autograd beyond :data:`GATHER_MAX_SLOTS` slots and of at most
+#: this many tokens per adapter of the layer run the plain sorted slots (``("slots",
+#: "slots")``), whatever :func:`choose_plan` would take: its block, set and fold plans win
+#: with autograd and at many tokens, but building their stacked weights costs more than it
+#: saves in a forward of a few hundred tokens. Measured on the 2-core AMD EPYC (1 thread,
+#: ``bench_expert_plans --inference``, d 576, soft, soft + (V)2, top-2 + (V)2;
+#: docs/performance.md, "Decode"): 1.2-1.4x faster than the former choice at 64 tokens with
+#: 3 x 4 experts, 1.5-3.4x at 8-256 tokens with 8 x 8; the block plans caught up at ~256
+#: tokens (3 x 4) and ~700 (8 x 8), 1.6x ahead at 1024 (8 x 8, soft).
+CPU_SLOTS_MAX_TOKENS_PER_EXPERT = 8
+
+
 def inference_plan(tokens: int, slots_per_token: int, experts: int, rank: int, hidden: int,
-                   device_type: str = "cpu") -> Plan | None:
+                   device_type: str = "cpu", general: bool = False) -> Plan | None:
     """The plan of a call without autograd of ``tokens`` tokens, each with
     ``slots_per_token`` (token, expert) slots, in a layer of ``experts`` adapters of
-    ``rank`` on ``hidden`` features, on a ``device_type`` device: ``"gather"`` or
-    ``"dense"`` up to :data:`GATHER_MAX_SLOTS` slots; on CUDA ``"dense"`` up to
-    :data:`CUDA_DENSE_MAX_WORK`; else None (the measured choice of :func:`choose_plan`)."""
+    ``rank`` on ``hidden`` features (``general``: some of them general experts), on a
+    ``device_type`` device: ``"gather"`` or ``"dense"`` up to :data:`GATHER_MAX_SLOTS`
+    slots; on CUDA ``"dense"`` up to :data:`CUDA_DENSE_MAX_WORK`; on the CPU the sorted
+    slots up to :data:`CPU_SLOTS_MAX_TOKENS_PER_EXPERT`; else None (the measured choice of
+    :func:`choose_plan`)."""
     slots = tokens * slots_per_token
     if slots <= GATHER_MAX_SLOTS:
         return "dense" if experts <= DENSE_SLOT_FACTOR * slots else "gather"
     if device_type == "cuda" and tokens * experts * rank * hidden <= CUDA_DENSE_MAX_WORK:
         return "dense"
+    if device_type == "cpu" and tokens <= CPU_SLOTS_MAX_TOKENS_PER_EXPERT * experts:
+        return ("slots", "slots" if general else None)
     return None
 
 P = TypeVar("P")
@@ -451,6 +467,7 @@ def eager_expert_outputs(
 
 
 __all__ = [
+    "CPU_SLOTS_MAX_TOKENS_PER_EXPERT",
     "CUDA_DENSE_MAX_WORK",
     "DENSE_SLOT_FACTOR",
     "GATHER_MAX_SLOTS",

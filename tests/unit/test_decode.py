@@ -16,6 +16,7 @@ from moce_plugin.model import plans as plans_mod
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.layer import MoCEMLP
 from moce_plugin.model.plans import (
+    CPU_SLOTS_MAX_TOKENS_PER_EXPERT,
     CUDA_DENSE_MAX_WORK,
     DENSE_SLOT_FACTOR,
     GATHER_MAX_SLOTS,
@@ -120,45 +121,58 @@ def test_layer_takes_a_few_token_plan_only_without_autograd_and_few_slots(kwargs
 
 @pytest.mark.parametrize("experts,rank,hidden", [(12, 64, 576), (64, 64, 4096), (14, 8, 16)])
 @pytest.mark.parametrize("per_token", [1, 2, 6])
-def test_inference_rule_on_cuda_runs_dense_up_to_its_work_bound(experts, rank, hidden,
-                                                                 per_token):
+@pytest.mark.parametrize("general", [False, True])
+def test_inference_rule_by_device_and_call_size(experts, rank, hidden, per_token, general):
     """Without autograd, calls of at most GATHER_MAX_SLOTS slots take a few-token plan on
     every device; beyond that, CUDA runs dense while tokens x experts x rank x hidden (one
-    dense product's multiply-adds) stays within CUDA_DENSE_MAX_WORK, the CPU never."""
+    dense product's multiply-adds) stays within CUDA_DENSE_MAX_WORK, the CPU runs the
+    sorted slots (general ones too where the layer has them) up to
+    CPU_SLOTS_MAX_TOKENS_PER_EXPERT tokens per adapter; larger calls: choose_plan (None)."""
     most = CUDA_DENSE_MAX_WORK // (experts * rank * hidden)  # the last dense token count
+    cpu_most = CPU_SLOTS_MAX_TOKENS_PER_EXPERT * experts
     fits = GATHER_MAX_SLOTS // per_token
-    for tokens in [*range(1, fits + 3), most - 1, most, most + 1, 2 * most, 10**9]:
+    sorted_slots = ("slots", "slots" if general else None)
+    for tokens in [*range(1, fits + 3), most - 1, most, most + 1, 2 * most, cpu_most,
+                   cpu_most + 1, 10**9]:
         slots = tokens * per_token
         small = "dense" if experts <= DENSE_SLOT_FACTOR * slots else "gather"
-        cpu = small if slots <= GATHER_MAX_SLOTS else None
+        cpu = (small if slots <= GATHER_MAX_SLOTS else sorted_slots if tokens <= cpu_most
+               else None)
         cuda = small if slots <= GATHER_MAX_SLOTS else "dense" if tokens <= most else None
         args = (tokens, per_token, experts, rank, hidden)
-        assert inference_plan(*args) == cpu, tokens
-        assert inference_plan(*args, "cpu") == cpu, tokens
-        assert inference_plan(*args, "cuda") == cuda, tokens
+        if not general:
+            assert inference_plan(*args) == cpu, tokens
+        assert inference_plan(*args, "cpu", general=general) == cpu, tokens
+        assert inference_plan(*args, "cuda", general=general) == cuda, tokens
+        assert inference_plan(*args, "mps", general=general) == (
+            small if slots <= GATHER_MAX_SLOTS else None), tokens
     assert most * per_token > GATHER_MAX_SLOTS  # the CUDA bound is reached above
 
 
 def test_layer_asks_the_inference_rule_with_its_own_sizes_and_device(monkeypatch):
     """The layer passes the rule its call's tokens, its slots per token, experts, rank,
-    hidden size (from the config, not the layer) and its input's device type."""
+    hidden size, whether it has general experts (from the config, not the layer) and its
+    input's device type."""
     seen = []
     real = plans_mod.inference_plan
 
-    def spy(tokens, per_token, experts, rank, hidden, device_type):  # no defaults
-        seen.append((tokens, per_token, experts, rank, hidden, device_type))
-        return real(tokens, per_token, experts, rank, hidden, device_type)
+    def spy(tokens, per_token, experts, rank, hidden, device_type, *, general):  # no defaults
+        seen.append((tokens, per_token, experts, rank, hidden, device_type, general))
+        return real(tokens, per_token, experts, rank, hidden, device_type, general=general)
 
     import moce_plugin.model.layer as layer_mod
 
     monkeypatch.setattr(layer_mod, "inference_plan", spy)
-    kwargs = dict(top_k=2, groups=3, experts=4, general=2, general_top_k=1)
-    layer = make_experts(**kwargs).eval()
-    x, h, g, valid, _ = _inputs(3, 3)
-    with torch.no_grad():
-        layer(x, h, g, valid)
-    rank = make_config(**kwargs).adapter_dim
-    assert seen == [(3, config_slots(kwargs), config_experts(kwargs), rank, D, "cpu")]
+    for kwargs in (dict(top_k=2, groups=3, experts=4, general=2, general_top_k=1),
+                   dict(top_k="soft", groups=2, experts=3)):
+        seen.clear()
+        layer = make_experts(**kwargs).eval()
+        x, h, g, valid, _ = _inputs(3, kwargs["groups"])
+        with torch.no_grad():
+            layer(x, h, g, valid)
+        rank = make_config(**kwargs).adapter_dim
+        assert seen == [(3, config_slots(kwargs), config_experts(kwargs), rank, D, "cpu",
+                         bool(kwargs.get("general")))]
 
 
 def test_dense_plan_follows_in_place_weight_changes():
