@@ -32,8 +32,11 @@ names the reference.
 
 ``"gather"`` is the few-token plan (a decode step: one token per sequence): each slot's
 adapter weights are gathered and run as one batched product, with no sort, no bins and no
-plan choice. It is what the layer takes without autograd for at most
-:data:`GATHER_MAX_SLOTS` slots, where dispatching into bins costs more than the arithmetic.
+plan choice; ``"dense"`` runs every expert on every token as two plain products. Without
+autograd the layer asks :func:`inference_plan`: one of these two for at most
+:data:`GATHER_MAX_SLOTS` slots, where dispatching into bins costs more than the arithmetic;
+dense on CUDA up to :data:`CUDA_DENSE_MAX_WORK`; the plain sorted slots on the CPU for a
+few hundred tokens.
 """
 
 from __future__ import annotations
