@@ -25,7 +25,7 @@ from torch import nn
 
 from moce_plugin.model.config import MoCEConfig
 from moce_plugin.model.layer import MoCEExperts
-from moce_plugin.model.plans import all_plans, choose_plan, inference_plan
+from moce_plugin.model.plans import Plan, all_plans, choose_plan, inference_plan
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: this machine has no CUDA device; leave --device out")
     return args
+
+
+def plan_name(plan: Plan | None) -> str:
+    """A plan as printed: ``"auto"`` (the layer's own choice), a name, or ``group+general``."""
+    if plan is None:
+        return "auto"
+    return plan if isinstance(plan, str) else "+".join(s for s in plan if s)
 
 
 def timer(device: torch.device) -> Callable[[], float]:
@@ -113,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                 m.plan = plan
                 with torch.no_grad():
                     m.up.normal_(0, 0.02)
-                name = ("auto" if plan is None else plan if isinstance(plan, str)
-                        else "+".join(str(s) for s in plan if s))
-                mods[name] = m
+                mods[plan_name(plan)] = m
             mods["adapter"] = adapter
 
             inputs = (x, h0, groups, valid, grad)
@@ -130,17 +135,13 @@ def main(argv: list[str] | None = None) -> None:
                     t0 = clock()
                     step(m, inputs, args.inference)
                     times[n].append(clock() - t0)
-            chosen = "+".join(s for s in choose_plan(
-                top_k, args.experts, cfg.resolved_general_top_k, int(general), C, T,
-                args.rank) if s)
+            chosen = choose_plan(top_k, args.experts, cfg.resolved_general_top_k,
+                                 int(general), C, T, args.rank)
             if args.inference:
-                taken = inference_plan(T, mods["auto"].slots_per_token,
-                                       C * args.experts + int(general), args.rank, d,
-                                       device.type, general=bool(int(general)))
-                if taken is not None:
-                    chosen = taken if isinstance(taken, str) else "+".join(
-                        s for s in taken if s)
-            print(f"T={T} top_k={k} general={general} (chosen: {chosen}): " + ", ".join(
+                chosen = inference_plan(T, mods["auto"].slots_per_token,
+                                        C * args.experts + int(general), args.rank, d,
+                                        device.type, general=bool(int(general))) or chosen
+            print(f"T={T} top_k={k} general={general} (chosen: {plan_name(chosen)}): " + ", ".join(
                 f"{n} {statistics.median(v) * 1e3:.3f}" for n, v in times.items()), flush=True)
 
 
