@@ -174,6 +174,14 @@ MUTANTS: list[Mutant] = [
      "MoCECheckpointCallback(moce, self._meta)]", "tests/e2e/test_e2e_interrupt.py", "SIGINT"),
     ("plugin: SIGINT snapshot not stamped", "moce_plugin/integration/plugin.py",
      "        self._chain_sigint(out)\n", "", "tests/e2e/test_e2e_interrupt.py", "SIGINT"),
+    ("axolotl inference: generate not given prompt clusters",
+     "moce_plugin/integration/plugin.py",
+     "        if is_inference(cfg):  # axolotl inference: generate gets token ids only",
+     "        if False:", "tests/e2e/test_e2e_pipeline.py", "axolotl_inference and not lora"),
+    ("axolotl inference: a LoRA output's moce: block not compared",
+     "moce_plugin/integration/plugin.py",
+     "            check_inference_config(cfg, moce)\n", "            pass\n",
+     "tests/e2e/test_e2e_pipeline.py", "axolotl_inference and lora"),
 ]
 
 

@@ -59,6 +59,13 @@ PATCHES: tuple[Patch, ...] = (
         "before axolotl's preference transform; the RL path has no per-row hook.",
     ),
     Patch(
+        "axolotl.loaders.model", "ModelLoader.load",
+        "moce_plugin.integration.inference:wrap_model_loader_load",
+        "axolotl inference loads with ModelLoader(inference=True), but config validation "
+        "drops cfg.inference, so plugin hooks can't tell; MoCE then makes generate assign "
+        "each prompt's cluster (it gets token ids only).",
+    ),
+    Patch(
         "axolotl.utils.data.rl", "_map_dataset",
         "moce_plugin.integration.preference:wrap_rl_map_dataset",
         "preference types may drop every raw column (remove_columns: __all__); the cluster "

@@ -44,6 +44,7 @@ from ..utils import describe_difference
 from .args import cluster_model_of, moce_config_from_cfg
 from .continuation import load_moce_source, moce_source
 from .datasets import check_prepared_dataset
+from .inference import attach_inference_clusters, check_inference_config, is_inference
 from .patches import install_patches
 from .preference import check_preference_dataset, is_preference_trainer
 from .trainer import MoCECheckpointCallback, attach_moce_to_trainer
@@ -129,6 +130,8 @@ class MoCEPlugin(BasePlugin):
     @_moce_only()
     def pre_model_load(self, cfg: Any, moce: MoCEConfig) -> None:
         get_architecture(cfg.get("model_config_type"))  # clear error before loading weights
+        if is_inference(cfg):
+            check_inference_config(cfg, moce)
         if cfg.get("adapter") in ("lora", "qlora"):
             modules = list(cfg.get("lora_modules_to_save") or [])
             if MOCE_MODULE_NAME not in modules:
@@ -168,6 +171,8 @@ class MoCEPlugin(BasePlugin):
             "MoCE parameters: %s (trainable in total: %s of %s, %.3f%%)",
             f"{moce_params:,}", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
         )
+        if is_inference(cfg):  # axolotl inference: generate gets token ids only
+            attach_inference_clusters(cfg, moce, model)
 
     # ---- trainer ---------------------------------------------------------------------------
     @_moce_only()

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ExportError, MissingClusterIdsError
+from ..errors import ClusterIdsError, ExportError, MissingClusterIdsError
 from ..model.architectures import get_architecture
 from ..model.cluster_ids import CLUSTER_IDS_KWARG, check_cluster_ids, single_group_ids
 from ..model.config import MoCEConfig
@@ -86,8 +86,10 @@ class ClusterAssigner:
     """Tokenizer + cluster artifact of an exported folder, loaded on first use."""
 
     def __init__(self, folder: Path | None, num_groups: int, has_artifact: bool,
-                 tokenizer: Any = None, cluster_model: Any = None) -> None:
+                 tokenizer: Any = None, cluster_model: Any = None,
+                 logger: logging.Logger | None = None) -> None:
         self.folder = folder
+        self.log = logger or log  # where each request's cluster is logged (INFO)
         self.num_groups = num_groups
         self.has_artifact = has_artifact
         self._tokenizer: Any = tokenizer
@@ -168,12 +170,12 @@ class ClusterAssigner:
             )
         requests = self.requests_of(input_ids, attention_mask)
         ids = [int(c) for c in self._cluster_model.assign_requests(requests)]
-        if log.isEnabledFor(logging.INFO):
+        if self.log.isEnabledFor(logging.INFO):
             from ..clustering.text import request_text
 
             for request, cluster in zip(requests, ids):
                 text = request_text(request, self._cluster_model.template)
-                log.info("moce cluster %d <- %r", cluster, text[:80])
+                self.log.info("moce cluster %d <- %r", cluster, text[:80])
         return torch.tensor(ids, dtype=torch.long, device=input_ids.device)
 
 
@@ -204,6 +206,15 @@ def chat_user_turn(tokenizer: Any) -> tuple[str, str] | None:
     if end.strip() and header.startswith(end):  # a system turn's end came along (ChatML)
         header = header[len(end):]
     return (header, end) if header.strip() else None
+
+
+def log_clusters_to_stderr() -> None:
+    """Show each request's assigned cluster on stderr (one INFO line per prompt)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def _check_ids(ids: Any, num_groups: int) -> torch.Tensor:
@@ -256,11 +267,8 @@ class MoCECausalLMMixin:
         self._moce_assigner = ClusterAssigner(folder, moce_config.groups,
                                               bool(getattr(config, HAS_ARTIFACT_KEY, False)))
         self.register_forward_pre_hook(_assign_in_forward, with_kwargs=True)
-        if os.environ.get(LOG_ENV, "") not in ("", "0") and not log.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-            log.addHandler(handler)
-            log.setLevel(logging.INFO)
+        if os.environ.get(LOG_ENV, "") not in ("", "0"):
+            log_clusters_to_stderr()
 
     def moce_assign_clusters(self, input_ids: torch.Tensor,
                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -275,19 +283,83 @@ class MoCECausalLMMixin:
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         """``generate`` assigning each row's cluster once from its prompt; an explicit
         ``moce_cluster_ids=`` (per row) forces them."""
-        ids = kwargs.get(CLUSTER_IDS_KWARG)
-        if ids is None:
-            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-            if input_ids is not None:
-                kwargs[CLUSTER_IDS_KWARG] = self.moce_assign_clusters(
-                    input_ids, kwargs.get("attention_mask"))
-        else:
-            ids = _check_ids(ids, self._moce_assigner.num_groups).to(torch.long)
-            if ids.dim() == 0:  # one id for every row
-                input_ids = inputs if inputs is not None else kwargs["input_ids"]
-                ids = ids.expand(input_ids.shape[0]).clone()
-            kwargs[CLUSTER_IDS_KWARG] = ids
-        return super().generate(inputs, *args, **kwargs)
+        return super().generate(inputs, *args,
+                                **prompt_cluster_kwargs(self._moce_assigner, inputs, kwargs))
+
+
+def prompt_cluster_kwargs(assigner: ClusterAssigner, inputs: torch.Tensor | None,
+                          kwargs: dict) -> dict:
+    """``generate``'s keyword arguments with ``moce_cluster_ids``: each row's cluster assigned
+    once from its prompt, or the explicit ids checked (one id for every row expanded). A
+    ``past_key_values`` cache built under other clusters is emptied (see
+    :func:`match_cache_to_clusters`)."""
+    kwargs = dict(kwargs)
+    ids = kwargs.get(CLUSTER_IDS_KWARG)
+    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+    if ids is None:
+        if input_ids is None:
+            return kwargs  # inputs_embeds only: the backbone hook asks for moce_cluster_ids
+        ids = assigner.assign(input_ids, kwargs.get("attention_mask"))
+    else:
+        ids = _check_ids(ids, assigner.num_groups).to(torch.long)
+        if ids.dim() == 0 and input_ids is not None:  # one id for every row
+            ids = ids.expand(input_ids.shape[0]).clone()
+    kwargs[CLUSTER_IDS_KWARG] = ids
+    match_cache_to_clusters(kwargs.get("past_key_values"), ids)
+    return kwargs
+
+
+#: Attribute a KV cache passed to ``generate`` carries: the cluster ids its keys and values
+#: were computed with.
+CACHE_CLUSTERS_ATTR = "_moce_cluster_ids"
+
+
+def match_cache_to_clusters(cache: Any, ids: torch.Tensor) -> None:
+    """A cache reused across ``generate`` calls (a multi-turn chat) holds keys and values that
+    the MoCE layers computed with the earlier call's clusters; a new turn can change the
+    conversation's cluster, and continuing that cache would mix two clusters' experts in one
+    request. So a cache with content is kept only when it was built here with the same
+    per-sequence ids; otherwise it is emptied in place and ``generate`` recomputes the
+    prompt. The ids are recorded on the cache for the next call."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return
+    cached = cache.get_seq_length()
+    built = getattr(cache, CACHE_CLUSTERS_ATTR, None)
+    same = (built is not None and built.dim() == 1 and ids.dim() == 1
+            and torch.equal(built, ids.detach().cpu()))
+    if cached > 0 and not same:
+        try:
+            cache.crop(-cached)
+        except Exception as exc:  # noqa: BLE001 - cache layers that can't crop (sliding window)
+            raise ClusterIdsError(
+                f"This KV cache holds {cached} tokens computed with other clusters' experts and "
+                f"cannot be emptied ({type(cache).__name__}: {exc}); pass a new cache (or none) "
+                "when the conversation's cluster changes."
+            ) from exc
+        if cache.get_seq_length() > 0:
+            raise ClusterIdsError(
+                f"This KV cache holds tokens computed with other clusters' experts and "
+                f"{type(cache).__name__}.crop did not empty it; pass a new cache (or none)."
+            )
+    setattr(cache, CACHE_CLUSTERS_ATTR, ids.detach().cpu().clone())
+
+
+def attach_prompt_clusters(model: Any, assigner: ClusterAssigner) -> Any:
+    """Give a MoCE model built by another loader (axolotl's, for ``axolotl inference``) the
+    export's behaviour: ``generate`` and plain forwards without ``moce_cluster_ids`` assign
+    each row's cluster from its prompt by the same rule. Returns the transformers model the
+    hooks were put on (under a PEFT wrapper, its base model)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner._moce_assigner = assigner
+    inner.register_forward_pre_hook(_assign_in_forward, with_kwargs=True)
+    plain_generate = inner.generate
+
+    @functools.wraps(plain_generate)
+    def generate(inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        return plain_generate(inputs, *args, **prompt_cluster_kwargs(assigner, inputs, kwargs))
+
+    inner.generate = generate
+    return inner
 
 
 def check_export_weights(folder: Path, model: Any) -> None:

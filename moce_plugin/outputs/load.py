@@ -46,7 +46,7 @@ from .folder import (
     read_moce_config,
     read_moce_weights,
 )
-from .hf_native import plain_base_config
+from .hf_native import match_cache_to_clusters, plain_base_config
 
 LOG = logging.getLogger(__name__)
 
@@ -265,6 +265,7 @@ class MoCEInferenceModel:
         prompts = list(prompts)
         batch = self.encode(prompts)
         ids = self._cluster_ids(prompts, cluster).to(batch["input_ids"].device)
+        match_cache_to_clusters(generate_kwargs.get("past_key_values"), ids)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         out = self.model.generate(
@@ -309,8 +310,11 @@ def _transformers_errors_only() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _load_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | None,
-                        meta: dict | None = None):
+def output_cluster_model(path: Path, config: MoCEConfig, cluster_artifact: str | None,
+                         meta: dict | None = None):
+    """The cluster artifact of the MoCE output at ``path``: ``cluster_artifact`` if given, the
+    output's own copy, its run folder's (a checkpoint), or the one its config names; refused
+    when its fingerprint is not the one ``meta`` recorded. None when the model has none."""
     candidates = [cluster_artifact, path / ARTIFACT_DIR_NAME, path.parent / ARTIFACT_DIR_NAME,
                   config.cluster_artifact]
     for candidate in candidates:
@@ -437,7 +441,7 @@ def load_moce_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source,
                                               **plain_base_config(tokenizer_source))
-    cluster_model = _load_cluster_model(path, config, cluster_artifact, meta)
+    cluster_model = output_cluster_model(path, config, cluster_artifact, meta)
     assert config_of(model) is not None
     return MoCEInferenceModel(
         model=model,

@@ -65,6 +65,65 @@ def test_cluster_then_train_then_generate(tmp_path, model_dir):
         assert moce.model is not None
 
 
+def _axolotl_inference(tmp_path, cfg, *args, stdin=None, probe=None):
+    """`axolotl inference` as its CLI runs it (stdin = the prompt), or the probe script that
+    loads the model the same way and decodes greedily (probe = the prompts)."""
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    if probe is None:
+        cmd = [sys.executable, "-m", "axolotl.cli.inference", str(path), *args]
+    else:
+        (tmp_path / "prompts.json").write_text(json.dumps(probe))
+        cmd = [sys.executable, str(ROOT / "tests" / "axolotl_inference_probe.py"), str(path),
+               str(tmp_path / "probe.json"), str(tmp_path / "prompts.json"), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), input=stdin, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc if probe is None else json.loads((tmp_path / "probe.json").read_text())
+
+
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_axolotl_inference_gives_each_prompt_its_cluster(tmp_path, model_dir, adapter):
+    """`axolotl inference CFG --base-model OUTPUT` (full) or `--lora-model-dir OUTPUT`
+    calls generate with token ids only: each prompt gets the cluster moce-generate gives it
+    and the same greedy text; the CLI runs and names the cluster; a moce: block that
+    contradicts the LoRA output is refused before loading."""
+    data = tmp_path / "train.jsonl"
+    rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in sample_rows(150)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = _pipeline_config(tmp_path, model_dir, data)
+    if adapter:
+        cfg.update(adapter="lora", lora_r=4, lora_alpha=8, lora_target_linear=True)
+    assert _cluster(tmp_path, cfg).returncode == 0
+    run_train(cfg, tmp_path)
+    out = tmp_path / "model"
+    flag = ["--lora-model-dir", str(out)] if adapter else ["--base-model", str(out)]
+
+    from moce_plugin.inference import load_moce_model
+
+    moce = load_moce_model(out)
+    prompts = [r["instruction"] for r in rows[:40]]
+    clusters = moce.assign_clusters(prompts)
+    picked = [prompts[clusters.index(c)] for c in sorted(set(clusters))]
+    assert len(picked) == 3, "prompts of one cluster would prove nothing"
+    got = _axolotl_inference(tmp_path, cfg, *flag,
+                             probe=[moce.format_prompt(p) for p in picked])
+    assert [g["cluster"] for g in got] == moce.assign_clusters(picked) == [0, 1, 2]
+    assert [g["text"] for g in got] == [moce.generate([p], max_new_tokens=5)[0] for p in picked]
+    proc = _axolotl_inference(tmp_path, cfg, *flag, "--prompter", "AlpacaPrompter",
+                              stdin=picked[2])
+    assert f"moce cluster 2 <- {picked[2][:80]!r}" in proc.stdout + proc.stderr
+    if adapter:
+        cfg["moce"]["top_k"] = 1
+        path = tmp_path / "config.yml"
+        path.write_text(yaml.safe_dump(cfg))
+        bad = subprocess.run([sys.executable, "-m", "axolotl.cli.inference", str(path), *flag],
+                             cwd=tmp_path, env=env(), input="hi", capture_output=True,
+                             text=True, timeout=600)
+        assert bad.returncode != 0
+        assert "top_k: output 2, YAML 1" in bad.stderr and "loading model" not in bad.stderr
+
+
 def test_changed_data_after_clustering_is_a_clear_error(tmp_path, model_dir):
     data = tmp_path / "train.jsonl"
     rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in sample_rows(60)]

@@ -230,6 +230,74 @@ def test_cached_generation_equals_full_recomputation(kind, model_type):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"step {step}")
 
 
+class _ScriptedClusters:
+    """Stands in for ClusterAssigner: the cluster of each successive generate call."""
+
+    num_groups = 3
+
+    def __init__(self, clusters: list[int]) -> None:
+        self.clusters = list(clusters)
+
+    def assign(self, input_ids, attention_mask):
+        return torch.tensor([self.clusters.pop(0)] * input_ids.shape[0])
+
+
+def test_chat_turns_reusing_a_kv_cache_equal_recomputation_when_the_cluster_changes():
+    """A multi-turn chat passes one KV cache to every generate call (axolotl inference
+    --chat, HF's cache-reuse recipe). When a new turn moves the conversation to another
+    cluster, the cached keys and values (other experts) must not be continued: each turn's
+    scores equal a full recomputation under that turn's cluster; a turn that keeps the
+    cluster reuses the cache."""
+    from test_model import _trained_tiny
+    from transformers import DynamicCache
+
+    from moce_plugin.outputs.hf_native import attach_prompt_clusters
+
+    model = _trained_tiny("llama").eval()
+    attach_prompt_clusters(model, _ScriptedClusters([0, 2, 2]))
+    cache = DynamicCache(config=model.config)
+    crops: list[int] = []
+    crop = cache.crop
+    cache.crop = lambda n: crops.append(n) or crop(n)
+    gen = torch.Generator().manual_seed(4)
+    seq = torch.randint(3, 128, (1, 6), generator=gen)
+    for turn, cluster in enumerate([0, 2, 2]):
+        if turn:
+            seq = torch.cat([seq, torch.randint(3, 128, (1, 3), generator=gen)], dim=1)
+        cached = cache.get_seq_length()
+        with torch.no_grad():
+            out = model.generate(input_ids=seq, past_key_values=cache, max_new_tokens=4,
+                                 do_sample=False, pad_token_id=0, output_scores=True,
+                                 return_dict_in_generate=True)
+        want_seq, want = _greedy_by_recomputation(model, seq, lambda s, c=cluster:
+                                                  torch.tensor([c]), 4)
+        assert torch.equal(out.sequences, want_seq), f"turn {turn}"
+        for step, (got, ref) in enumerate(zip(out.scores, want)):
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4,
+                                       msg=f"turn {turn} step {step}")
+        if turn == 1:
+            assert crops == [-cached]  # the other cluster's cache was emptied
+        seq = out.sequences
+    assert len(crops) == 1  # the third turn (same cluster) continued the cache
+
+
+def test_moce_generate_with_a_cache_of_another_cluster_equals_a_fresh_generate(tmp_path,
+                                                                              base_dir):
+    """load_moce_model(...).generate(..., past_key_values=cache): a cache filled under
+    another cluster is not continued."""
+    from transformers import DynamicCache
+
+    out = tmp_path / "out"
+    _full_output(base_dir, out)
+    moce = load_moce_model(out, prompt_format="raw")
+    prompt = "Give three tips for staying healthy."
+    fresh = moce.generate([prompt], cluster=2, max_new_tokens=6)
+    cache = DynamicCache(config=moce.model.config)
+    moce.generate([prompt], cluster=0, max_new_tokens=6, past_key_values=cache)
+    assert cache.get_seq_length() > 0
+    assert moce.generate([prompt], cluster=2, max_new_tokens=6, past_key_values=cache) == fresh
+
+
 def test_left_padded_batch_generation_equals_each_prompt_alone_and_recomputation(tmp_path,
                                                                                 base_dir):
     """MoCEInferenceModel.generate pads a mixed-cluster batch on the left: each row's new
