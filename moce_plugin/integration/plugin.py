@@ -175,8 +175,17 @@ class MoCEPlugin(BasePlugin):
             attach_inference_clusters(cfg, moce, model)
 
     # ---- trainer ---------------------------------------------------------------------------
+    @_moce_only(default=list)
+    def add_callbacks_post_trainer(self, cfg: Any, moce: MoCEConfig, trainer: Any) -> list:
+        # axolotl's trainer builder calls this for every trainer it builds (`axolotl train`,
+        # `axolotl evaluate`); post_trainer_create is called by `axolotl train` only.
+        self.post_trainer_create(cfg, trainer)
+        return []
+
     @_moce_only()
     def post_trainer_create(self, cfg: Any, moce: MoCEConfig, trainer: Any) -> None:
+        if getattr(trainer, "_moce_attached", False):
+            return
         if is_preference_trainer(trainer):
             for split in ("train", "eval"):
                 check_preference_dataset(getattr(trainer, f"{split}_dataset", None),

@@ -5,6 +5,7 @@ assignment; and the clear failure when the data changed after clustering."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -83,21 +84,33 @@ def _axolotl_inference(tmp_path, cfg, *args, stdin=None, probe=None):
 
 
 @pytest.mark.parametrize("adapter", [None, "lora"])
-def test_axolotl_inference_gives_each_prompt_its_cluster(tmp_path, model_dir, adapter):
-    """`axolotl inference CFG --base-model OUTPUT` (full) or `--lora-model-dir OUTPUT`
-    calls generate with token ids only: each prompt gets the cluster moce-generate gives it
+def test_axolotl_inference_and_evaluate_on_a_moce_output(tmp_path, model_dir, adapter):
+    """`axolotl evaluate` gives the eval loss training logged. `axolotl inference CFG
+    --base-model OUTPUT` (full) or `--lora-model-dir OUTPUT` calls generate with token ids
+    only: each prompt gets the cluster moce-generate gives it
     and the same greedy text; the CLI runs and names the cluster; a moce: block that
     contradicts the LoRA output is refused before loading."""
     data = tmp_path / "train.jsonl"
     rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in sample_rows(150)]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = _pipeline_config(tmp_path, model_dir, data)
+    cfg.update(eval_steps=4, sample_packing=True, pad_to_sequence_len=True)
     if adapter:
         cfg.update(adapter="lora", lora_r=4, lora_alpha=8, lora_target_linear=True)
     assert _cluster(tmp_path, cfg).returncode == 0
     run_train(cfg, tmp_path)
     out = tmp_path / "model"
     flag = ["--lora-model-dir", str(out)] if adapter else ["--base-model", str(out)]
+    # `axolotl evaluate` on the trained model gives the eval loss training logged at its
+    # last step (same split, same weights; packed rows padded to sequence_len).
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1]
+    path = tmp_path / "config.yml"
+    proc = subprocess.run([sys.executable, "-m", "axolotl.cli.evaluate", str(path), *flag],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    evaluated = re.search(r"eval_loss: ([0-9.]+)", proc.stdout + proc.stderr)
+    assert evaluated and float(evaluated.group(1)) == pytest.approx(logged, abs=1e-4)
 
     from moce_plugin.inference import load_moce_model
 

@@ -1,5 +1,5 @@
 """`axolotl inference` with a MoCE config (the model-loading side; the end-to-end run is in
-tests/e2e/test_e2e_pipeline.py::test_axolotl_inference_gives_each_prompt_its_cluster): the
+tests/e2e/test_e2e_pipeline.py::test_axolotl_inference_and_evaluate_on_a_moce_output): the
 plugin knows the model is loaded for inference, and a moce: block that contradicts the LoRA
 output being loaded is refused before loading."""
 
