@@ -56,7 +56,7 @@ MUTANTS: list[Mutant] = [
      "tests/unit/test_axolotl_inference.py", "hooks_see"),
     ("axolotl inference: the YAML's artifact instead of the output's",
      "moce_plugin/integration/inference.py",
-     "    folder = _trained_folder(cfg)\n", "    folder = None\n",
+     "    trained = _trained_folder(cfg)\n", "    trained = None\n",
      "tests/unit/test_axolotl_inference.py", "trained_outputs_artifact"),
     ("generate: batch padded on the right", "moce_plugin/outputs/load.py",
      'tok.padding_side = "left"  # generation continues at the right edge',

@@ -79,12 +79,13 @@ def check_inference_config(cfg: Any, moce: MoCEConfig) -> None:
         )
 
 
-def _trained_folder(cfg: Any) -> Path | None:
+def _trained_folder(cfg: Any) -> tuple[Path, dict] | None:
+    """The trained model's folder and its recorded meta (a checkpoint's from its run)."""
     lora = _lora_output(cfg)
     if lora is not None:
-        return lora
+        return lora, read_meta(lora)
     source = moce_source(cfg.get("base_model"))
-    return source.folder if source is not None else None
+    return (source.folder, source.meta) if source is not None else None
 
 
 def inference_cluster_model(cfg: Any, moce: MoCEConfig) -> Any:
@@ -94,9 +95,9 @@ def inference_cluster_model(cfg: Any, moce: MoCEConfig) -> Any:
     from ..outputs.hf_native import ENCODER_DIR_NAME
     from ..outputs.load import output_cluster_model
 
-    folder = _trained_folder(cfg)
-    if folder is not None:
-        meta = read_meta(folder) if (folder / MOCE_CONFIG_NAME).is_file() else {}
+    trained = _trained_folder(cfg)
+    if trained is not None:
+        folder, meta = trained
         model = output_cluster_model(folder, moce, None, meta)
         if model is not None and (folder / ENCODER_DIR_NAME).is_dir():
             model.set_encoder_path(str(folder / ENCODER_DIR_NAME))  # an export's own copy

@@ -208,15 +208,6 @@ def chat_user_turn(tokenizer: Any) -> tuple[str, str] | None:
     return (header, end) if header.strip() else None
 
 
-def log_clusters_to_stderr() -> None:
-    """Show each request's assigned cluster on stderr (one INFO line per prompt)."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-
 def _check_ids(ids: Any, num_groups: int) -> torch.Tensor:
     return check_cluster_ids(
         ids, num_groups,
@@ -267,8 +258,11 @@ class MoCECausalLMMixin:
         self._moce_assigner = ClusterAssigner(folder, moce_config.groups,
                                               bool(getattr(config, HAS_ARTIFACT_KEY, False)))
         self.register_forward_pre_hook(_assign_in_forward, with_kwargs=True)
-        if os.environ.get(LOG_ENV, "") not in ("", "0"):
-            log_clusters_to_stderr()
+        if os.environ.get(LOG_ENV, "") not in ("", "0") and not log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
 
     def moce_assign_clusters(self, input_ids: torch.Tensor,
                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,30 +66,31 @@ def test_cluster_then_train_then_generate(tmp_path, model_dir):
         assert moce.model is not None
 
 
-def _axolotl_inference(tmp_path, cfg, *args, stdin=None, probe=None):
-    """`axolotl inference` as its CLI runs it (stdin = the prompt), or the probe script that
-    loads the model the same way and decodes greedily (probe = the prompts)."""
+def _axolotl(tmp_path, cfg, command, *args, stdin=None) -> subprocess.CompletedProcess:
+    """`axolotl <command>` on ``cfg`` as its CLI runs it (`python -m axolotl.cli.<command>`);
+    command "probe" runs tests/axolotl_inference_probe.py, which loads the model the same way
+    as `axolotl inference` and decodes the prompts in prompts.json greedily."""
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(cfg))
-    if probe is None:
-        cmd = [sys.executable, "-m", "axolotl.cli.inference", str(path), *args]
-    else:
-        (tmp_path / "prompts.json").write_text(json.dumps(probe))
-        cmd = [sys.executable, str(ROOT / "tests" / "axolotl_inference_probe.py"), str(path),
-               str(tmp_path / "probe.json"), str(tmp_path / "prompts.json"), *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), input=stdin, capture_output=True,
-                          text=True, timeout=600)
+    cmd = ([sys.executable, str(ROOT / "tests" / "axolotl_inference_probe.py"), str(path),
+            str(tmp_path / "probe.json"), str(tmp_path / "prompts.json")]
+           if command == "probe" else [sys.executable, "-m", f"axolotl.cli.{command}", str(path)])
+    return subprocess.run([*cmd, *args], cwd=tmp_path, env=env(), input=stdin,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc if probe is None else json.loads((tmp_path / "probe.json").read_text())
+    return proc
 
 
 @pytest.mark.parametrize("adapter", [None, "lora"])
 def test_axolotl_inference_and_evaluate_on_a_moce_output(tmp_path, model_dir, adapter):
     """`axolotl evaluate` gives the eval loss training logged. `axolotl inference CFG
     --base-model OUTPUT` (full) or `--lora-model-dir OUTPUT` calls generate with token ids
-    only: each prompt gets the cluster moce-generate gives it
-    and the same greedy text; the CLI runs and names the cluster; a moce: block that
-    contradicts the LoRA output is refused before loading."""
+    only: each prompt gets the cluster and the greedy text moce-generate gives it; the CLI
+    runs and names the cluster; a moce: block that contradicts the LoRA output is refused
+    before loading."""
     data = tmp_path / "train.jsonl"
     rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in sample_rows(150)]
     data.write_text("\n".join(json.dumps(r) for r in rows))
@@ -105,10 +106,7 @@ def test_axolotl_inference_and_evaluate_on_a_moce_output(tmp_path, model_dir, ad
     # last step (same split, same weights; packed rows padded to sequence_len).
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     logged = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h][-1]
-    path = tmp_path / "config.yml"
-    proc = subprocess.run([sys.executable, "-m", "axolotl.cli.evaluate", str(path), *flag],
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = _ok(_axolotl(tmp_path, cfg, "evaluate", *flag))
     evaluated = re.search(r"eval_loss: ([0-9.]+)", proc.stdout + proc.stderr)
     assert evaluated and float(evaluated.group(1)) == pytest.approx(logged, abs=1e-4)
 
@@ -119,20 +117,17 @@ def test_axolotl_inference_and_evaluate_on_a_moce_output(tmp_path, model_dir, ad
     clusters = moce.assign_clusters(prompts)
     picked = [prompts[clusters.index(c)] for c in sorted(set(clusters))]
     assert len(picked) == 3, "prompts of one cluster would prove nothing"
-    got = _axolotl_inference(tmp_path, cfg, *flag,
-                             probe=[moce.format_prompt(p) for p in picked])
+    (tmp_path / "prompts.json").write_text(json.dumps([moce.format_prompt(p) for p in picked]))
+    _ok(_axolotl(tmp_path, cfg, "probe", *flag))
+    got = json.loads((tmp_path / "probe.json").read_text())
     assert [g["cluster"] for g in got] == moce.assign_clusters(picked) == [0, 1, 2]
     assert [g["text"] for g in got] == [moce.generate([p], max_new_tokens=5)[0] for p in picked]
-    proc = _axolotl_inference(tmp_path, cfg, *flag, "--prompter", "AlpacaPrompter",
-                              stdin=picked[2])
+    proc = _ok(_axolotl(tmp_path, cfg, "inference", *flag, "--prompter", "AlpacaPrompter",
+                        stdin=picked[2]))
     assert f"moce cluster 2 <- {picked[2][:80]!r}" in proc.stdout + proc.stderr
     if adapter:
         cfg["moce"]["top_k"] = 1
-        path = tmp_path / "config.yml"
-        path.write_text(yaml.safe_dump(cfg))
-        bad = subprocess.run([sys.executable, "-m", "axolotl.cli.inference", str(path), *flag],
-                             cwd=tmp_path, env=env(), input="hi", capture_output=True,
-                             text=True, timeout=600)
+        bad = _axolotl(tmp_path, cfg, "inference", *flag, stdin="hi")
         assert bad.returncode != 0
         assert "top_k: output 2, YAML 1" in bad.stderr and "loading model" not in bad.stderr
 
