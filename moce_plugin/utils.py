@@ -71,13 +71,42 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under 022)."""
+    try:  # Linux >= 4.7 reports it without changing it (os.umask would, for every thread)
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def give_new_file_mode(*paths: str | os.PathLike) -> None:
+    """Give files just written the mode of a new file under the umask. safetensors >= 0.8
+    writes through a temporary file that is always 0600 (safetensors#782), so weights written
+    by it (ours, transformers' save_pretrained) would be unreadable for a serving account or a
+    teammate while every other file of the folder is not."""
+    mode = new_file_mode()
+    for path in paths:
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.chmod(path, mode)
+
+
+def give_weights_new_file_mode(folder: str | os.PathLike) -> None:
+    """:func:`give_new_file_mode` for the ``*.safetensors`` files directly in ``folder``."""
+    give_new_file_mode(*Path(folder).glob("*.safetensors"))
+
+
 def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Like :func:`atomic_write_bytes` for writers that take a path (safetensors, numpy)."""
+    """Like :func:`atomic_write_bytes` for writers that take a path (safetensors, numpy); the
+    file gets the umask's mode whatever the writer gave it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         write(tmp)
+        give_new_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -135,7 +164,8 @@ def _side_path(target: Path, role: str) -> Path:
 
 def _apply_mode(root: Path, mode: int) -> None:
     """Give every folder under ``root`` the mode a new folder gets (copytree copies a source's
-    0700 otherwise); files keep theirs (written with the umask, or copied)."""
+    0700 otherwise); files keep theirs (written with the umask, or copied: the fill function
+    fixes what a writer like safetensors left at 0600, :func:`give_weights_new_file_mode`)."""
     for folder, _, _ in os.walk(root):
         os.chmod(folder, mode)
 

@@ -40,7 +40,7 @@ from ..outputs.folder import (
     saved_meta,
     write_moce_config,
 )
-from ..utils import describe_difference
+from ..utils import describe_difference, give_weights_new_file_mode
 from .args import cluster_model_of, moce_config_from_cfg
 from .continuation import load_moce_source, moce_source
 from .datasets import check_prepared_dataset
@@ -209,6 +209,8 @@ class MoCEPlugin(BasePlugin):
         # Called once right after trainer.train() (process group alive: every rank gathers
         # sharded weights) and again after axolotl tore it down; use the launcher's RANK.
         is_main = int(os.environ.get("RANK", "0")) == 0
+        if is_main:  # the second call comes after axolotl saved the final weights
+            give_weights_new_file_mode(cfg.output_dir)
         if self._saved_final and not torch.distributed.is_initialized():
             return
         meta = saved_meta(self._meta or output_meta(cfg, model), "final")

@@ -26,6 +26,7 @@ from ..model.config import MoCEConfig
 from ..model.routing import CLUSTER_IDS_KWARG, aux_loss_of
 from ..model.wrappers import metrics_of, pop_last_routing
 from ..outputs.folder import ROUTING_LOG_NAME, save_moce_files, saved_meta
+from ..utils import give_weights_new_file_mode
 from .datasets import MoCEDataCollator
 from .preference import is_preference_trainer, wrap_preference_collators
 
@@ -218,4 +219,6 @@ class MoCECheckpointCallback(TrainerCallback):
         save_moce_files(model, self.config, checkpoint,
                         saved_meta(self.meta, "checkpoint", state.global_step),
                         write=state.is_world_process_zero)
+        if state.is_world_process_zero:
+            give_weights_new_file_mode(checkpoint)  # the trainer's model/adapter weights
         return control

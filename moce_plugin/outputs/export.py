@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ExportError
-from ..utils import FolderKind, atomic_dir, cli_errors
+from ..utils import FolderKind, atomic_dir, cli_errors, give_weights_new_file_mode
 from .folder import ARTIFACT_DIR_NAME, save_moce_files
 from .hf_export import write_hf_native
 from .load import add_loading_arguments, load_moce_model
@@ -114,6 +114,7 @@ def export_model(
 
     def fill(tmp: Path) -> None:
         moce.model.save_pretrained(tmp)
+        give_weights_new_file_mode(tmp)
         moce.tokenizer.save_pretrained(tmp)
         save_moce_files(moce.model, moce.config, tmp, meta)
         if moce.cluster_model is not None:

@@ -417,7 +417,7 @@ def save_export_pretrained(model: Any, save_directory: str | os.PathLike, save: 
     import json
     import shutil
 
-    from ..utils import read_json
+    from ..utils import give_weights_new_file_mode, read_json
     from .folder import MOCE_CONFIG_NAME, read_meta, save_moce_files
     from .remote_code import CONFIG_CODE, MODELING_CODE
 
@@ -450,6 +450,7 @@ def save_export_pretrained(model: Any, save_directory: str | os.PathLike, save: 
                 cls._auto_class = auto
     if not kwargs.get("is_main_process", True):
         return
+    give_weights_new_file_mode(dest)
     saved = read_json(dest / "config.json", "model config")
     saved["architectures"] = ["AutoModelForCausalLM"]  # as the export wrote it (serve)
     (dest / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ import pytest
 import torch
 import yaml
 from axolotl_helpers import ROOT, base_config, env, run_train, sample_rows
+
+from moce_plugin.utils import new_file_mode
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +47,11 @@ def test_cluster_then_train_then_generate(tmp_path, model_dir):
     run_train(cfg, tmp_path)  # the same YAML, unedited
     out = tmp_path / "model"
     assert (out / "cluster_artifact" / "centroids.npy").is_file()
+    # every weight file of the run readable like its other files (safetensors >= 0.8: 0600)
+    weights = sorted(out.rglob("*.safetensors"))
+    assert {p.relative_to(out).as_posix() for p in weights} >= {
+        "model.safetensors", "moce_weights.safetensors", "checkpoint-4/model.safetensors"}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in weights} == {new_file_mode()}
 
     from moce_plugin.inference import load_moce_model
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from moce_plugin.errors import InvalidClusterIdsError
 from moce_plugin.export import export_model
 from moce_plugin.outputs.hf_native import MoCECausalLMMixin, MoCEExportError, chat_user_turn
 from moce_plugin.outputs.load import load_moce_model
+from moce_plugin.utils import new_file_mode
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +366,9 @@ def test_save_pretrained_of_a_loaded_export_loads_again_with_equal_logits(export
         assert (saved / name).exists(), name
     assert json.loads((saved / "config.json").read_text())["architectures"] == [
         "AutoModelForCausalLM"]
+    # readable for another account like the folder's other files (safetensors >= 0.8: 0600)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in saved.glob("*.safetensors")} == {
+        new_file_mode()}
     again = _auto_model(saved)
     tok = _tokenizer(dest)
     enc = tok(PROMPTS, return_tensors="pt", padding=True)

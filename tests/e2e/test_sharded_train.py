@@ -231,6 +231,39 @@ def test_sharded_full_run_matches_single_process_saves_and_resumes(
         assert resumed[step] == pytest.approx(losses[step], rel=1e-5, abs=1e-5), step
 
 
+def test_fsdp2_sharded_state_dict_keeps_moce_exact_and_resumes(tmp_path, tiny_model_dir, data,
+                                                               reference_losses):
+    """FSDP2 with ``state_dict_type: SHARDED_STATE_DICT`` (DCP shards in the checkpoints):
+    every checkpoint still gets the gathered MoCE tensors, the final output reloads them
+    exactly (axolotl merges the final ``model.safetensors`` from the DCP shards in bfloat16,
+    whatever the training dtype, so the base weights are only bf16-close), and resuming from
+    the sharded checkpoint-2 reproduces steps 3-4."""
+    from moce_plugin.inference import load_moce_model
+    from moce_plugin.model.upcycle import moce_state_dict
+
+    cfg = sharded_config(tiny_model_dir, data, tmp_path, "fsdp2")
+    cfg["fsdp_config"] = {**cfg["fsdp_config"], "state_dict_type": "SHARDED_STATE_DICT"}
+    launch(cfg, tmp_path)
+    out = tmp_path / "model"
+    assert (out / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # really sharded
+    losses = train_losses(out / "checkpoint-4")
+    assert_losses_match(losses, reference_losses)
+    for ckpt in ("checkpoint-2", "checkpoint-4", "."):
+        assert_full_moce_weights(out / ckpt)
+    assert load_file(str(out / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+    in_training = load_file(str(out / "rank0_moce.safetensors"))
+    reloaded = moce_state_dict(load_moce_model(out).model)
+    assert reloaded.keys() == in_training.keys()
+    for key, value in reloaded.items():
+        assert torch.equal(value, in_training[key]), key
+
+    shutil.rmtree(out / "checkpoint-4")
+    launch({**cfg, "resume_from_checkpoint": str(out / "checkpoint-2")}, tmp_path)
+    resumed = train_losses(out / "checkpoint-4")
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(losses[step], rel=1e-5, abs=1e-5), step
+
+
 def assert_routing_log_has_both_ranks_clusters(out: Path, steps: int) -> None:
     rows = [json.loads(line) for line in (out / "moce_routing.jsonl").read_text().splitlines()]
     assert len(rows) == steps

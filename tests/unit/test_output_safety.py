@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -195,6 +196,55 @@ def test_merge_lora_route_refuses_foreign_files_and_replaces_a_previous_merge(lo
     assert not (merged / "stale.txt").exists() and (merged / "moce_export.json").is_file()
     torch.testing.assert_close(_logits(load_moce_model(merged).model, IDS, CLUSTERS), expected,
                                atol=1e-5, rtol=1e-5)
+
+
+# ---- weights other accounts can read (the umask, not safetensors' 0600) ------------------------
+@pytest.fixture
+def umask_002():
+    old = os.umask(0o002)  # group-writable: differs from both 0600 and the usual 0644
+    yield 0o664
+    os.umask(old)
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_files_get_the_umask_mode(tmp_path, lora_out, umask_002):
+    # safetensors >= 0.8 writes 0600 (a renamed temporary file): the export's weights, written
+    # by save_pretrained and by us, would be the only files a serving account cannot read.
+    src, _ = lora_out
+    dest = export_model(src, tmp_path / "exported")
+    modes = _modes(dest)
+    assert {"model.safetensors", MOCE_WEIGHTS_NAME} <= set(modes)
+    assert modes == dict.fromkeys(modes, umask_002)
+
+
+def test_training_weights_get_the_umask_mode(tmp_path, base_dir, umask_002):
+    from types import SimpleNamespace
+
+    from axolotl.utils.dict import DictDefault
+
+    from moce_plugin.integration.plugin import MoCEPlugin
+    from moce_plugin.integration.trainer import MoCECheckpointCallback
+
+    out = tmp_path / "run"
+    model = _full_output(base_dir, out)  # what the trainer saved: model.safetensors
+    checkpoint = out / "checkpoint-2"
+    model.save_pretrained(checkpoint)
+    for weights in (out / "model.safetensors", checkpoint / "model.safetensors"):
+        weights.chmod(0o600)  # as safetensors >= 0.8 leaves them, whatever this one did
+    state = SimpleNamespace(global_step=2, is_world_process_zero=True)
+    MoCECheckpointCallback(CFG, {}).on_save(SimpleNamespace(output_dir=str(out)), state, None,
+                                            model=model)
+    assert _modes(checkpoint)["model.safetensors"] == umask_002
+    assert _modes(checkpoint)[MOCE_WEIGHTS_NAME] == umask_002
+    cfg = DictDefault(moce=CFG.model_dump(mode="json"), output_dir=str(out), base_model=None,
+                      datasets=[])
+    MoCEPlugin().post_train(cfg, model)
+    assert _modes(out)["model.safetensors"] == umask_002
+    assert _modes(out)[MOCE_WEIGHTS_NAME] == umask_002
 
 
 # ---- every folder a run leaves is loadable --------------------------------------------------
