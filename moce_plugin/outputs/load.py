@@ -173,6 +173,48 @@ def _load_base(auto_cls: Any, name: str, recorded_in: str, **kwargs: Any) -> Any
         ) from exc
 
 
+def _resize_to_trained_vocab(model: Any, meta: dict, adapter_dir: Path) -> None:
+    """A run that adds tokens (``tokens:``, new ``special_tokens``) trains on a base whose
+    embeddings axolotl resized to the tokenizer (new rows: a random initialisation). PEFT then
+    saves the resized embedding (and an untied head) with the adapter, frozen or not
+    (``save_embedding_layers``); the base is resized the same way and given those saved
+    tensors before it is fingerprinted and the adapter is applied. An adapter without them
+    cannot rebuild the new tokens' rows: refused, not guessed."""
+    trained = (meta.get("base_config") or {}).get("vocab_size")
+    embeddings = model.get_input_embeddings()
+    if not trained or embeddings is None or embeddings.num_embeddings == trained:
+        return
+    from safetensors import safe_open
+
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is embeddings.weight
+    names = {m: n for n, m in model.named_modules()}
+    # key in the adapter -> the accessor of the module (resizing replaces the modules)
+    wanted = {f"base_model.model.{names[embeddings]}.weight": model.get_input_embeddings}
+    if not tied:
+        wanted[f"base_model.model.{names[head]}.weight"] = model.get_output_embeddings
+    saved: dict[str, torch.Tensor] = {}
+    for file in model_weight_files(adapter_dir):
+        if file.suffix != ".safetensors":
+            continue
+        with _named_weight_errors(adapter_dir), safe_open(str(file), "pt") as f:
+            saved.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
+    missing = [k.removeprefix("base_model.model.") for k in wanted if k not in saved]
+    if missing:
+        raise MoCELoadError(
+            f"{adapter_dir} was trained with {trained} token embeddings (the run added tokens; "
+            f"the base has {embeddings.num_embeddings}) but its adapter does not hold the "
+            f"resized {', '.join(missing)}: the new tokens' rows were not saved, so the trained "
+            "model cannot be rebuilt. Train with lora_modules_to_save including the embedding "
+            "and the output head (axolotl asks for it with tokens:)."
+        )
+    model.resize_token_embeddings(trained, mean_resizing=False)
+    with torch.no_grad():
+        for key, module_of in wanted.items():
+            weight = module_of().weight
+            weight.copy_(saved[key].to(weight.dtype))
+
+
 @contextmanager
 def _named_weight_errors(path: Path) -> Iterator[None]:
     """A damaged safetensors file met while transformers / PEFT load the folder is reported
@@ -387,6 +429,7 @@ def load_moce_model(
         where = "given" if base_model else f"recorded in {adapter_cfg}"
         base = base if base_model else _resolve_base(base, path)
         model = _load_base(AutoModelForCausalLM, base, where, dtype=dtype)
+        _resize_to_trained_vocab(model, meta, path)
         check_base(model, base)
         upcycle_model(model, config, dtype=dtype)
         # 0.1.0 LoRA adapters store the router tensors under flat keys (LEGACY_KEYS).

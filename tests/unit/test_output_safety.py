@@ -14,7 +14,7 @@ import pytest
 import torch
 from axolotl_helpers import sample_rows
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_inference import CFG, CLUSTERS, IDS, _full_output, _logits, _perturb, base_dir
 from tiny_models import save_tiny_model_dir
 from transformers import AutoModelForCausalLM
@@ -196,6 +196,65 @@ def test_merge_lora_route_refuses_foreign_files_and_replaces_a_previous_merge(lo
     assert not (merged / "stale.txt").exists() and (merged / "moce_export.json").is_file()
     torch.testing.assert_close(_logits(load_moce_model(merged).model, IDS, CLUSTERS), expected,
                                atol=1e-5, rtol=1e-5)
+
+
+# ---- a run that added tokens ---------------------------------------------------------------
+def _lora_output_with_added_tokens(base, out: Path, modules_to_save: list[str]) -> torch.nn.Module:
+    """What axolotl trains for ``tokens: [...]`` with LoRA: the base's embeddings resized to
+    the tokenizer (two new rows), the resized embedding and head saved whole with the adapter."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(["<tool>", "</tool>"])
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tokenizer))
+    model = upcycle_model(model, CFG)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=modules_to_save))
+    meta = output_meta({"base_model": str(base), "datasets": []}, peft_model)
+    _perturb(peft_model, seed=2)
+    with torch.no_grad():  # the new tokens' rows are trained (not a fresh resize's)
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name and ("embed_tokens" in name or "lm_head" in name):
+                p[-2:].normal_(generator=torch.Generator().manual_seed(3))
+    peft_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_moce_files(peft_model, CFG, out, meta)
+    return peft_model
+
+
+def test_lora_output_of_a_run_that_added_tokens_loads_exactly(tmp_path, base_dir):
+    out = tmp_path / "run"
+    trained = _lora_output_with_added_tokens(
+        base_dir, out, ["embed_tokens", "lm_head", "moce_experts"])
+    ids = torch.cat([IDS, torch.full((2, 1), 2001)], dim=1)  # a new token's id too
+    moce = load_moce_model(out)
+    assert moce.model.get_input_embeddings().num_embeddings == len(moce.tokenizer) == 2002
+    expected = _logits(trained, ids, CLUSTERS)
+    assert expected.shape[-1] == 2002
+    torch.testing.assert_close(_logits(moce.model, ids, CLUSTERS), expected, atol=0, rtol=0)
+    exported = export_model(out, tmp_path / "exported")  # merged: LoRA rounding only
+    torch.testing.assert_close(_logits(load_moce_model(exported).model, ids, CLUSTERS),
+                               expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_output_with_added_tokens_frozen_embedding_loads_exactly(tmp_path, base_dir):
+    # without lora_modules_to_save PEFT still saves the resized (frozen) embedding and head
+    out = tmp_path / "run"
+    trained = _lora_output_with_added_tokens(base_dir, out, ["moce_experts"])
+    ids = torch.cat([IDS, torch.full((2, 1), 2001)], dim=1)
+    torch.testing.assert_close(_logits(load_moce_model(out).model, ids, CLUSTERS),
+                               _logits(trained, ids, CLUSTERS), atol=0, rtol=0)
+
+
+def test_lora_output_without_the_resized_embedding_is_refused(tmp_path, base_dir):
+    out = tmp_path / "run"
+    _lora_output_with_added_tokens(base_dir, out, ["moce_experts"])
+    weights = out / "adapter_model.safetensors"
+    kept = {k: v for k, v in load_file(str(weights)).items() if "embed_tokens" not in k}
+    save_file(kept, str(weights))  # an adapter saved with save_embedding_layers=False
+    with pytest.raises(MoCELoadError, match=r"2002 token embeddings.*model\.embed_tokens"):
+        load_moce_model(out)
 
 
 # ---- weights other accounts can read (the umask, not safetensors' 0600) ------------------------
