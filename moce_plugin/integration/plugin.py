@@ -186,6 +186,7 @@ class MoCEPlugin(BasePlugin):
     def post_trainer_create(self, cfg: Any, moce: MoCEConfig, trainer: Any) -> None:
         if getattr(trainer, "_moce_attached", False):
             return
+        keep_moce_trainable(cfg.get("unfrozen_parameters"), trainer.model)
         if is_preference_trainer(trainer):
             for split in ("train", "eval"):
                 check_preference_dataset(getattr(trainer, f"{split}_dataset", None),
@@ -219,6 +220,31 @@ class MoCEPlugin(BasePlugin):
         if is_main:
             copy_cluster_artifact(moce.cluster_artifact, cfg.output_dir)
             plot_routing_log(cfg.output_dir)
+
+
+def keep_moce_trainable(unfrozen_parameters: Any, model: Any) -> None:
+    """axolotl's ``unfrozen_parameters`` freezes every parameter its patterns do not match,
+    after the plugin made the experts and routers trainable: patterns written for the base
+    (``model.layers.[0-9]+.self_attn``) would silently leave MoCE at its initialisation (the
+    adapters' zero ``up``: no MoCE at all). When no pattern matches a MoCE tensor, the experts
+    and routers train as always, besides what the patterns unfreeze; when some do, the user
+    chose among MoCE's tensors (router-only training) and the selection holds."""
+    if not unfrozen_parameters:
+        return
+    from axolotl.utils.freeze import LayerNamePattern
+
+    raw = [unfrozen_parameters] if isinstance(unfrozen_parameters, str) else unfrozen_parameters
+    patterns = [LayerNamePattern(str(p)) for p in raw]
+    modules = list(moce_experts_modules(model))
+    names = [f"{name}.{p_name}" for name, m in modules for p_name, _ in m.named_parameters()]
+    if any(pattern.match(n) for n in names for pattern in patterns):
+        return
+    for _, module in modules:
+        module.requires_grad_(True)
+    LOG.info("MoCE: unfrozen_parameters names no MoCE tensor, so the MoCE experts and routers "
+             "(%d tensors) train as always, besides the base tensors it unfreezes; to train "
+             "only some of them, name them there (e.g. model.layers.[0-9]+.mlp.moce_experts."
+             "router).", len(names))
 
 
 # moce: keys a resumed run may change: where the artifact is (its content is compared by

@@ -104,6 +104,29 @@ def test_lora_trains_and_saves_moce_with_adapter(tmp_path, model_dir, data):
     torch.testing.assert_close(merged_logits, in_training, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("patterns,moce_trains", [
+    (["model.layers.[0-9]+.self_attn"], "all"),  # written for the base: MoCE trains too
+    (["model.layers.[0-9]+.mlp.moce_experts.router"], "router"),  # the user's MoCE choice
+], ids=["base-patterns", "router-only"])
+def test_unfrozen_parameters_keep_moce_trained(tmp_path, model_dir, data, patterns, moce_trains):
+    """axolotl freezes everything unfrozen_parameters does not match after the plugin made
+    MoCE trainable; patterns that name no MoCE tensor must not leave MoCE untrained."""
+    cfg = base_config(model_dir, data, tmp_path, max_steps=2, save_steps=2,
+                      unfrozen_parameters=patterns)
+    run_train(cfg, tmp_path)
+    out = tmp_path / "model"
+    moce = load_file(str(out / "moce_weights.safetensors"))
+    trained = load_file(str(out / "model.safetensors"))
+    base = load_file(str(model_dir / "model.safetensors"))
+    attention_trained = not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"],
+                                        base["model.layers.0.self_attn.q_proj.weight"])
+    assert attention_trained == (moce_trains == "all")
+    # `up` starts at zero: trained exactly when the experts are
+    assert bool(moce["layers.0.up"].abs().sum() > 0) == (moce_trains == "all")
+    for key in ("model.layers.0.mlp.base_mlp.up_proj.weight", "model.embed_tokens.weight"):
+        assert torch.equal(trained[key], base[key.replace("base_mlp.", "")]), key  # frozen
+
+
 def test_resume_continues_exactly(tmp_path, model_dir, data):
     cfg = base_config(model_dir, data, tmp_path, max_steps=8, save_steps=4)
     run_train(cfg, tmp_path)

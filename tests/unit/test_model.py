@@ -181,3 +181,42 @@ def test_upcycled_layers_follow_the_models_train_eval_mode():
         model(input_ids=torch.randint(0, 128, (1, 4)), moce_cluster_ids=torch.tensor([0]))
     # inference pays for no balancing statistics
     assert all(r.aux_loss is None for r in pop_last_routing(model))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_unfrozen_parameters_for_the_base_keep_moce_trainable(lora):
+    """axolotl's freeze_layers_except runs after the plugin; patterns that name no MoCE tensor
+    must leave the experts and routers (PEFT's active copy, not original_module) trainable,
+    patterns that name some keep the user's choice among them."""
+    from axolotl.utils.freeze import freeze_layers_except
+    from peft import LoraConfig, get_peft_model
+
+    from moce_plugin.integration.plugin import keep_moce_trainable
+
+    def build():
+        model = upcycle_model(tiny_causal_lm("llama"), MoCEConfig(num_clusters=2,
+                                                                   experts_per_group=2))
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"],
+                                                     modules_to_save=["moce_experts"]))
+        return model
+
+    prefix = "base_model.model.model" if lora else "model"
+    base_patterns = [f"{prefix}.layers.[0-9]+.self_attn"]
+    model = build()
+    freeze_layers_except(model, base_patterns)
+    keep_moce_trainable(base_patterns, model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    moce = {n for n, _ in model.named_parameters()
+            if ".moce_experts." in n and "original_module" not in n}
+    assert moce and moce <= trainable
+    assert not any("original_module" in n or "base_mlp" in n for n in trainable)
+    assert any("self_attn" in n for n in trainable)
+
+    router_only = [f"{prefix}.layers.[0-9]+.mlp.moce_experts" +
+                   (".modules_to_save.default" if lora else "") + ".router"]
+    model = build()
+    freeze_layers_except(model, router_only)
+    keep_moce_trainable(router_only, model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".router." in n for n in trainable)
