@@ -136,3 +136,63 @@ def attach_inference_clusters(cfg: Any, moce: MoCEConfig, model: Any) -> None:
     attach_prompt_clusters(model, ClusterAssigner(None, moce.groups, cluster_model is not None,
                                                   tokenizer=tokenizer,
                                                   cluster_model=cluster_model, logger=logger))
+
+
+# ---- axolotl's generation metrics during training (do_causal_lm_eval) ----------------------
+def check_eval_generation(cfg: Any, moce: MoCEConfig) -> None:
+    """Refuse, before any work, axolotl evaluations that run the model on text whose MoCE
+    cluster cannot be known: they would fail (or log a traceback) at the first evaluation,
+    after the training steps before it."""
+    if cfg.get("do_bench_eval"):
+        raise ConfigError(
+            "do_bench_eval: axolotl's multiple-choice benchmark calls the model on its own "
+            "prompts without cluster ids, which MoCE layers need. Remove do_bench_eval and run "
+            "the benchmark on the trained output with lm-eval (`lm_eval --model moce "
+            "--model_args path=OUTPUT_DIR ...`, docs/inference.md), which assigns each prompt's "
+            "cluster."
+        )
+    if not cfg.get("do_causal_lm_eval"):
+        return
+    metrics = list(cfg.get("eval_causal_lm_metrics") or [])
+    if "perplexity" in metrics:
+        raise ConfigError(
+            "eval_causal_lm_metrics: perplexity scores the generated text alone, whose MoCE "
+            "cluster is unknown (a cluster belongs to the request, which it does not see). "
+            "Remove it: eval_loss is the model's perplexity on the eval split, under each "
+            "row's cluster."
+        )
+    if not moce.cluster_artifact and moce.groups > 1:
+        raise ConfigError(
+            "do_causal_lm_eval generates from each eval row's decoded prompt, whose cluster "
+            "comes from the cluster artifact; this run has none (its ids come from the "
+            f"{moce.cluster_column!r} column). Cluster with preprocess/cluster.py and set "
+            "moce.cluster_artifact, or remove do_causal_lm_eval."
+        )
+
+
+def attach_eval_generation_clusters(cfg: Any, moce: MoCEConfig, trainer: Any) -> None:
+    """axolotl's ``do_causal_lm_eval`` decodes each eval row's prompt, re-tokenizes it and
+    calls ``generate`` with token ids only: that generate gets each prompt's cluster by the
+    request-text rule of every other path (the training artifact's ``ClusterAssigner``, as
+    ``axolotl inference``). Only ``generate`` is wrapped: a training forward without ids
+    still fails loudly."""
+    if not cfg.get("do_causal_lm_eval") or getattr(trainer, "_moce_eval_generate", False):
+        return
+    from ..outputs.hf_native import ClusterAssigner, prompt_cluster_kwargs
+    from .args import cluster_model_of
+
+    cluster_model = cluster_model_of(moce) if moce.cluster_artifact else None
+    tokenizer = getattr(trainer, "processing_class", None) or trainer.tokenizer
+    assigner = ClusterAssigner(None, moce.groups, cluster_model is not None,
+                               tokenizer=tokenizer, cluster_model=cluster_model,
+                               logger=logging.getLogger("axolotl.integrations.moce.clusters"))
+    model = trainer.model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plain_generate = inner.generate
+
+    @functools.wraps(plain_generate)
+    def generate(inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return plain_generate(inputs, *args, **prompt_cluster_kwargs(assigner, inputs, kwargs))
+
+    inner.generate = generate
+    trainer._moce_eval_generate = True

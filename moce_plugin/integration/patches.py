@@ -121,6 +121,10 @@ INSTANCE_PATCHES: tuple[tuple[str, str], ...] = (
      "(integration/preference.py)."),
     ("*ForCausalLM._validate_model_kwargs", "lets generate() pass moce_cluster_ids through "
      "**kwargs to every forward step (model/upcycle.py)."),
+    ("*ForCausalLM.generate (training with do_causal_lm_eval only)", "axolotl's generation "
+     "metrics call generate with the decoded eval prompts' token ids only: each prompt's "
+     "cluster is assigned from its text by the training artifact (integration/inference.py "
+     "attach_eval_generation_clusters)."),
     ("*ForCausalLM.generate and a forward pre-hook (axolotl inference only)", "axolotl's "
      "inference CLIs call generate with token ids only: each prompt's cluster is assigned "
      "from its text (outputs/hf_native.py attach_prompt_clusters, integration/inference.py)."),

@@ -44,7 +44,13 @@ from ..utils import describe_difference, give_weights_new_file_mode
 from .args import cluster_model_of, moce_config_from_cfg
 from .continuation import load_moce_source, moce_source
 from .datasets import check_prepared_dataset
-from .inference import attach_inference_clusters, check_inference_config, is_inference
+from .inference import (
+    attach_eval_generation_clusters,
+    attach_inference_clusters,
+    check_eval_generation,
+    check_inference_config,
+    is_inference,
+)
 from .patches import install_patches
 from .preference import check_preference_dataset, is_preference_trainer
 from .trainer import MoCECheckpointCallback, attach_moce_to_trainer
@@ -119,6 +125,7 @@ class MoCEPlugin(BasePlugin):
             check_artifact_copy_target(moce.cluster_artifact, cfg.output_dir)
         if not preprocess:
             check_resume_config(cfg, moce)
+            check_eval_generation(cfg, moce)
         device_map = cfg.get("device_map")
         if isinstance(device_map, dict) and not torch.cuda.is_available():
             # axolotl pins each DDP rank to {"": LOCAL_RANK}, a CUDA index; on a
@@ -187,6 +194,7 @@ class MoCEPlugin(BasePlugin):
         if getattr(trainer, "_moce_attached", False):
             return
         keep_moce_trainable(cfg.get("unfrozen_parameters"), trainer.model)
+        attach_eval_generation_clusters(cfg, moce, trainer)
         if is_preference_trainer(trainer):
             for split in ("train", "eval"):
                 check_preference_dataset(getattr(trainer, f"{split}_dataset", None),

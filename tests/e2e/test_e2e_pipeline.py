@@ -4,6 +4,7 @@ assignment; and the clear failure when the data changed after clustering."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import stat
@@ -44,8 +45,21 @@ def test_cluster_then_train_then_generate(tmp_path, model_dir):
     proc = _cluster(tmp_path, cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "clusters" / "metadata.json").is_file()
-    run_train(cfg, tmp_path)  # the same YAML, unedited
+    # axolotl's generation metrics (eval at the last step) decode each eval row's prompt and
+    # call generate with token ids only: each gets its training row's cluster
+    cfg.update(do_causal_lm_eval=True, eval_causal_lm_metrics=["sacrebleu"], eval_steps=4,
+               eval_max_new_tokens=2)
+    proc = run_train(cfg, tmp_path)  # the same YAML, unedited
     out = tmp_path / "model"
+    from moce_plugin.clustering import ClusterModel
+    from moce_plugin.clustering.text import request_text
+
+    training_ids = ClusterModel.load(tmp_path / "clusters").lookup(rows, str(data))
+    by_text = {request_text(r)[:80]: c for r, c in zip(rows, training_ids)}
+    logged = re.findall(r"moce cluster (\d+) <- (.+)$", proc.stdout + proc.stderr, re.M)
+    assert len(logged) >= 3, (proc.stdout + proc.stderr)[-3000:]
+    for cluster, text in logged:
+        assert by_text[ast.literal_eval(text)] == int(cluster), text  # the repr, 80 chars
     assert (out / "cluster_artifact" / "centroids.npy").is_file()
     # every weight file of the run readable like its other files (safetensors >= 0.8: 0600)
     weights = sorted(out.rglob("*.safetensors"))

@@ -147,3 +147,25 @@ def test_missing_base_of_a_lora_output_names_it_and_base_model_flag(tmp_path, ba
     assert "./base" in line and "--base-model" in line
     assert generate_main([str(run), "--prompt", "hi", "--cluster", "0", "--max-new-tokens", "2",
                           "--no-stream", "--base-model", str(base_dir)]) == 0
+
+
+# ---- axolotl evaluations that run the model on text without a known cluster ---------------
+@pytest.mark.parametrize("settings,artifact,match", [
+    ({"do_bench_eval": True}, "art", "do_bench_eval.*lm_eval --model moce"),
+    ({"do_causal_lm_eval": True, "eval_causal_lm_metrics": ["sacrebleu", "perplexity"]}, "art",
+     "perplexity scores the generated text alone"),
+    ({"do_causal_lm_eval": True, "eval_causal_lm_metrics": ["sacrebleu"]}, None,
+     "do_causal_lm_eval.*'cluster_id' column.*preprocess/cluster.py"),
+], ids=["bench", "perplexity", "no-artifact"])
+def test_evaluations_without_a_cluster_are_refused_before_training(settings, artifact, match):
+    from axolotl.utils.dict import DictDefault
+
+    from moce_plugin.errors import ConfigError
+    from moce_plugin.integration.inference import check_eval_generation
+
+    moce = CFG.model_copy(update={"cluster_artifact": artifact})
+    with pytest.raises(ConfigError, match=match):
+        check_eval_generation(DictDefault(settings), moce)
+    check_eval_generation(DictDefault({"do_causal_lm_eval": True,
+                                       "eval_causal_lm_metrics": ["sacrebleu"]}),
+                          CFG.model_copy(update={"cluster_artifact": "art"}))  # fine
