@@ -114,7 +114,7 @@ def attach_inference_clusters(cfg: Any, moce: MoCEConfig, model: Any) -> None:
     from axolotl.cli.utils.load import resolve_chat_template_str
     from axolotl.loaders import load_tokenizer
 
-    from ..outputs.hf_native import ClusterAssigner, attach_prompt_clusters
+    from ..outputs.hf_native import attach_prompt_clusters
 
     cluster_model = inference_cluster_model(cfg, moce)
     if cluster_model is None and moce.groups > 1:
@@ -131,11 +131,7 @@ def attach_inference_clusters(cfg: Any, moce: MoCEConfig, model: Any) -> None:
     template = resolve_chat_template_str(cfg, tokenizer)
     if template:
         tokenizer.chat_template = template
-    # Under axolotl's logger names, so its console shows which cluster answers each prompt.
-    logger = logging.getLogger("axolotl.integrations.moce.clusters")
-    attach_prompt_clusters(model, ClusterAssigner(None, moce.groups, cluster_model is not None,
-                                                  tokenizer=tokenizer,
-                                                  cluster_model=cluster_model, logger=logger))
+    attach_prompt_clusters(model, _console_assigner(moce, cluster_model, tokenizer))
 
 
 # ---- axolotl's generation metrics during training (do_causal_lm_eval) ----------------------
@@ -178,21 +174,20 @@ def attach_eval_generation_clusters(cfg: Any, moce: MoCEConfig, trainer: Any) ->
     still fails loudly."""
     if not cfg.get("do_causal_lm_eval") or getattr(trainer, "_moce_eval_generate", False):
         return
-    from ..outputs.hf_native import ClusterAssigner, prompt_cluster_kwargs
+    from ..outputs.hf_native import assign_clusters_in_generate
     from .args import cluster_model_of
 
     cluster_model = cluster_model_of(moce) if moce.cluster_artifact else None
     tokenizer = getattr(trainer, "processing_class", None) or trainer.tokenizer
-    assigner = ClusterAssigner(None, moce.groups, cluster_model is not None,
-                               tokenizer=tokenizer, cluster_model=cluster_model,
-                               logger=logging.getLogger("axolotl.integrations.moce.clusters"))
-    model = trainer.model
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    plain_generate = inner.generate
-
-    @functools.wraps(plain_generate)
-    def generate(inputs: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return plain_generate(inputs, *args, **prompt_cluster_kwargs(assigner, inputs, kwargs))
-
-    inner.generate = generate
+    assign_clusters_in_generate(trainer.model, _console_assigner(moce, cluster_model, tokenizer))
     trainer._moce_eval_generate = True
+
+
+def _console_assigner(moce: MoCEConfig, cluster_model: Any, tokenizer: Any) -> Any:
+    """The export's prompt -> cluster rule with axolotl's tokenizer, logging each prompt's
+    cluster under axolotl's logger names so its console shows them."""
+    from ..outputs.hf_native import ClusterAssigner
+
+    return ClusterAssigner(None, moce.groups, cluster_model is not None, tokenizer=tokenizer,
+                           cluster_model=cluster_model,
+                           logger=logging.getLogger("axolotl.integrations.moce.clusters"))

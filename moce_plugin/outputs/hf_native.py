@@ -343,9 +343,17 @@ def attach_prompt_clusters(model: Any, assigner: ClusterAssigner) -> Any:
     export's behaviour: ``generate`` and plain forwards without ``moce_cluster_ids`` assign
     each row's cluster from its prompt by the same rule. Returns the transformers model the
     hooks were put on (under a PEFT wrapper, its base model)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = assign_clusters_in_generate(model, assigner)
     inner._moce_assigner = assigner
     inner.register_forward_pre_hook(_assign_in_forward, with_kwargs=True)
+    return inner
+
+
+def assign_clusters_in_generate(model: Any, assigner: ClusterAssigner) -> Any:
+    """Wrap ``generate`` of ``model`` (under a PEFT wrapper, of its base model, which is
+    returned) so that a call without ``moce_cluster_ids`` assigns each prompt's cluster
+    (:func:`prompt_cluster_kwargs`); forwards are left as they are."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     plain_generate = inner.generate
 
     @functools.wraps(plain_generate)
